@@ -1,0 +1,111 @@
+//! The errors of database operations, shaped as CouchDB reports them.
+
+use crate::doc::parse::ParseError;
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    #[error("not_found: {0}")]
+    NotFound(String),
+    #[error("conflict")]
+    Conflict,
+    #[error("bad_request: {0}")]
+    BadRequest(String),
+    #[error("doc_validation: {0}")]
+    DocValidation(String),
+    #[error("illegal_docid: {0}")]
+    IllegalDocId(String),
+    #[error("illegal_database_name: {0}")]
+    IllegalDbName(String),
+    #[error("missing_stub: {0}")]
+    MissingStub(String),
+    #[error("file_exists")]
+    FileExists,
+    #[error("document_too_large: {0}")]
+    DocTooLarge(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl DbError {
+    /// CouchDB's `error` string.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DbError::NotFound(_) => "not_found",
+            DbError::Conflict => "conflict",
+            DbError::BadRequest(_) => "bad_request",
+            DbError::DocValidation(_) => "doc_validation",
+            DbError::IllegalDocId(_) => "illegal_docid",
+            DbError::IllegalDbName(_) => "illegal_database_name",
+            DbError::MissingStub(_) => "missing_stub",
+            DbError::FileExists => "file_exists",
+            DbError::DocTooLarge(_) => "document_too_large",
+            DbError::Forbidden(_) => "forbidden",
+            DbError::Unauthorized(_) => "unauthorized",
+            DbError::Internal(_) => "internal_server_error",
+        }
+    }
+
+    /// CouchDB's `reason` string.
+    pub fn reason(&self) -> String {
+        match self {
+            DbError::Conflict => "Document update conflict.".into(),
+            DbError::FileExists => {
+                "The database could not be created, the file already exists.".into()
+            }
+            DbError::NotFound(r)
+            | DbError::BadRequest(r)
+            | DbError::DocValidation(r)
+            | DbError::IllegalDocId(r)
+            | DbError::IllegalDbName(r)
+            | DbError::MissingStub(r)
+            | DbError::DocTooLarge(r)
+            | DbError::Forbidden(r)
+            | DbError::Unauthorized(r)
+            | DbError::Internal(r) => r.clone(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            DbError::NotFound(_) => 404,
+            DbError::Conflict => 409,
+            DbError::BadRequest(_)
+            | DbError::DocValidation(_)
+            | DbError::IllegalDocId(_)
+            | DbError::IllegalDbName(_) => 400,
+            DbError::MissingStub(_) | DbError::FileExists => 412,
+            DbError::DocTooLarge(_) => 413,
+            DbError::Forbidden(_) => 403,
+            DbError::Unauthorized(_) => 401,
+            DbError::Internal(_) => 500,
+        }
+    }
+
+    pub fn missing() -> DbError {
+        DbError::NotFound("missing".into())
+    }
+}
+
+impl From<ParseError> for DbError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::BadRequest(r) => DbError::BadRequest(r),
+            ParseError::DocValidation(r) => DbError::DocValidation(r),
+            ParseError::IllegalDocId(r) => DbError::IllegalDocId(r),
+        }
+    }
+}
+
+impl From<StoreError> for DbError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store error");
+        DbError::Internal(e.to_string())
+    }
+}
+
+pub type DbResult<T> = Result<T, DbError>;

@@ -1,0 +1,98 @@
+//! `_local` documents: no revision tree, `0-N` revisions, never replicated or listed in
+//! `_changes`/`_all_docs`.
+
+use super::write::DocResult;
+use super::{Database, DbError, DbResult};
+use crate::doc::parse::IncomingDoc;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn local_rev_number(rev: &str) -> Option<u64> {
+    rev.strip_prefix("0-")?.parse().ok()
+}
+
+impl Database {
+    /// Called from the write path (under the write lock) for ids starting with `_local/`.
+    pub(super) fn write_local_in(
+        &self,
+        local_id: &str,
+        doc: IncomingDoc,
+        bs: &mut super::write::BatchState,
+    ) -> DbResult<String> {
+        if !doc.atts.is_empty() {
+            return Err(DbError::BadRequest(
+                "_local documents do not accept attachments.".into(),
+            ));
+        }
+        let current = match bs.locals.get(local_id) {
+            Some(c) => c.clone(),
+            None => self.data.local(local_id)?,
+        };
+        let current_rev = current
+            .as_ref()
+            .and_then(|c| c.get("_rev"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let given = doc.raw_rev.clone();
+        let n = match (&current_rev, &given) {
+            (Some(cur), Some(g)) if cur == g => local_rev_number(g).unwrap_or(0),
+            (Some(_), _) => return Err(DbError::Conflict),
+            (None, Some(g)) => local_rev_number(g)
+                .ok_or_else(|| DbError::BadRequest("Invalid rev format".into()))?,
+            (None, None) => 0,
+        };
+        let full_id = format!("_local/{local_id}");
+        if doc.deleted {
+            if current.is_none() {
+                return Err(DbError::missing());
+            }
+            bs.batch.del_local(local_id);
+            bs.locals.insert(local_id.to_string(), None);
+            return Ok("0-0".into());
+        }
+        let size = serde_json::to_vec(&doc.body).map(|v| v.len()).unwrap_or(0);
+        if size > self.limits.max_doc_size {
+            return Err(DbError::DocTooLarge(full_id));
+        }
+        let rev = format!("0-{}", n + 1);
+        let mut body = doc.body;
+        body.insert("_id".into(), json!(full_id));
+        body.insert("_rev".into(), json!(rev));
+        let v = Value::Object(body);
+        bs.batch.put_local(local_id, &v);
+        bs.locals.insert(local_id.to_string(), Some(v));
+        Ok(rev)
+    }
+
+    pub fn get_local(&self, local_id: &str) -> DbResult<Value> {
+        self.check_alive()?;
+        self.data.local(local_id)?.ok_or_else(DbError::missing)
+    }
+
+    pub async fn delete_local(self: &Arc<Self>, local_id: &str, rev: Option<String>) -> DbResult<DocResult> {
+        let doc = IncomingDoc {
+            id: Some(format!("_local/{local_id}")),
+            rev: None,
+            raw_rev: rev,
+            bad_rev: false,
+            revisions: None,
+            deleted: true,
+            body: Default::default(),
+            atts: Default::default(),
+        };
+        let mut r = self.write_docs(vec![Ok(doc)], true).await?;
+        r.pop().ok_or_else(|| DbError::Internal("no result".into()))
+    }
+
+    /// `_local_docs`: ids and revisions of local documents.
+    pub fn local_docs(&self) -> DbResult<Vec<Value>> {
+        self.check_alive()?;
+        let mut rows = Vec::new();
+        for r in self.data.locals() {
+            let (id, doc) = r?;
+            let rev = doc.get("_rev").cloned().unwrap_or(Value::Null);
+            rows.push(json!({"id": format!("_local/{id}"), "key": format!("_local/{id}"), "value": {"rev": rev}}));
+        }
+        Ok(rows)
+    }
+}

@@ -1,0 +1,305 @@
+//! The operations of databases: the node's registry of databases and, per database, writes,
+//! reads, the changes feed, local documents and compaction. Speaks to `store`, never to sled.
+
+mod changes;
+mod compact;
+mod error;
+mod local;
+mod read;
+mod write;
+
+pub use changes::{ChangeRow, ChangesQuery, Style};
+pub use error::{DbError, DbResult};
+pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
+pub use write::DocResult;
+
+use crate::store::{DbStore, Store};
+use rand::RngCore;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+
+pub const DEFAULT_REVS_LIMIT: u64 = 1000;
+
+/// Limits that protect the node from oversize input.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest JSON body of one document, in bytes (CouchDB's `max_document_size`).
+    pub max_doc_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_doc_size: 8_000_000,
+        }
+    }
+}
+
+/// All databases of one node.
+pub struct Node {
+    store: Store,
+    dbs: RwLock<HashMap<String, Arc<Database>>>,
+    uuid: String,
+    limits: Limits,
+    /// Serialises create/delete so a name is never half created.
+    admin_lock: Mutex<()>,
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// CouchDB's rule for database names, plus the system databases we know.
+pub fn validate_db_name(name: &str) -> DbResult<()> {
+    let ok = matches!(name, "_replicator" | "_users")
+        || (name.len() <= 238
+            && name.as_bytes().first().is_some_and(|c| c.is_ascii_lowercase())
+            && name.bytes().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || b"_$()+-/".contains(&c)
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(DbError::IllegalDbName(format!(
+            "Name: '{name}'. Only lowercase characters (a-z), digits (0-9), and any of the \
+             characters _, $, (, ), +, -, and / are allowed. Must begin with a letter."
+        )))
+    }
+}
+
+impl Node {
+    pub fn open(dir: &Path, limits: Limits) -> DbResult<Arc<Node>> {
+        let store = Store::open(dir)?;
+        let uuid = match store.node_meta::<String>("uuid")? {
+            Some(u) => u,
+            None => {
+                let u = random_hex(16);
+                store.set_node_meta("uuid", &u)?;
+                u
+            }
+        };
+        Ok(Arc::new(Node {
+            store,
+            dbs: RwLock::new(HashMap::new()),
+            uuid,
+            limits,
+            admin_lock: Mutex::new(()),
+        }))
+    }
+
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    pub fn all_dbs(&self) -> Vec<String> {
+        self.store.list_databases()
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.store.size_on_disk()
+    }
+
+    pub fn flush(&self) -> DbResult<()> {
+        Ok(self.store.flush_blocking()?)
+    }
+
+    /// Opens an existing database.
+    pub fn db(&self, name: &str) -> DbResult<Arc<Database>> {
+        if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
+            return Ok(db.clone());
+        }
+        let _g = self.admin_lock.lock().map_err(poisoned)?;
+        if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
+            return Ok(db.clone());
+        }
+        let data = self
+            .store
+            .open_database(name, false)?
+            .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
+        let db = Arc::new(Database::load(name, self.store.clone(), data, self.limits.clone())?);
+        self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
+        Ok(db)
+    }
+
+    pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
+        validate_db_name(name)?;
+        let _g = self.admin_lock.lock().map_err(poisoned)?;
+        if self.store.open_database(name, false)?.is_some() {
+            return Err(DbError::FileExists);
+        }
+        let data = self
+            .store
+            .open_database(name, true)?
+            .ok_or_else(|| DbError::Internal("database vanished".into()))?;
+        let db = Arc::new(Database::load(name, self.store.clone(), data, self.limits.clone())?);
+        self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
+        tracing::info!(db = name, "database created");
+        Ok(db)
+    }
+
+    pub fn delete_db(&self, name: &str) -> DbResult<()> {
+        let _g = self.admin_lock.lock().map_err(poisoned)?;
+        if let Some(db) = self.dbs.write().map_err(poisoned)?.remove(name) {
+            db.deleted.store(true, Ordering::SeqCst);
+            // Wake feeds so they end.
+            db.updates.send_modify(|_| {});
+        }
+        if !self.store.drop_database(name)? {
+            return Err(DbError::NotFound("Database does not exist.".into()));
+        }
+        tracing::info!(db = name, "database deleted");
+        Ok(())
+    }
+}
+
+fn poisoned<T>(_: T) -> DbError {
+    DbError::Internal("lock poisoned".into())
+}
+
+/// Counters changed only under the write lock.
+struct WriteState {
+    update_seq: u64,
+    doc_count: u64,
+    doc_del_count: u64,
+}
+
+/// One open database.
+pub struct Database {
+    name: String,
+    store: Store,
+    data: DbStore,
+    write: Mutex<WriteState>,
+    revs_limit: AtomicU64,
+    /// The latest durable `update_seq`; changes feeds wait on it.
+    updates: watch::Sender<u64>,
+    compact_running: AtomicBool,
+    deleted: AtomicBool,
+    limits: Limits,
+}
+
+impl Database {
+    fn load(name: &str, store: Store, data: DbStore, limits: Limits) -> DbResult<Database> {
+        let update_seq: u64 = data.meta("update_seq")?.unwrap_or(0);
+        let doc_count: u64 = data.meta("doc_count")?.unwrap_or(0);
+        let doc_del_count: u64 = data.meta("doc_del_count")?.unwrap_or(0);
+        let revs_limit: u64 = data.meta("revs_limit")?.unwrap_or(DEFAULT_REVS_LIMIT);
+        let (updates, _) = watch::channel(update_seq);
+        Ok(Database {
+            name: name.to_string(),
+            store,
+            data,
+            write: Mutex::new(WriteState {
+                update_seq,
+                doc_count,
+                doc_del_count,
+            }),
+            revs_limit: AtomicU64::new(revs_limit),
+            updates,
+            compact_running: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
+            limits,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
+    }
+
+    fn check_alive(&self) -> DbResult<()> {
+        if self.is_deleted() {
+            Err(DbError::NotFound("Database does not exist.".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn update_seq(&self) -> u64 {
+        *self.updates.borrow()
+    }
+
+    /// A receiver that changes whenever a write becomes durable.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    pub fn info(&self, disk_size: u64) -> DbResult<Value> {
+        self.check_alive()?;
+        let st = self.write.lock().map_err(poisoned)?;
+        Ok(json!({
+            "db_name": self.name,
+            "doc_count": st.doc_count,
+            "doc_del_count": st.doc_del_count,
+            "update_seq": self.update_seq(),
+            "purge_seq": 0,
+            "compact_running": self.compact_running.load(Ordering::SeqCst),
+            "sizes": {"file": disk_size, "external": 0, "active": 0},
+            "disk_size": disk_size,
+            "instance_start_time": "0",
+            "disk_format_version": 1,
+            "props": {},
+        }))
+    }
+
+    pub fn revs_limit(&self) -> u64 {
+        self.revs_limit.load(Ordering::SeqCst)
+    }
+
+    pub async fn set_revs_limit(&self, limit: u64) -> DbResult<()> {
+        self.check_alive()?;
+        if limit == 0 {
+            return Err(DbError::BadRequest("revs_limit must be positive".into()));
+        }
+        self.put_meta("revs_limit", &limit).await?;
+        self.revs_limit.store(limit, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn security(&self) -> DbResult<Value> {
+        self.check_alive()?;
+        Ok(self.data.meta("security")?.unwrap_or_else(|| json!({})))
+    }
+
+    pub async fn set_security(&self, sec: Value) -> DbResult<()> {
+        self.check_alive()?;
+        let Value::Object(obj) = &sec else {
+            return Err(DbError::BadRequest("Security object must be a JSON object".into()));
+        };
+        for key in ["admins", "members", "readers"] {
+            if let Some(v) = obj.get(key) {
+                let ok = v.is_object()
+                    && ["names", "roles"].iter().all(|f| match v.get(*f) {
+                        None => true,
+                        Some(Value::Array(a)) => a.iter().all(Value::is_string),
+                        Some(_) => false,
+                    });
+                if !ok {
+                    return Err(DbError::BadRequest(format!(
+                        "{key} must be an object with names and roles as arrays of strings"
+                    )));
+                }
+            }
+        }
+        self.put_meta("security", &sec).await
+    }
+
+    async fn put_meta<T: serde::Serialize>(&self, name: &str, v: &T) -> DbResult<()> {
+        let ticket = {
+            let _st = self.write.lock().map_err(poisoned)?;
+            let mut b = crate::store::WriteBatch::new();
+            b.put_meta(name, v);
+            self.data.apply(&self.store, b)?
+        };
+        self.store.durable(ticket).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,390 @@
+//! Writes: interactive edits (`new_edits=true`) and replicated ones (`new_edits=false`),
+//! one atomic batch and one shared flush per request.
+
+use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
+use crate::doc::parse::{parse_doc, AttInput, IncomingAtt, IncomingDoc};
+use crate::doc::{hash_rev, MergeOutcome, Rev};
+use crate::store::{AttMeta, DocInfo, RevBody, WriteBatch};
+use base64::Engine;
+use md5::{Digest, Md5};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::Arc;
+
+/// Per-document outcome: the id and new revision, or the error for that document.
+pub type DocResult = Result<(String, String), (Option<String>, Option<String>, DbError)>;
+
+pub fn att_digest(bytes: &[u8]) -> String {
+    format!(
+        "md5-{}",
+        base64::engine::general_purpose::STANDARD.encode(Md5::digest(bytes))
+    )
+}
+
+/// State carried across the documents of one batch, so later documents see earlier ones.
+#[derive(Default)]
+pub(super) struct BatchState {
+    pub(super) batch: WriteBatch,
+    infos: HashMap<String, DocInfo>,
+    bodies: HashMap<(String, String), RevBody>,
+    pub(super) locals: HashMap<String, Option<Value>>,
+    changed: bool,
+}
+
+impl Database {
+    /// `_bulk_docs` and single-document writes from JSON values.
+    pub async fn bulk_docs(self: &Arc<Self>, docs: Vec<Value>, new_edits: bool) -> DbResult<Vec<DocResult>> {
+        let parsed = docs
+            .into_iter()
+            .map(|d| parse_doc(d).map_err(DbError::from))
+            .collect();
+        self.write_docs(parsed, new_edits).await
+    }
+
+    /// Writes already parsed documents (multipart bodies arrive this way).
+    pub async fn write_docs(
+        self: &Arc<Self>,
+        docs: Vec<DbResult<IncomingDoc>>,
+        new_edits: bool,
+    ) -> DbResult<Vec<DocResult>> {
+        self.check_alive()?;
+        let this = self.clone();
+        let (results, ticket, seq) =
+            tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits))
+                .await
+                .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
+        self.store.durable(ticket).await?;
+        self.updates.send_modify(|s| *s = (*s).max(seq));
+        Ok(results)
+    }
+
+    fn write_blocking(
+        &self,
+        docs: Vec<DbResult<IncomingDoc>>,
+        new_edits: bool,
+    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64)> {
+        let mut st = self.write.lock().map_err(poisoned)?;
+        self.check_alive()?;
+        let mut bs = BatchState::default();
+        let mut results = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let res = match doc {
+                Err(e) => Err((None, None, e)),
+                Ok(doc) => {
+                    let id = doc.id.clone();
+                    let rev = doc.raw_rev.clone();
+                    self.write_one(doc, new_edits, &mut st, &mut bs)
+                        .map_err(|e| (id, rev, e))
+                }
+            };
+            if let Err((id, _, e)) = &res {
+                if let DbError::Internal(_) = e {
+                    return Err(e.clone());
+                }
+                tracing::debug!(db = %self.name, id = ?id, error = %e, "document rejected");
+            }
+            results.push(res);
+        }
+        if bs.changed {
+            bs.batch.put_meta("update_seq", &st.update_seq);
+            bs.batch.put_meta("doc_count", &st.doc_count);
+            bs.batch.put_meta("doc_del_count", &st.doc_del_count);
+        }
+        let ticket = self.data.apply(&self.store, bs.batch)?;
+        Ok((results, ticket, st.update_seq))
+    }
+
+    fn load_info(&self, id: &str, bs: &BatchState) -> DbResult<DocInfo> {
+        if let Some(i) = bs.infos.get(id) {
+            return Ok(i.clone());
+        }
+        Ok(self.data.doc_info(id)?.unwrap_or_default())
+    }
+
+    fn load_body(&self, id: &str, rev: &Rev, bs: &BatchState) -> DbResult<Option<RevBody>> {
+        let r = rev.to_string();
+        if let Some(b) = bs.bodies.get(&(id.to_string(), r.clone())) {
+            return Ok(Some(b.clone()));
+        }
+        Ok(self.data.body(id, &r)?)
+    }
+
+    fn write_one(
+        &self,
+        doc: IncomingDoc,
+        new_edits: bool,
+        st: &mut WriteState,
+        bs: &mut BatchState,
+    ) -> DbResult<(String, String)> {
+        let id = match &doc.id {
+            Some(id) => id.clone(),
+            None if new_edits => random_hex(16),
+            None => {
+                return Err(DbError::BadRequest(
+                    "When `new_edits: false`, the document needs `_id` specified".into(),
+                ))
+            }
+        };
+        if let Some(local_id) = id.strip_prefix("_local/") {
+            let rev = self.write_local_in(local_id, doc, bs)?;
+            return Ok((id, rev));
+        }
+        if doc.bad_rev {
+            return Err(DbError::BadRequest("Invalid rev format".into()));
+        }
+        let size = serde_json::to_vec(&doc.body).map(|v| v.len()).unwrap_or(0);
+        if size > self.limits.max_doc_size {
+            return Err(DbError::DocTooLarge(id));
+        }
+        let mut info = self.load_info(&id, bs)?;
+        let old_winner = info.tree.winner();
+
+        let (new_rev, path, atts) = if new_edits {
+            let parent = match (&doc.rev, &old_winner) {
+                (Some(r), _) if info.tree.is_leaf(r) => Some(r.clone()),
+                (Some(_), _) => return Err(DbError::Conflict),
+                (None, None) => None,
+                // Recreating a deleted document continues its winning branch.
+                (None, Some(w)) if w.deleted => Some(w.rev.clone()),
+                (None, Some(_)) => return Err(DbError::Conflict),
+            };
+            let parent_body = match &parent {
+                Some(p) => self.load_body(&id, p, bs)?,
+                None => None,
+            };
+            let pos = parent.as_ref().map_or(1, |p| p.pos + 1);
+            let atts = self.resolve_atts(&id, doc.atts, pos, true, bs, |name| {
+                parent_body.as_ref().and_then(|b| b.atts.get(name).cloned())
+            })?;
+            let digests: Vec<(&str, &str)> = atts
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.digest.as_str()))
+                .collect();
+            let rev_id = hash_rev(parent.as_ref(), doc.deleted, &doc.body, &digests);
+            let mut path = vec![rev_id.clone()];
+            if let Some(p) = &parent {
+                path.push(p.id.clone());
+            }
+            (Rev::new(pos, rev_id), path, atts)
+        } else {
+            let (start, ids) = match (doc.revisions.clone(), &doc.rev) {
+                (Some(r), _) => r,
+                (None, Some(r)) => (r.pos, vec![r.id.clone()]),
+                (None, None) => {
+                    return Err(DbError::BadRequest(
+                        "When `new_edits: false`, the document needs `_rev` or `_revisions` \
+                         specified"
+                            .into(),
+                    ))
+                }
+            };
+            let new_rev = Rev::new(start, ids[0].clone());
+            if info.tree.contains(&new_rev) {
+                // Already stored: a no-op, as in CouchDB.
+                return Ok((id, new_rev.to_string()));
+            }
+            // Stubs refer to the nearest ancestor whose body we still hold.
+            let mut ancestors = Vec::new();
+            for (i, aid) in ids.iter().enumerate().skip(1) {
+                let r = Rev::new(start - i as u64, aid.clone());
+                if info.tree.get(&r).is_some_and(|n| n.available) {
+                    if let Some(b) = self.load_body(&id, &r, bs)? {
+                        ancestors.push(b);
+                    }
+                }
+            }
+            let atts = self.resolve_atts(&id, doc.atts, start, false, bs, |name| {
+                ancestors.iter().find_map(|b| b.atts.get(name).cloned())
+            })?;
+            (new_rev, ids, atts)
+        };
+
+        match info.tree.merge_path(new_rev.pos, &path, doc.deleted) {
+            MergeOutcome::Existing if new_edits => return Err(DbError::Conflict),
+            MergeOutcome::Existing => return Ok((id, new_rev.to_string())),
+            MergeOutcome::NewBranch if new_edits => return Err(DbError::Conflict),
+            _ => {}
+        }
+        for gone in info.tree.stem(self.revs_limit() as usize) {
+            bs.batch.del_body(&id, &gone.to_string());
+        }
+        let body = RevBody {
+            body: doc.body,
+            atts,
+            deleted: doc.deleted,
+        };
+        let rev_s = new_rev.to_string();
+        bs.batch.put_body(&id, &rev_s, &body);
+        bs.bodies.insert((id.clone(), rev_s.clone()), body);
+
+        st.update_seq += 1;
+        if info.seq > 0 {
+            bs.batch.del_seq(info.seq);
+        }
+        info.seq = st.update_seq;
+        bs.batch.put_seq(info.seq, &id);
+
+        let new_winner = info.tree.winner();
+        match old_winner {
+            None => {}
+            Some(w) if w.deleted => st.doc_del_count -= 1,
+            Some(_) => st.doc_count -= 1,
+        }
+        match new_winner {
+            Some(w) if w.deleted => st.doc_del_count += 1,
+            _ => st.doc_count += 1,
+        }
+        bs.batch.put_doc_info(&id, &info);
+        bs.infos.insert(id.clone(), info);
+        bs.changed = true;
+        Ok((id, rev_s))
+    }
+
+    fn resolve_atts(
+        &self,
+        id: &str,
+        incoming: BTreeMap<String, IncomingAtt>,
+        new_pos: u64,
+        new_edits: bool,
+        bs: &mut BatchState,
+        ancestor: impl Fn(&str) -> Option<AttMeta>,
+    ) -> DbResult<BTreeMap<String, AttMeta>> {
+        let mut out = BTreeMap::new();
+        for (name, att) in incoming {
+            let meta = match att.input {
+                AttInput::Data(bytes) => {
+                    let bytes = match att.encoding.as_deref() {
+                        Some("gzip") => gunzip(&bytes).map_err(|_| {
+                            DbError::BadRequest(format!("Attachment {name} is not valid gzip"))
+                        })?,
+                        _ => bytes,
+                    };
+                    let digest = att_digest(&bytes);
+                    bs.batch.put_att(&digest, &bytes);
+                    AttMeta {
+                        content_type: att.content_type,
+                        digest,
+                        length: bytes.len() as u64,
+                        revpos: if new_edits {
+                            new_pos
+                        } else {
+                            att.revpos.unwrap_or(new_pos)
+                        },
+                    }
+                }
+                AttInput::Stub => match ancestor(&name) {
+                    Some(m) => m,
+                    None => match att.digest {
+                        // A replicated stub whose bytes we hold under the same digest.
+                        Some(d) if !new_edits && self.data.has_att(&d)? => AttMeta {
+                            content_type: att.content_type,
+                            digest: d,
+                            length: att.length.unwrap_or(0),
+                            revpos: att.revpos.unwrap_or(new_pos),
+                        },
+                        _ => {
+                            return Err(DbError::MissingStub(format!(
+                                "Invalid attachment stub in {id} for {name}"
+                            )))
+                        }
+                    },
+                },
+                AttInput::Follows => {
+                    return Err(DbError::BadRequest(format!(
+                        "Attachment {name} follows, but its data is missing from the body"
+                    )))
+                }
+            };
+            out.insert(name, meta);
+        }
+        Ok(out)
+    }
+
+    /// Stores one attachment as a new revision of its document.
+    pub async fn put_attachment(
+        self: &Arc<Self>,
+        id: &str,
+        rev: Option<Rev>,
+        name: &str,
+        content_type: &str,
+        data: Vec<u8>,
+    ) -> DbResult<String> {
+        let mut doc = self.doc_for_attachment_edit(id, rev)?;
+        doc.atts.insert(
+            name.to_string(),
+            IncomingAtt {
+                content_type: content_type.to_string(),
+                input: AttInput::Data(data),
+                digest: None,
+                revpos: None,
+                length: None,
+                encoding: None,
+            },
+        );
+        self.single_write(doc).await
+    }
+
+    pub async fn delete_attachment(self: &Arc<Self>, id: &str, rev: Option<Rev>, name: &str) -> DbResult<String> {
+        if rev.is_none() {
+            return Err(DbError::Conflict);
+        }
+        let mut doc = self.doc_for_attachment_edit(id, rev)?;
+        if doc.atts.remove(name).is_none() {
+            return Err(DbError::NotFound("Document is missing attachment".into()));
+        }
+        self.single_write(doc).await
+    }
+
+    async fn single_write(self: &Arc<Self>, doc: IncomingDoc) -> DbResult<String> {
+        let mut res = self.write_docs(vec![Ok(doc)], true).await?;
+        match res.pop() {
+            Some(Ok((_, rev))) => Ok(rev),
+            Some(Err((_, _, e))) => Err(e),
+            None => Err(DbError::Internal("no write result".into())),
+        }
+    }
+
+    /// The document at `rev` as an edit that keeps its body and attachments (as stubs).
+    fn doc_for_attachment_edit(&self, id: &str, rev: Option<Rev>) -> DbResult<IncomingDoc> {
+        let mut doc = IncomingDoc {
+            id: Some(id.to_string()),
+            rev: rev.clone(),
+            raw_rev: rev.as_ref().map(Rev::to_string),
+            bad_rev: false,
+            revisions: None,
+            deleted: false,
+            body: Default::default(),
+            atts: BTreeMap::new(),
+        };
+        let Some(rev) = rev else { return Ok(doc) };
+        let Some(body) = self.data.body(id, &rev.to_string())? else {
+            return Err(DbError::Conflict);
+        };
+        if body.deleted {
+            // Adding an attachment to a tombstone starts the document afresh.
+            return Ok(doc);
+        }
+        doc.body = body.body;
+        for (name, m) in body.atts {
+            doc.atts.insert(
+                name,
+                IncomingAtt {
+                    content_type: m.content_type,
+                    input: AttInput::Stub,
+                    digest: Some(m.digest),
+                    revpos: Some(m.revpos),
+                    length: Some(m.length),
+                    encoding: None,
+                },
+            );
+        }
+        Ok(doc)
+    }
+}
+
+fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,8 @@
+//! Documents and their revisions: pure logic, no I/O.
+
+pub mod parse;
+pub mod rev;
+pub mod tree;
+
+pub use rev::{hash_rev, Rev};
+pub use tree::{Leaf, MergeOutcome, RevTree};

@@ -1,0 +1,216 @@
+//! `_changes`: normal, longpoll, continuous and eventsource feeds.
+
+use super::database::open;
+use super::error::{ApiError, ApiResult};
+use super::respond::ok;
+use super::{AppState, Req};
+use crate::db::{ChangesQuery, Database, Style};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue, Method};
+use axum::response::Response;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    Normal,
+    Longpoll,
+    Continuous,
+    EventSource,
+}
+
+/// `since`: an integer, `now`, or a CouchDB-style `N-opaque` string.
+fn parse_since(s: &str, db: &Database) -> ApiResult<u64> {
+    if s == "now" {
+        return Ok(db.update_seq());
+    }
+    let s = s.trim_matches('"');
+    let num = s.split('-').next().unwrap_or("");
+    num.parse::<u64>()
+        .map_err(|_| ApiError::bad_request(format!("Malformed sequence supplied in 'since' parameter: {s}")))
+}
+
+pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    let db = open(state, name)?;
+    let mut body = Value::Null;
+    match r.method {
+        Method::GET | Method::HEAD => {}
+        Method::POST => {
+            let bytes = r.bytes(state.config.max_request_size).await?;
+            if !bytes.iter().all(u8::is_ascii_whitespace) {
+                r.require_json()?;
+                body = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+            }
+        }
+        _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
+    }
+    let q = &r.query;
+    let feed = match q.get("feed").unwrap_or("normal") {
+        "normal" => Feed::Normal,
+        "longpoll" => Feed::Longpoll,
+        "continuous" => Feed::Continuous,
+        "eventsource" => Feed::EventSource,
+        other => return Err(ApiError::bad_request(format!("Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"))),
+    };
+    let mut cq = ChangesQuery {
+        since: 0,
+        limit: q.uint("limit")?.map(|l| l as usize),
+        descending: q.bool("descending")?,
+        include_docs: q.bool("include_docs")?,
+        conflicts: q.bool("conflicts")?,
+        attachments: q.bool("attachments")?,
+        style: match q.get("style") {
+            Some("all_docs") => Style::AllDocs,
+            _ => Style::MainOnly,
+        },
+        doc_ids: None,
+        design_only: false,
+    };
+    if let Some(s) = q.get("since").or_else(|| q.get("last-event-id")) {
+        cq.since = parse_since(s, &db)?;
+    } else if let Some(s) = r.headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        cq.since = parse_since(s, &db)?;
+    }
+    match q.get("filter") {
+        None => {}
+        Some("_doc_ids") => {
+            let ids = match body.get("doc_ids") {
+                Some(v) => v.clone(),
+                None => q.json("doc_ids")?.unwrap_or(Value::Null),
+            };
+            let Value::Array(ids) = ids else {
+                return Err(ApiError::bad_request("`doc_ids` filter parameter is not a list of doc ids."));
+            };
+            cq.doc_ids = Some(ids.iter().filter_map(|v| v.as_str().map(str::to_string)).collect::<HashSet<_>>());
+        }
+        Some("_design") => cq.design_only = true,
+        Some(f) if f.starts_with('_') => {
+            return Err(ApiError::bad_request(format!("filter `{f}` is not supported")));
+        }
+        Some(f) => {
+            return Err(ApiError::not_found(format!(
+                "filter `{f}`: filter functions need the plugin host, which this node does not have yet"
+            )));
+        }
+    }
+    let heartbeat = match q.get("heartbeat") {
+        None => None,
+        Some("true") => Some(Duration::from_millis(60_000)),
+        Some(v) => Some(Duration::from_millis(
+            v.parse::<u64>().map_err(|_| ApiError::bad_request("heartbeat must be a number"))?.max(100),
+        )),
+    };
+    let timeout = match q.uint("timeout")? {
+        Some(t) => Duration::from_millis(t),
+        None => Duration::from_millis(60_000),
+    };
+
+    if feed == Feed::Normal || cq.descending {
+        let (rows, last, pending) = tokio::task::block_in_place(|| db.changes(&cq))?;
+        let results: Vec<Value> = rows.into_iter().map(|r| r.row).collect();
+        return Ok(ok(json!({"results": results, "last_seq": last, "pending": pending})));
+    }
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let shutdown = state.shutdown.clone();
+    let span = tracing::debug_span!("changes_feed", db = %name);
+    tokio::spawn(tracing::Instrument::instrument(
+        run_feed(db, cq, feed, heartbeat, timeout, tx, shutdown),
+        span,
+    ));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let ctype = if feed == Feed::EventSource { "text/event-stream" } else { "application/json" };
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("must-revalidate"));
+    Ok(resp)
+}
+
+async fn run_feed(
+    db: Arc<Database>,
+    mut cq: ChangesQuery,
+    feed: Feed,
+    heartbeat: Option<Duration>,
+    timeout: Duration,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut updates = db.subscribe();
+    let send = |s: String| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(Bytes::from(s))).await.is_ok() }
+    };
+    let mut sent = 0usize;
+    // With a heartbeat the feed runs until the client leaves; otherwise until `timeout`.
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        updates.borrow_and_update();
+        let db2 = db.clone();
+        let q2 = cq.clone();
+        let res = tokio::task::spawn_blocking(move || db2.changes(&q2)).await;
+        let Ok(Ok((rows, last, _))) = res else { return };
+        if feed == Feed::Longpoll {
+            if !rows.is_empty() {
+                let results: Vec<Value> = rows.into_iter().map(|r| r.row).collect();
+                send(json!({"results": results, "last_seq": last}).to_string()).await;
+                return;
+            }
+        } else {
+            for r in rows {
+                sent += 1;
+                let line = if feed == Feed::EventSource {
+                    format!("data: {}\nid: {}\n\n", r.row, r.seq)
+                } else {
+                    format!("{}\n", r.row)
+                };
+                if !send(line).await {
+                    return;
+                }
+            }
+            if cq.limit.is_some_and(|l| sent >= l) {
+                if feed == Feed::Continuous {
+                    send(format!("{}\n", json!({ "last_seq": last }))).await;
+                }
+                return;
+            }
+            cq.limit = cq.limit.map(|l| l - sent.min(l));
+            sent = 0;
+            if heartbeat.is_some() {
+                deadline = Instant::now() + timeout.max(Duration::from_secs(3600 * 24 * 365));
+            }
+        }
+        cq.since = last;
+        // Wait for a change, a heartbeat tick, the timeout or shutdown.
+        loop {
+            let tick = heartbeat.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() || db.is_deleted() {
+                        return;
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(tick) => {
+                    let hb = if feed == Feed::EventSource { "event: heartbeat\ndata: \n\n" } else { "\n" };
+                    if heartbeat.is_some() && !send(hb.to_string()).await {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if heartbeat.is_none() || feed == Feed::Longpoll => {
+                    let end = match feed {
+                        Feed::Longpoll => json!({"results": [], "last_seq": cq.since}).to_string(),
+                        Feed::EventSource => String::new(),
+                        _ => format!("{}\n", json!({ "last_seq": cq.since })),
+                    };
+                    send(end).await;
+                    return;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

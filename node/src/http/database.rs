@@ -1,0 +1,287 @@
+//! Database-level endpoints.
+
+use super::error::{ApiError, ApiResult};
+use super::respond::{ok, status};
+use super::{AppState, Req};
+use crate::db::{AllDocsQuery, AttMode, BulkGetItem, Database, DocOptions, DocResult};
+use crate::doc::Rev;
+use axum::http::{header, HeaderValue, Method};
+use axum::response::Response;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub fn open(state: &AppState, name: &str) -> ApiResult<Arc<Database>> {
+    Ok(state.node.db(name)?)
+}
+
+pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    match r.method {
+        Method::GET | Method::HEAD => {
+            let db = open(state, name)?;
+            Ok(ok(db.info(state.node.size_on_disk())?))
+        }
+        Method::PUT => {
+            state.node.create_db(name)?;
+            let mut resp = status(201, json!({"ok": true}));
+            if let Ok(v) = HeaderValue::from_str(&format!("/{name}")) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            Ok(resp)
+        }
+        Method::DELETE => {
+            if r.query.get("rev").is_some() {
+                return Err(ApiError::bad_request(
+                    "You tried to DELETE a database with a ?rev= parameter. Did you mean to \
+                     DELETE a document instead?",
+                ));
+            }
+            state.node.delete_db(name)?;
+            Ok(ok(json!({"ok": true})))
+        }
+        Method::POST => {
+            let db = open(state, name)?;
+            r.require_json()?;
+            let doc = r.json(state.config.max_request_size).await?;
+            if !doc.is_object() {
+                return Err(ApiError::bad_request("Document must be a JSON object"));
+            }
+            let mut res = db.bulk_docs(vec![doc], true).await?;
+            match res.pop() {
+                Some(Ok((id, rev))) => Ok(super::respond::with_etag(
+                    status(201, json!({"ok": true, "id": id, "rev": rev})),
+                    &rev,
+                )),
+                Some(Err((_, _, e))) => Err(e.into()),
+                None => Err(ApiError::new(500, "internal_server_error", "no result")),
+            }
+        }
+        _ => Err(ApiError::method_not_allowed("DELETE,GET,HEAD,POST,PUT")),
+    }
+}
+
+fn result_json(r: &DocResult) -> Value {
+    match r {
+        Ok((id, rev)) => json!({"ok": true, "id": id, "rev": rev}),
+        Err((id, rev, e)) => {
+            let mut v = json!({"id": id, "error": e.name(), "reason": e.reason()});
+            if let Some(rev) = rev {
+                v["rev"] = json!(rev);
+            }
+            v
+        }
+    }
+}
+
+pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    let db = open(state, name)?;
+    r.require_json()?;
+    let body = r.json(state.config.max_request_size).await?;
+    let Some(docs) = body.get("docs").and_then(Value::as_array).cloned() else {
+        return Err(ApiError::bad_request("POST body must include `docs` parameter."));
+    };
+    let new_edits = match body.get("new_edits") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad_request("`new_edits` parameter must be a boolean.")),
+    };
+    let results = db.bulk_docs(docs, new_edits).await?;
+    let out: Vec<Value> = results
+        .iter()
+        .filter(|r| new_edits || r.is_err())
+        .map(result_json)
+        .collect();
+    Ok(status(201, Value::Array(out)))
+}
+
+pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    let db = open(state, name)?;
+    r.require_json()?;
+    let body = r.json(state.config.max_request_size).await?;
+    let Some(docs) = body.get("docs").and_then(Value::as_array) else {
+        return Err(ApiError::bad_request("Missing JSON list of 'docs'."));
+    };
+    let mut items = Vec::with_capacity(docs.len());
+    for d in docs {
+        let atts_since = match d.get("atts_since") {
+            Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().and_then(Rev::parse)).collect()),
+            _ => None,
+        };
+        items.push(BulkGetItem {
+            id: d.get("id").and_then(Value::as_str).map(str::to_string),
+            rev: d.get("rev").and_then(Value::as_str).map(str::to_string),
+            atts_since,
+        });
+    }
+    let flag = |k: &str| -> ApiResult<bool> {
+        Ok(r.query.bool(k)? || body.get(k) == Some(&Value::Bool(true)))
+    };
+    let opts = DocOptions {
+        revs: flag("revs")?,
+        latest: flag("latest")?,
+        atts: if flag("attachments")? { AttMode::Inline } else { AttMode::Stub },
+        ..Default::default()
+    };
+    let out = tokio::task::block_in_place(|| db.bulk_get(items, &opts))?;
+    Ok(ok(out))
+}
+
+pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    let db = open(state, name)?;
+    r.require_json()?;
+    let Value::Object(body) = r.json(state.config.max_request_size).await? else {
+        return Err(ApiError::bad_request("Request body must be a JSON object"));
+    };
+    Ok(ok(db.revs_diff(body)?))
+}
+
+pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    let db = open(state, name)?;
+    let mut body_keys = None;
+    match r.method {
+        Method::GET | Method::HEAD => {}
+        Method::POST => {
+            r.require_json()?;
+            let body = r.json(state.config.max_request_size).await?;
+            if let Some(k) = body.get("keys") {
+                body_keys = Some(k.clone());
+            }
+            // Other options may come in the body too.
+            if let Value::Object(m) = &body {
+                for (k, v) in m {
+                    if k != "keys" && r.query.get(k).is_none() {
+                        let s = match v {
+                            Value::String(s) if !k.contains("key") => s.clone(),
+                            other => other.to_string(),
+                        };
+                        r.query.insert(k, s);
+                    }
+                }
+            }
+        }
+        _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
+    }
+    let q = &r.query;
+    let keys = match body_keys.or(q.json("keys")?) {
+        None => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(_) => return Err(ApiError::query_parse("`keys` member must be an array.")),
+    };
+    let as_key = |v: Option<Value>| -> Option<String> { v.and_then(|v| v.as_str().map(str::to_string)) };
+    let key = q.json("key")?;
+    if keys.is_some() && (key.is_some() || q.get("startkey").is_some() || q.get("endkey").is_some()) {
+        return Err(ApiError::query_parse(
+            "`keys` is incompatible with `key`, `start_key` and `end_key`",
+        ));
+    }
+    let limit = q.uint("limit")?.map(|l| l as usize);
+    let mut query = AllDocsQuery {
+        keys,
+        start: as_key(q.json_alias(&["startkey", "start_key"])?),
+        end: as_key(q.json_alias(&["endkey", "end_key"])?),
+        inclusive_end: q.bool_or("inclusive_end", true)?,
+        descending: q.bool("descending")?,
+        limit,
+        skip: q.uint("skip")?.unwrap_or(0) as usize,
+        include_docs: q.bool("include_docs")?,
+        conflicts: q.bool("conflicts")?,
+        attachments: q.bool("attachments")?,
+        update_seq: q.bool("update_seq")?,
+    };
+    if let Some(k) = key {
+        let k = k.as_str().map(str::to_string);
+        match k {
+            Some(k) => {
+                query.start = Some(k.clone());
+                query.end = Some(k);
+                query.inclusive_end = true;
+            }
+            None => query.limit = Some(0),
+        }
+    }
+    if let (Some(s), Some(e)) = (&query.start, &query.end) {
+        if (!query.descending && s > e) || (query.descending && s < e) {
+            return Err(ApiError::query_parse(
+                "No rows can match your key range, reverse your start_key and end_key or set descending=true",
+            ));
+        }
+    }
+    let out = tokio::task::block_in_place(|| db.all_docs(&query))?;
+    Ok(ok(out))
+}
+
+pub async fn ensure_full_commit(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    open(state, name)?;
+    let node = state.node.clone();
+    tokio::task::spawn_blocking(move || node.flush())
+        .await
+        .map_err(|e| ApiError::new(500, "internal_server_error", e.to_string()))??;
+    Ok(status(201, json!({"ok": true, "instance_start_time": "0"})))
+}
+
+pub fn compact(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    r.require_json()?;
+    let db = open(state, name)?;
+    db.start_compaction();
+    Ok(status(202, json!({"ok": true})))
+}
+
+pub fn view_cleanup(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+    if r.method != Method::POST {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    open(state, name)?;
+    Ok(status(202, json!({"ok": true})))
+}
+
+pub async fn security(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    let db = open(state, name)?;
+    match r.method {
+        Method::GET | Method::HEAD => Ok(ok(db.security()?)),
+        Method::PUT => {
+            let body = r.json(state.config.max_request_size).await?;
+            db.set_security(body).await?;
+            Ok(ok(json!({"ok": true})))
+        }
+        _ => Err(ApiError::method_not_allowed("GET,HEAD,PUT")),
+    }
+}
+
+pub async fn revs_limit(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+    let db = open(state, name)?;
+    match r.method {
+        Method::GET | Method::HEAD => Ok(ok(json!(db.revs_limit()))),
+        Method::PUT => {
+            let body = r.json(state.config.max_request_size).await?;
+            let n = body
+                .as_u64()
+                .ok_or_else(|| ApiError::bad_request("Rev limit has to be an integer"))?;
+            db.set_revs_limit(n).await?;
+            Ok(ok(json!({"ok": true})))
+        }
+        _ => Err(ApiError::method_not_allowed("GET,HEAD,PUT")),
+    }
+}
+
+pub fn local_docs(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+    if !matches!(r.method, Method::GET | Method::HEAD) {
+        return Err(ApiError::method_not_allowed("GET,HEAD"));
+    }
+    let db = open(state, name)?;
+    let rows = db.local_docs()?;
+    Ok(ok(json!({"total_rows": null, "offset": null, "rows": rows})))
+}

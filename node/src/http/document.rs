@@ -1,0 +1,341 @@
+//! Document, attachment and `_local` document endpoints.
+
+use super::database::open;
+use super::error::{ApiError, ApiResult};
+use super::multipart;
+use super::respond::{ok, status, with_etag};
+use super::{AppState, Req};
+use crate::db::{AttMode, DocOptions, OpenRevs, RevisionOut};
+use crate::doc::parse::{parse_doc, AttInput, IncomingDoc};
+use crate::doc::Rev;
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+fn parse_rev(s: &str) -> ApiResult<Rev> {
+    Rev::parse(s).ok_or_else(|| ApiError::bad_request("Invalid rev format"))
+}
+
+/// `?rev=` or `If-Match`.
+fn requested_rev(r: &Req) -> ApiResult<Option<Rev>> {
+    if let Some(s) = r.query.get("rev") {
+        return parse_rev(s).map(Some);
+    }
+    match r.headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        Some(s) => parse_rev(s.trim_matches('"')).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn doc_options(r: &Req) -> ApiResult<DocOptions> {
+    let q = &r.query;
+    let meta = q.bool("meta")?;
+    let atts_since = match q.json("atts_since")? {
+        None => None,
+        Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().and_then(Rev::parse)).collect()),
+        Some(_) => return Err(ApiError::bad_request("atts_since must be a JSON array")),
+    };
+    Ok(DocOptions {
+        revs: q.bool("revs")?,
+        revs_info: q.bool("revs_info")? || meta,
+        conflicts: q.bool("conflicts")? || meta,
+        deleted_conflicts: q.bool("deleted_conflicts")? || meta,
+        local_seq: q.bool("local_seq")?,
+        latest: q.bool("latest")?,
+        atts: if q.bool("attachments")? || atts_since.is_some() {
+            AttMode::Inline
+        } else {
+            AttMode::Stub
+        },
+        atts_since,
+    })
+}
+
+pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiResult<Response> {
+    let db = open(state, db_name)?;
+    match r.method.clone() {
+        Method::GET | Method::HEAD => {
+            let mut opts = doc_options(r)?;
+            if let Some(open_revs) = r.query.get("open_revs") {
+                let which = if open_revs == "all" {
+                    OpenRevs::All
+                } else {
+                    let v: Value = serde_json::from_str(open_revs)
+                        .map_err(|_| ApiError::bad_request("invalid open_revs"))?;
+                    let list = v.as_array().ok_or_else(|| ApiError::bad_request("open_revs must be an array"))?;
+                    let revs = list
+                        .iter()
+                        .map(|x| x.as_str().ok_or_else(|| ApiError::bad_request("Invalid rev format")).and_then(parse_rev))
+                        .collect::<ApiResult<Vec<_>>>()?;
+                    OpenRevs::List(revs)
+                };
+                let multipart = r.accepts("multipart/mixed");
+                if multipart {
+                    // CouchDB always sends attachment bodies in multipart answers.
+                    opts.atts = AttMode::Follows;
+                }
+                let results = tokio::task::block_in_place(|| db.open_revs(id, &which, &opts))?;
+                if multipart {
+                    return open_revs_multipart(&db, results);
+                }
+                let out: Vec<Value> = results
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(o) => json!({"ok": Value::Object(o.doc)}),
+                        Err(rev) => json!({ "missing": rev }),
+                    })
+                    .collect();
+                return Ok(ok(Value::Array(out)));
+            }
+            let rev = requested_rev(r)?;
+            let out = db.get_doc(id, rev.as_ref(), &opts)?;
+            let rev_s = out.doc.get("_rev").and_then(Value::as_str).unwrap_or("").to_string();
+            Ok(with_etag(ok(Value::Object(out.doc)), &rev_s))
+        }
+        Method::PUT => {
+            let new_edits = r.query.bool_or("new_edits", true)?;
+            let mut doc = read_doc_body(state, r).await?;
+            doc.id = Some(id.to_string());
+            crate::doc::parse::validate_doc_id(id).map_err(crate::db::DbError::from)?;
+            if doc.rev.is_none() && !doc.bad_rev {
+                if let Some(rev) = requested_rev(r)? {
+                    doc.raw_rev = Some(rev.to_string());
+                    doc.rev = Some(rev);
+                }
+            }
+            let mut res = db.write_docs(vec![Ok(doc)], new_edits).await?;
+            match res.pop() {
+                Some(Ok((id, rev))) => {
+                    let code = if r.query.get("batch") == Some("ok") { 202 } else { 201 };
+                    Ok(with_etag(status(code, json!({"ok": true, "id": id, "rev": rev})), &rev))
+                }
+                Some(Err((_, _, e))) => Err(e.into()),
+                None => Err(ApiError::new(500, "internal_server_error", "no result")),
+            }
+        }
+        Method::DELETE => {
+            let Some(rev) = requested_rev(r)? else {
+                return Err(crate::db::DbError::Conflict.into());
+            };
+            let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
+            let mut res = db.bulk_docs(vec![doc], true).await?;
+            match res.pop() {
+                Some(Ok((id, rev))) => Ok(with_etag(ok(json!({"ok": true, "id": id, "rev": rev})), &rev)),
+                Some(Err((_, _, e))) => Err(e.into()),
+                None => Err(ApiError::new(500, "internal_server_error", "no result")),
+            }
+        }
+        m if m.as_str() == "COPY" => copy(state, r, &db, id).await,
+        _ => Err(ApiError::method_not_allowed("COPY,DELETE,GET,HEAD,PUT")),
+    }
+}
+
+/// Reads a PUT body: JSON, or multipart/related with attachment bodies after the JSON.
+async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> {
+    let ctype = r.content_type().to_string();
+    let bytes = r.bytes(state.config.max_request_size).await?;
+    if ctype.to_ascii_lowercase().starts_with("multipart/related") {
+        let boundary = multipart::boundary(&ctype).ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
+        let parts = multipart::parse(&bytes, &boundary)?;
+        let (first, rest) = parts.split_first().ok_or_else(|| ApiError::bad_request("empty multipart body"))?;
+        let json: Value = serde_json::from_slice(first.body).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+        let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
+        // Parts come in the order of the `follows` attachments; a filename, when given, wins.
+        let follows: Vec<String> = doc
+            .atts
+            .iter()
+            .filter(|(_, a)| a.input == AttInput::Follows)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut order = follows.iter();
+        for part in rest {
+            let name = match part.filename() {
+                Some(n) if doc.atts.contains_key(&n) => n,
+                _ => order
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| ApiError::bad_request("more multipart parts than attachments"))?,
+            };
+            if let Some(a) = doc.atts.get_mut(&name) {
+                if part.header("content-encoding").is_some_and(|e| e.eq_ignore_ascii_case("gzip")) {
+                    a.encoding = Some("gzip".into());
+                }
+                a.input = AttInput::Data(part.body.to_vec());
+            }
+        }
+        return Ok(doc);
+    }
+    if !ctype.is_empty()
+        && !ctype.to_ascii_lowercase().starts_with("application/json")
+        && !ctype.to_ascii_lowercase().starts_with("text/plain")
+    {
+        return Err(ApiError::bad_ctype());
+    }
+    let json: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+    Ok(parse_doc(json).map_err(crate::db::DbError::from)?)
+}
+
+fn open_revs_multipart(db: &crate::db::Database, results: Vec<Result<RevisionOut, String>>) -> ApiResult<Response> {
+    let outer = crate::db::random_hex(16);
+    let json_ct = ("Content-Type".to_string(), "application/json".to_string());
+    let mut parts = Vec::with_capacity(results.len());
+    for res in results {
+        match res {
+            Err(rev) => parts.push((
+                vec![("Content-Type".to_string(), "application/json; error=\"true\"".to_string())],
+                serde_json::to_vec(&json!({ "missing": rev })).unwrap_or_default(),
+            )),
+            Ok(out) if out.follows.is_empty() => {
+                parts.push((vec![json_ct.clone()], serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default()))
+            }
+            Ok(out) => {
+                let inner = crate::db::random_hex(16);
+                let mut inner_parts = vec![(vec![json_ct.clone()], serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default())];
+                for (name, meta) in &out.follows {
+                    let data = db.attachment_bytes(&meta.digest)?;
+                    inner_parts.push((
+                        vec![
+                            ("Content-Disposition".to_string(), format!("attachment; filename=\"{name}\"")),
+                            ("Content-Type".to_string(), meta.content_type.clone()),
+                            ("Content-Length".to_string(), data.len().to_string()),
+                        ],
+                        data,
+                    ));
+                }
+                parts.push((
+                    vec![("Content-Type".to_string(), format!("multipart/related; boundary=\"{inner}\""))],
+                    multipart::build(&inner, &inner_parts),
+                ));
+            }
+        }
+    }
+    let body = multipart::build(&outer, &parts);
+    let mut resp = Response::new(Body::from(body));
+    if let Ok(v) = HeaderValue::from_str(&format!("multipart/mixed; boundary=\"{outer}\"")) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(resp)
+}
+
+async fn copy(state: &AppState, r: &mut Req, db: &std::sync::Arc<crate::db::Database>, id: &str) -> ApiResult<Response> {
+    let dest = r
+        .headers
+        .get("destination")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::bad_request("Destination header is mandatory for COPY."))?;
+    let (dest_id, dest_rev) = match dest.split_once("?rev=") {
+        Some((i, rv)) => (super::query::decode(i), Some(rv.to_string())),
+        None => (super::query::decode(dest), None),
+    };
+    let src_rev = requested_rev(r)?;
+    let opts = DocOptions { atts: AttMode::Inline, ..Default::default() };
+    let mut src = db.get_doc(id, src_rev.as_ref(), &opts)?.doc;
+    src.insert("_id".into(), json!(dest_id));
+    match dest_rev {
+        Some(rv) => src.insert("_rev".into(), json!(rv)),
+        None => src.remove("_rev"),
+    };
+    let _ = state;
+    let mut res = db.bulk_docs(vec![Value::Object(src)], true).await?;
+    match res.pop() {
+        Some(Ok((id, rev))) => Ok(with_etag(status(201, json!({"ok": true, "id": id, "rev": rev})), &rev)),
+        Some(Err((_, _, e))) => Err(e.into()),
+        None => Err(ApiError::new(500, "internal_server_error", "no result")),
+    }
+}
+
+pub async fn attachment(state: &AppState, r: &mut Req, db_name: &str, id: &str, name: &str) -> ApiResult<Response> {
+    let db = open(state, db_name)?;
+    match r.method.clone() {
+        Method::GET | Method::HEAD => {
+            let rev = requested_rev(r)?;
+            let (meta, data) = db.get_attachment(id, rev.as_ref(), name)?;
+            let total = data.len();
+            let (code, body, range) = match r.headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| parse_range(v, total)) {
+                Some((a, b)) => (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec(), Some((a, b))),
+                None => (StatusCode::OK, data, None),
+            };
+            let mut resp = Response::new(Body::from(body));
+            *resp.status_mut() = code;
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
+                h.insert(header::CONTENT_TYPE, v);
+            }
+            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", meta.digest)) {
+                h.insert(header::ETAG, v);
+            }
+            if let Some((a, b)) = range {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{total}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            Ok(resp)
+        }
+        Method::PUT => {
+            let rev = requested_rev(r)?;
+            let ctype = match r.content_type() {
+                "" => "application/octet-stream".to_string(),
+                c => c.to_string(),
+            };
+            crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
+            let data = r.bytes(state.config.max_request_size).await?.to_vec();
+            let new_rev = db.put_attachment(id, rev, name, &ctype, data).await?;
+            Ok(with_etag(status(201, json!({"ok": true, "id": id, "rev": new_rev})), &new_rev))
+        }
+        Method::DELETE => {
+            let rev = requested_rev(r)?;
+            let new_rev = db.delete_attachment(id, rev, name).await?;
+            Ok(with_etag(ok(json!({"ok": true, "id": id, "rev": new_rev})), &new_rev))
+        }
+        _ => Err(ApiError::method_not_allowed("DELETE,GET,HEAD,PUT")),
+    }
+}
+
+/// A single `bytes=a-b` range (`a-`, `-n` too) within `total`; anything else serves it all.
+fn parse_range(v: &str, total: usize) -> Option<(usize, usize)> {
+    let spec = v.strip_prefix("bytes=")?;
+    if spec.contains(',') || total == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: usize = n.parse().ok()?;
+            (total.saturating_sub(n), total - 1)
+        }
+        (a, "") => (a.parse().ok()?, total - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.min(total - 1)),
+    };
+    (start <= end && end < total).then_some((start, end))
+}
+
+pub async fn local(state: &AppState, r: &mut Req, db_name: &str, local_id: &str) -> ApiResult<Response> {
+    let db = open(state, db_name)?;
+    match r.method.clone() {
+        Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id)?)),
+        Method::PUT => {
+            let json = r.json(state.config.max_request_size).await?;
+            let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
+            doc.id = Some(format!("_local/{local_id}"));
+            if doc.raw_rev.is_none() {
+                doc.raw_rev = r.query.get("rev").map(str::to_string);
+            }
+            let mut res = db.write_docs(vec![Ok(doc)], true).await?;
+            match res.pop() {
+                Some(Ok((id, rev))) => Ok(status(201, json!({"ok": true, "id": id, "rev": rev}))),
+                Some(Err((_, _, e))) => Err(e.into()),
+                None => Err(ApiError::new(500, "internal_server_error", "no result")),
+            }
+        }
+        Method::DELETE => {
+            let rev = r.query.get("rev").map(str::to_string);
+            match db.delete_local(local_id, rev).await? {
+                Ok((id, rev)) => Ok(ok(json!({"ok": true, "id": id, "rev": rev}))),
+                Err((_, _, e)) => Err(e.into()),
+            }
+        }
+        _ => Err(ApiError::method_not_allowed("DELETE,GET,HEAD,PUT")),
+    }
+}

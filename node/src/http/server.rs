@@ -1,0 +1,72 @@
+//! Server-level endpoints: `/`, `/_up`, `/_all_dbs`, `/_uuids`, `/_session`, `/_active_tasks`.
+
+use super::error::{ApiError, ApiResult};
+use super::respond::ok;
+use super::{AppState, Principal, Req};
+use crate::db::random_hex;
+use axum::http::Method;
+use axum::response::Response;
+use serde_json::json;
+
+fn only(r: &Req, methods: &[Method], label: &str) -> ApiResult<()> {
+    if methods.contains(&r.method) {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed(label))
+    }
+}
+
+pub fn root(state: &AppState, r: &Req) -> ApiResult<Response> {
+    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
+    Ok(ok(json!({
+        "couchdb": "Welcome",
+        "version": "3.5.0",
+        "uuid": state.node.uuid(),
+        "vendor": {"name": "thali", "version": env!("CARGO_PKG_VERSION")},
+        "features": [],
+    })))
+}
+
+pub fn up(r: &Req) -> ApiResult<Response> {
+    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
+    Ok(ok(json!({"status": "ok"})))
+}
+
+pub fn all_dbs(state: &AppState, r: &Req) -> ApiResult<Response> {
+    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
+    Ok(ok(json!(state.node.all_dbs())))
+}
+
+pub fn uuids(r: &Req) -> ApiResult<Response> {
+    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
+    let count = r.query.uint("count")?.unwrap_or(1);
+    if count > 1000 {
+        return Err(ApiError::bad_request("count parameter too large"));
+    }
+    let ids: Vec<String> = (0..count).map(|_| random_hex(16)).collect();
+    Ok(ok(json!({ "uuids": ids })))
+}
+
+/// Cookie sessions are not implemented: POST answers 404, which tells CouchDB's replicator to
+/// use basic auth. GET reports who the request authenticated as.
+pub fn session(r: &Req) -> ApiResult<Response> {
+    match r.method {
+        Method::GET | Method::HEAD => {
+            let (name, roles) = match r.principal {
+                Principal::Admin => (json!("admin"), json!(["_admin"])),
+                Principal::Anonymous => (json!(null), json!([])),
+            };
+            Ok(ok(json!({
+                "ok": true,
+                "userCtx": {"name": name, "roles": roles},
+                "info": {"authentication_handlers": ["default"], "authenticated": "default"},
+            })))
+        }
+        _ => Err(ApiError::not_found("missing")),
+    }
+}
+
+pub fn active_tasks(r: &Req) -> ApiResult<Response> {
+    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
+    Ok(ok(json!([])))
+}

@@ -1,0 +1,7 @@
+//! thali-node: a CouchDB-protocol document node. See ARCHITECTURE.md for the code map.
+
+pub mod db;
+pub mod doc;
+pub mod http;
+pub mod serve;
+pub mod store;

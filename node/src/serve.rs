@@ -1,0 +1,141 @@
+//! `thali serve`: opens the data directory, sets up the admin password and runs the HTTP
+//! listeners until SIGINT/SIGTERM.
+
+use crate::db::{Limits, Node};
+use crate::http::{router, AppState, HttpConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data: PathBuf,
+    pub http: Vec<SocketAddr>,
+    pub admin_password: Option<String>,
+    pub cors_origins: Vec<String>,
+    pub max_request_size: usize,
+    pub max_doc_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("cannot open the store: {0}")]
+    Store(String),
+}
+
+/// The admin password: given, or read from / generated into `DIR/admin.password` (0600).
+/// Returns the password and whether it was generated now.
+pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, bool), ServeError> {
+    if let Some(p) = given.filter(|p| !p.is_empty()) {
+        return Ok((p, false));
+    }
+    let file = data.join("admin.password");
+    match std::fs::read_to_string(&file) {
+        Ok(p) if !p.trim().is_empty() => return Ok((p.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ServeError::DataDir(file, e)),
+    }
+    let pw = crate::db::random_hex(16);
+    write_private(&file, pw.as_bytes()).map_err(|e| ServeError::DataDir(file.clone(), e))?;
+    Ok((pw, true))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&cfg.data).map_err(|e| ServeError::DataDir(cfg.data.clone(), e))?;
+    let (password, generated) = admin_password(&cfg.data, cfg.admin_password.clone())?;
+    if generated {
+        println!(
+            "Generated the admin password (user `admin`), saved in {}: {password}",
+            cfg.data.join("admin.password").display()
+        );
+    }
+    let node = Node::open(
+        &cfg.data,
+        Limits {
+            max_doc_size: cfg.max_doc_size,
+        },
+    )
+    .map_err(|e| ServeError::Store(e.to_string()))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let state = AppState {
+        node: node.clone(),
+        config: Arc::new(HttpConfig {
+            admin_password: password,
+            cors_origins: cfg.cors_origins.clone(),
+            max_request_size: cfg.max_request_size,
+        }),
+        shutdown: shutdown_rx,
+    };
+    let app = router(state);
+    let mut servers = Vec::new();
+    for addr in &cfg.http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Listen(*addr, e))?;
+        let local = listener.local_addr().map_err(|e| ServeError::Listen(*addr, e))?;
+        tracing::info!(addr = %local, "HTTP API listening");
+        println!("thali listening on http://{local}");
+        let mut rx = shutdown_tx.subscribe();
+        let app = app.clone();
+        servers.push(tokio::spawn(async move {
+            let res = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "server error");
+            }
+        }));
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    // Give open requests a moment; feeds end on the shutdown signal.
+    let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(servers)).await;
+    node.flush().map_err(|e| ServeError::Store(e.to_string()))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,76 @@
+//! Key encodings and the records stored per document.
+
+use crate::doc::RevTree;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What the store keeps per document: its revision tree and its current sequence.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DocInfo {
+    #[serde(rename = "t")]
+    pub tree: RevTree,
+    #[serde(rename = "s")]
+    pub seq: u64,
+}
+
+/// Metadata of one attachment of one revision; the bytes live under their digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttMeta {
+    pub content_type: String,
+    /// `md5-<base64>` of the raw bytes; also the blob's key.
+    pub digest: String,
+    pub length: u64,
+    pub revpos: u64,
+}
+
+/// The stored body of one revision.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RevBody {
+    #[serde(rename = "b")]
+    pub body: serde_json::Map<String, serde_json::Value>,
+    #[serde(rename = "a", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub atts: BTreeMap<String, AttMeta>,
+    #[serde(rename = "d", default)]
+    pub deleted: bool,
+}
+
+pub(super) fn doc_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(b'd');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn body_key(id: &str, rev: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + rev.len() + 5);
+    k.push(b'r');
+    k.extend_from_slice(&(id.len() as u32).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(rev.as_bytes());
+    k
+}
+
+pub(super) fn seq_key(seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b's');
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn local_key(id: &str) -> Vec<u8> {
+    let mut k = vec![b'l'];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn att_key(digest: &str) -> Vec<u8> {
+    let mut k = vec![b'a'];
+    k.extend_from_slice(digest.as_bytes());
+    k
+}
+
+pub(super) fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = vec![b'm'];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
