@@ -1,1 +1,308 @@
+//! Test harness: builds and starts the real `thali` binary on free loopback ports, and a small
+//! HTTP/1.1 client that can send anything (malformed requests included).
 
+use base64::Engine;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "test-password";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The `thali` binary, built once per test process (`THALI_BIN` overrides).
+pub fn thali_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("THALI_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "thali-node", "--bin", "thali"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building thali failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        target.join("debug").join("thali")
+    })
+    .clone()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "thali-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+/// A running node.
+pub struct Node {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+impl Node {
+    pub fn start(data: &Path) -> Node {
+        Self::start_with(data, &[])
+    }
+
+    pub fn start_with(data: &Path, extra: &[&str]) -> Node {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Self::spawn(data, addr, extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn spawn(data: &Path, addr: SocketAddr, extra: Vec<String>) -> Node {
+        let mut cmd = Command::new(thali_bin());
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--http")
+            .arg(addr.to_string())
+            .args(&extra)
+            .env("THALI_ADMIN_PASSWORD", PASSWORD)
+            .env("THALI_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("spawn thali");
+        let node = Node {
+            child,
+            addr,
+            data: data.to_path_buf(),
+            extra_args: extra,
+        };
+        node.wait_up();
+        node
+    }
+
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = try_request(self.addr, "GET", "/_up", &[], None) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("thali did not come up on {}", self.addr);
+    }
+
+    /// Same data dir and address, new process.
+    pub fn restart(&mut self) {
+        self.stop();
+        let n = Node::spawn(&self.data.clone(), self.addr, self.extra_args.clone());
+        *self = n;
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; panics if the node does not exit cleanly within 15 s.
+    pub fn stop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "thali exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "thali did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://admin:{PASSWORD}@{}", self.addr)
+    }
+
+    /// An admin request with a JSON body.
+    pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        let mut headers = vec![("Authorization".to_string(), admin_auth())];
+        if body.is_some() {
+            headers.push(("Content-Type".into(), "application/json".into()));
+        }
+        request(self.addr, method, path, &headers, body.as_deref())
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None)
+    }
+    pub fn put(&self, path: &str, body: &Value) -> Resp {
+        self.req("PUT", path, Some(body))
+    }
+    pub fn post(&self, path: &str, body: &Value) -> Resp {
+        self.req("POST", path, Some(body))
+    }
+    pub fn delete(&self, path: &str) -> Resp {
+        self.req("DELETE", path, None)
+    }
+
+    /// A request with explicit headers and raw body (admin auth added).
+    pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
+        let mut h: Vec<(String, String)> = vec![("Authorization".into(), admin_auth())];
+        h.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        request(self.addr, method, path, &h, body)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn admin_auth() -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("admin:{PASSWORD}"))
+    )
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts the status and a CouchDB error body with the given `error`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, error: &str) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        let j = self.json();
+        assert_eq!(j["error"], error, "body: {j}");
+        assert!(j["reason"].is_string(), "reason missing: {j}");
+    }
+}
+
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(String, String)], body: Option<&[u8]>) -> Resp {
+    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
+    read_response(&mut BufReader::new(s), method == "HEAD")
+}
+
+pub fn read_response<R: BufRead>(r: &mut R, head: bool) -> std::io::Result<Resp> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head {
+    } else if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let n = usize::from_str_radix(line.trim(), 16).map_err(std::io::Error::other)?;
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk);
+            line.clear();
+            r.read_line(&mut line)?;
+        }
+    } else if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(Resp { status, headers, body })
+}

@@ -207,6 +207,8 @@ impl RevTree {
     /// Keeps only the last `limit` revisions of every path from a leaf. Returns removed revs.
     pub fn stem(&mut self, limit: usize) -> Vec<Rev> {
         let limit = limit.max(1);
+        // A revision survives when it is among the last `limit` of some leaf's path; links
+        // between survivors stay, so branches that share history still share it.
         let mut keep: BTreeSet<(u64, String)> = BTreeSet::new();
         for leaf in self.leaves() {
             for (i, id) in self.path(&leaf.rev).into_iter().take(limit).enumerate() {
@@ -272,7 +274,8 @@ mod tests {
         assert_eq!(t.merge_path(2, &ids(&["b", "a"]), false), MergeOutcome::Existing);
         assert_eq!(t.winner().unwrap().rev, Rev::new(2, "b"));
         assert_eq!(t.path(&Rev::new(2, "b")), ids(&["b", "a"]));
-        assert!(!t.get(&Rev::new(1, "a")).unwrap().available);
+        // The first revision keeps its body until compaction.
+        assert!(t.get(&Rev::new(1, "a")).unwrap().available);
     }
 
     #[test]
@@ -389,10 +392,24 @@ mod tests {
             let mut t = RevTree::default();
             for (s, p, d) in &paths { t.merge_path(*s, p, *d); }
             let before = t.leaves();
+            let windows: Vec<Vec<String>> = before
+                .iter()
+                .map(|l| t.path(&l.rev).into_iter().take(limit).collect())
+                .collect();
             t.stem(limit);
             prop_assert_eq!(t.leaves(), before.clone());
-            for l in &before {
-                prop_assert!(t.path(&l.rev).len() <= limit);
+            for (l, w) in before.iter().zip(&windows) {
+                let after: Vec<String> = t.path(&l.rev).into_iter().take(limit).collect();
+                prop_assert_eq!(&after, w);
+            }
+            // Nothing kept is further than `limit` from every leaf.
+            for (r, _) in t.revs() {
+                let near = before.iter().any(|l| {
+                    l.rev.pos >= r.pos
+                        && l.rev.pos - r.pos < limit as u64
+                        && t.path(&l.rev).get((l.rev.pos - r.pos) as usize) == Some(&r.id)
+                });
+                prop_assert!(near, "{} kept but far from every leaf", r);
             }
             // Re-merging the full history of a leaf and stemming again is stable.
             for (s, p, d) in &paths { t.merge_path(*s, p, *d); }

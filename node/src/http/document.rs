@@ -166,12 +166,7 @@ async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> 
         }
         return Ok(doc);
     }
-    if !ctype.is_empty()
-        && !ctype.to_ascii_lowercase().starts_with("application/json")
-        && !ctype.to_ascii_lowercase().starts_with("text/plain")
-    {
-        return Err(ApiError::bad_ctype());
-    }
+    // Like CouchDB, a document PUT reads any other body as JSON (curl sends form types).
     let json: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
     Ok(parse_doc(json).map_err(crate::db::DbError::from)?)
 }
