@@ -126,7 +126,9 @@ impl Node {
 
     /// Same data dir and address, new process.
     pub fn restart(&mut self) {
-        self.stop();
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
         let n = Node::spawn(&self.data.clone(), self.addr, self.extra_args.clone());
         *self = n;
     }
