@@ -1,0 +1,83 @@
+// Starts the real thali binary for interop tests and gives PouchDB handles to it.
+'use strict';
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const net = require('node:net');
+
+const PASSWORD = 'interop-password';
+const ROOT = path.resolve(__dirname, '..', '..');
+const BIN = process.env.THALI_BIN || path.join(ROOT, 'target', 'debug', 'thali');
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+function tempDir(tag) {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `thali-interop-${tag}-`));
+}
+
+class ThaliNode {
+  constructor(dataDir, port) {
+    this.dataDir = dataDir;
+    this.port = port;
+    this.base = `http://admin:${PASSWORD}@127.0.0.1:${port}`;
+  }
+
+  static async start(tag) {
+    if (!fs.existsSync(BIN)) {
+      throw new Error(`thali binary not found at ${BIN}: run cargo build first or set THALI_BIN`);
+    }
+    const node = new ThaliNode(tempDir(tag), await freePort());
+    await node.spawn();
+    return node;
+  }
+
+  async spawn() {
+    this.proc = spawn(BIN, ['serve', '--data', this.dataDir, '--http', `127.0.0.1:${this.port}`], {
+      env: { ...process.env, THALI_ADMIN_PASSWORD: PASSWORD, THALI_LOG: 'warn' },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    this.exited = new Promise((resolve) => this.proc.on('exit', (code, signal) => resolve({ code, signal })));
+    const deadline = Date.now() + 30000;
+    while (Date.now() < deadline) {
+      try {
+        const r = await fetch(`http://127.0.0.1:${this.port}/_up`);
+        if (r.ok) return;
+      } catch (_) { /* not up yet */ }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('thali did not start');
+  }
+
+  url(db) {
+    return `${this.base}/${db}`;
+  }
+
+  async stop() {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill('SIGTERM');
+    const res = await this.exited;
+    if (res.code !== 0) throw new Error(`thali exited with ${JSON.stringify(res)}`);
+  }
+
+  async restart() {
+    await this.stop();
+    await this.spawn();
+  }
+
+  async destroy() {
+    if (this.proc && this.proc.exitCode === null) this.proc.kill('SIGKILL');
+    fs.rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+module.exports = { ThaliNode, tempDir, freePort, PASSWORD, BIN };
