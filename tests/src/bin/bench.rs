@@ -1,1 +1,266 @@
-fn main() {}
+//! Benchmark: this node against pouchdb-server 4.2 (npm) on the same machine, same workload,
+//! one run. Prints each figure for both servers and their ratio.
+//!
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench [-- --quick]`
+//! (needs `npm ci` in tests/interop and builds the release `thali`).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+struct Target {
+    name: &'static str,
+    base: String,
+    auth: Option<String>,
+    child: Child,
+    _dir: thali_tests::TempDir,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn call(c: &HttpClient, t: &Target, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Bytes) {
+    let mut b = hyper::Request::builder().method(method).uri(format!("{}{}", t.base, path));
+    if let Some(a) = &t.auth {
+        b = b.header("Authorization", a);
+    }
+    if body.is_some() {
+        b = b.header("Content-Type", "application/json");
+    }
+    let req = b.body(Full::new(Bytes::from(body.unwrap_or_default()))).expect("request");
+    let resp = c.request(req).await.unwrap_or_else(|e| panic!("{} {method} {path}: {e:?}", t.name));
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, bytes)
+}
+
+fn wait_up(base: &str) {
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    for _ in 0..600 {
+        if let Ok(r) = thali_tests::try_request(addr, "GET", "/", &[], None) {
+            if r.status == 200 {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{base} did not come up");
+}
+
+fn start_thali(root: &std::path::Path) -> Target {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", "thali-node", "--bin", "thali"])
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success());
+    let dir = thali_tests::TempDir::new("bench-thali");
+    let port = thali_tests::free_port();
+    let child = Command::new(root.join("target/release/thali"))
+        .args(["serve", "--data"])
+        .arg(&dir.0)
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .env("THALI_ADMIN_PASSWORD", thali_tests::PASSWORD)
+        .env("THALI_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn thali");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&base);
+    Target { name: "thali", base, auth: Some(thali_tests::admin_auth()), child, _dir: dir }
+}
+
+fn start_pouchdb_server(root: &std::path::Path) -> Target {
+    let bin = root.join("tests/interop/node_modules/pouchdb-server/bin/pouchdb-server");
+    assert!(bin.exists(), "pouchdb-server missing: run `npm ci` in tests/interop");
+    let dir = thali_tests::TempDir::new("bench-pouchdb-server");
+    let port = thali_tests::free_port();
+    let child = Command::new("node")
+        .arg(&bin)
+        .args(["-p", &port.to_string(), "-o", "127.0.0.1", "-n", "-d"])
+        .arg(&dir.0)
+        .arg("-c")
+        .arg(dir.0.join("config.json"))
+        .current_dir(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pouchdb-server");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&base);
+    Target { name: "pouchdb-server", base, auth: None, child, _dir: dir }
+}
+
+fn doc(i: usize) -> Value {
+    json!({
+        "_id": format!("doc{i:08}"),
+        "type": "measurement",
+        "value": i,
+        "name": format!("sensor-{}", i % 97),
+        "tags": ["bench", "thali", format!("t{}", i % 13)],
+        "payload": "x".repeat(120),
+    })
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    bulk_docs_per_s: f64,
+    put_rps: f64,
+    put_p50_ms: f64,
+    put_p99_ms: f64,
+    get_rps: f64,
+    get_p50_ms: f64,
+    get_p99_ms: f64,
+    changes_rows_per_s: f64,
+    repl_docs_per_s: f64,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Runs `total` requests over `conc` workers; returns (req/s, p50 ms, p99 ms).
+async fn load<F, Fut>(conc: usize, total: usize, f: F) -> (f64, f64, f64)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = u16> + Send,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (f, next) = (f.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= total {
+                    return lat;
+                }
+                let t = Instant::now();
+                let status = f(i).await;
+                assert!(status < 300, "request {i} failed with {status}");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (total as f64 / secs, pct(&mut all, 0.5), pct(&mut all, 0.99))
+}
+
+async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize, n_get: usize) -> Figures {
+    let c: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+    let mut fig = Figures::default();
+    assert!(call(&c, &t, "PUT", "/bench", None).await.0 < 300);
+    assert!(call(&c, &t, "PUT", "/bench_put", None).await.0 < 300);
+
+    // 1. _bulk_docs: batches of 500, two clients.
+    let batches: Vec<Vec<u8>> = (0..n_docs)
+        .collect::<Vec<_>>()
+        .chunks(500)
+        .map(|ch| serde_json::to_vec(&json!({"docs": ch.iter().map(|&i| doc(i)).collect::<Vec<_>>()})).unwrap())
+        .collect();
+    let batches = Arc::new(batches);
+    let nb = batches.len();
+    let (cc, tt, bb) = (c.clone(), t.clone(), batches.clone());
+    let start = Instant::now();
+    load(2, nb, move |i| {
+        let (c, t, b) = (cc.clone(), tt.clone(), bb.clone());
+        async move { call(&c, &t, "POST", "/bench/_bulk_docs", Some(b[i].clone())).await.0 }
+    })
+    .await;
+    fig.bulk_docs_per_s = n_docs as f64 / start.elapsed().as_secs_f64();
+
+    // 2. Concurrent single-document PUTs (new docs) and GETs (random existing docs).
+    let (cc, tt) = (c.clone(), t.clone());
+    let (rps, p50, p99) = load(32, n_put, move |i| {
+        let (c, t) = (cc.clone(), tt.clone());
+        async move {
+            let body = serde_json::to_vec(&doc(i)).unwrap();
+            call(&c, &t, "PUT", &format!("/bench_put/p{i:08}"), Some(body)).await.0
+        }
+    })
+    .await;
+    (fig.put_rps, fig.put_p50_ms, fig.put_p99_ms) = (rps, p50, p99);
+    let (cc, tt) = (c.clone(), t.clone());
+    let (rps, p50, p99) = load(32, n_get, move |i| {
+        let (c, t) = (cc.clone(), tt.clone());
+        let id = (i.wrapping_mul(2654435761)) % n_docs;
+        async move { call(&c, &t, "GET", &format!("/bench/doc{id:08}"), None).await.0 }
+    })
+    .await;
+    (fig.get_rps, fig.get_p50_ms, fig.get_p99_ms) = (rps, p50, p99);
+
+    // 3. The full _changes feed, three times.
+    let start = Instant::now();
+    for _ in 0..3 {
+        let (s, body) = call(&c, &t, "GET", "/bench/_changes?style=all_docs", None).await;
+        assert_eq!(s, 200);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["results"].as_array().unwrap().len(), n_docs, "{}: full feed", t.name);
+    }
+    fig.changes_rows_per_s = (3 * n_docs) as f64 / start.elapsed().as_secs_f64();
+
+    // 4. PouchDB (npm) replicating bench -> bench_copy on the same server.
+    let auth = if t.auth.is_some() { format!("admin:{}@", thali_tests::PASSWORD) } else { String::new() };
+    let host = t.base.trim_start_matches("http://");
+    let out = Command::new("node")
+        .arg(root.join("tests/interop/bench-replicate.js"))
+        .arg(format!("http://{auth}{host}/bench"))
+        .arg(format!("http://{auth}{host}/bench_copy"))
+        .output()
+        .expect("node");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("replication result");
+    assert_eq!(r["docs_written"].as_u64().unwrap() as usize, n_docs);
+    fig.repl_docs_per_s = n_docs as f64 / (r["ms"].as_f64().unwrap() / 1000.0);
+    fig
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n_docs, n_put, n_get) = if quick { (2_000, 1_000, 2_000) } else { (20_000, 5_000, 20_000) };
+    let root: PathBuf = thali_tests::workspace_root();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("workload: {n_docs} docs via _bulk_docs, {n_put} PUTs and {n_get} GETs by 32 clients, full _changes x3, PouchDB replication of {n_docs} docs");
+    let thali = Arc::new(start_thali(&root));
+    let a = rt.block_on(run(thali.clone(), &root, n_docs, n_put, n_get));
+    drop(thali);
+    let pouch = Arc::new(start_pouchdb_server(&root));
+    let b = rt.block_on(run(pouch.clone(), &root, n_docs, n_put, n_get));
+    drop(pouch);
+    println!();
+    println!("{:<34} {:>14} {:>16} {:>8}", "figure", "thali", "pouchdb-server", "ratio");
+    let row = |name: &str, x: f64, y: f64, higher_better: bool| {
+        let ratio = if higher_better { x / y } else { y / x };
+        println!("{name:<34} {x:>14.1} {y:>16.1} {ratio:>7.1}x");
+    };
+    row("_bulk_docs inserts (docs/s)", a.bulk_docs_per_s, b.bulk_docs_per_s, true);
+    row("PUT, 32 clients (req/s)", a.put_rps, b.put_rps, true);
+    row("PUT p50 (ms)", a.put_p50_ms, b.put_p50_ms, false);
+    row("PUT p99 (ms)", a.put_p99_ms, b.put_p99_ms, false);
+    row("GET, 32 clients (req/s)", a.get_rps, b.get_rps, true);
+    row("GET p50 (ms)", a.get_p50_ms, b.get_p50_ms, false);
+    row("GET p99 (ms)", a.get_p99_ms, b.get_p99_ms, false);
+    row("full _changes (rows/s)", a.changes_rows_per_s, b.changes_rows_per_s, true);
+    row("PouchDB replication (docs/s)", a.repl_docs_per_s, b.repl_docs_per_s, true);
+    println!("(ratio: how many times better thali is; for latencies, pouchdb-server's / thali's)");
+}
