@@ -3,7 +3,8 @@
 
 use super::read::{AttMode, DocOptions};
 use super::{Database, DbResult};
-use serde_json::{json, Value};
+use crate::doc::Rev;
+use serde_json::Value;
 use std::collections::HashSet;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,7 +29,8 @@ pub struct ChangesQuery {
 
 pub struct ChangeRow {
     pub seq: u64,
-    pub row: Value,
+    /// The row, already serialised: feeds concatenate rows without re-encoding them.
+    pub json: String,
 }
 
 impl Database {
@@ -48,7 +50,7 @@ impl Database {
         let mut iter = self.data.changes(q.since, q.descending);
         let mut hit_limit = false;
         for r in iter.by_ref() {
-            let (seq, id) = r?;
+            let (seq, entry) = r?;
             if seq > durable {
                 if q.descending {
                     continue;
@@ -60,43 +62,60 @@ impl Database {
                 break;
             }
             last = seq;
+            let id = &entry.id;
             if q.design_only && !id.starts_with("_design/") {
                 continue;
             }
             if let Some(ids) = &q.doc_ids {
-                if !ids.contains(&id) {
+                if !ids.contains(id) {
                     continue;
                 }
             }
-            let Some(info) = self.data.doc_info(&id)? else { continue };
-            let leaves = info.tree.leaves();
-            let Some(winner) = leaves.first() else { continue };
-            let revs: Vec<Value> = match q.style {
-                Style::MainOnly => vec![json!({"rev": winner.rev.to_string()})],
-                Style::AllDocs => leaves.iter().map(|l| json!({"rev": l.rev.to_string()})).collect(),
+            let Some(winner) = entry.leaves.first() else { continue };
+            let mut row = String::with_capacity(96);
+            row.push_str("{\"seq\":");
+            row.push_str(&seq.to_string());
+            row.push_str(",\"id\":");
+            row.push_str(&serde_json::to_string(id).unwrap_or_default());
+            row.push_str(",\"changes\":[");
+            let revs: &[String] = match q.style {
+                Style::MainOnly => std::slice::from_ref(winner),
+                Style::AllDocs => &entry.leaves,
             };
-            let mut row = json!({"seq": seq, "id": id, "changes": revs});
-            if winner.deleted {
-                row["deleted"] = json!(true);
+            for (i, rev) in revs.iter().enumerate() {
+                if i > 0 {
+                    row.push(',');
+                }
+                // Revision strings are ASCII alphanumerics and '-': no escaping needed.
+                row.push_str("{\"rev\":\"");
+                row.push_str(rev);
+                row.push_str("\"}");
+            }
+            row.push(']');
+            if entry.deleted {
+                row.push_str(",\"deleted\":true");
             }
             if q.include_docs {
-                row["doc"] = match self.data.body(&id, &winner.rev.to_string())? {
-                    Some(body) => Value::Object(self.render(&id, &info, &winner.rev, body, &opts).doc),
-                    None => Value::Null,
+                let doc = match (self.data.doc_info(id)?, Rev::parse(winner)) {
+                    (Some(info), Some(w)) => match self.data.body(id, winner)? {
+                        Some(body) => Value::Object(self.render(id, &info, &w, body, &opts).doc),
+                        None => Value::Null,
+                    },
+                    _ => Value::Null,
                 };
+                row.push_str(",\"doc\":");
+                row.push_str(&serde_json::to_string(&doc).unwrap_or_default());
             }
-            rows.push(ChangeRow { seq, row });
+            row.push('}');
+            rows.push(ChangeRow { seq, json: row });
         }
         let pending = if hit_limit {
             1 + iter.take_while(|r| matches!(r, Ok((s, _)) if *s <= durable)).count() as u64
         } else {
             0
         };
-        if q.descending && rows.is_empty() {
-            last = durable;
-        }
         if q.descending {
-            last = rows.last().map_or(last, |r| r.seq);
+            last = rows.last().map_or(durable, |r| r.seq);
         }
         Ok((rows, last, pending))
     }

@@ -4,7 +4,7 @@
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
 use crate::doc::parse::{parse_doc, AttInput, IncomingAtt, IncomingDoc};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
-use crate::store::{AttMeta, DocInfo, RevBody, WriteBatch};
+use crate::store::{AttMeta, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
 use md5::{Digest, Md5};
 use serde_json::Value;
@@ -223,9 +223,17 @@ impl Database {
             bs.batch.del_seq(info.seq);
         }
         info.seq = st.update_seq;
-        bs.batch.put_seq(info.seq, &id);
+        let leaves = info.tree.leaves();
+        let new_winner = leaves.first().cloned();
+        bs.batch.put_seq(
+            info.seq,
+            &SeqEntry {
+                id: id.clone(),
+                leaves: leaves.iter().map(|l| l.rev.to_string()).collect(),
+                deleted: new_winner.as_ref().is_some_and(|w| w.deleted),
+            },
+        );
 
-        let new_winner = info.tree.winner();
         match old_winner {
             None => {}
             Some(w) if w.deleted => st.doc_del_count -= 1,

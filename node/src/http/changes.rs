@@ -2,7 +2,6 @@
 
 use super::database::open;
 use super::error::{ApiError, ApiResult};
-use super::respond::ok;
 use super::{AppState, Req};
 use crate::db::{ChangesQuery, Database, Style};
 use axum::body::{Body, Bytes};
@@ -111,8 +110,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
 
     if feed == Feed::Normal || cq.descending {
         let (rows, last, pending) = tokio::task::block_in_place(|| db.changes(&cq))?;
-        let results: Vec<Value> = rows.into_iter().map(|r| r.row).collect();
-        return Ok(ok(json!({"results": results, "last_seq": last, "pending": pending})));
+        return Ok(results_response(&rows, last, Some(pending)));
     }
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
@@ -155,17 +153,16 @@ async fn run_feed(
         let Ok(Ok((rows, last, _))) = res else { return };
         if feed == Feed::Longpoll {
             if !rows.is_empty() {
-                let results: Vec<Value> = rows.into_iter().map(|r| r.row).collect();
-                send(json!({"results": results, "last_seq": last}).to_string()).await;
+                send(results_body(&rows, last, None)).await;
                 return;
             }
         } else {
             for r in rows {
                 sent += 1;
                 let line = if feed == Feed::EventSource {
-                    format!("data: {}\nid: {}\n\n", r.row, r.seq)
+                    format!("data: {}\nid: {}\n\n", r.json, r.seq)
                 } else {
-                    format!("{}\n", r.row)
+                    format!("{}\n", r.json)
                 };
                 if !send(line).await {
                     return;
@@ -213,4 +210,32 @@ async fn run_feed(
             }
         }
     }
+}
+
+/// `{"results":[…],"last_seq":N[,"pending":P]}` from pre-serialised rows.
+fn results_body(rows: &[crate::db::ChangeRow], last: u64, pending: Option<u64>) -> String {
+    let mut out = String::with_capacity(rows.iter().map(|r| r.json.len() + 2).sum::<usize>() + 64);
+    out.push_str("{\"results\":[");
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("\n");
+        out.push_str(&r.json);
+    }
+    out.push_str("\n],\"last_seq\":");
+    out.push_str(&last.to_string());
+    if let Some(p) = pending {
+        out.push_str(",\"pending\":");
+        out.push_str(&p.to_string());
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn results_response(rows: &[crate::db::ChangeRow], last: u64, pending: Option<u64>) -> Response {
+    let mut resp = Response::new(Body::from(results_body(rows, last, pending)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("must-revalidate"));
+    resp
 }

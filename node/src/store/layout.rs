@@ -13,6 +13,18 @@ pub struct DocInfo {
     pub seq: u64,
 }
 
+/// The by-sequence entry of a document: enough for a `_changes` row without reading the
+/// document itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeqEntry {
+    pub id: String,
+    /// Leaf revisions, winner first.
+    pub leaves: Vec<String>,
+    /// Whether the winner is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
 /// Metadata of one attachment of one revision; the bytes live under their digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttMeta {

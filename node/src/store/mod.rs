@@ -7,7 +7,7 @@
 //! |--------|-----------------------------------|----------------------------|
 //! | `d`    | doc id                            | [`DocInfo`] (JSON)         |
 //! | `r`    | u32 BE id length, id, rev string  | [`RevBody`] (JSON)         |
-//! | `s`    | u64 BE sequence                   | doc id                     |
+//! | `s`    | u64 BE sequence                   | [`SeqEntry`]: id and leaves |
 //! | `l`    | local doc id (without `_local/`)  | the local doc (JSON)       |
 //! | `a`    | attachment digest                 | raw bytes                  |
 //! | `m`    | meta name                         | JSON value                 |
@@ -17,7 +17,7 @@
 
 mod layout;
 
-pub use layout::{AttMeta, DocInfo, RevBody};
+pub use layout::{AttMeta, DocInfo, RevBody, SeqEntry};
 
 use layout::*;
 use serde::{de::DeserializeOwned, Serialize};
@@ -193,8 +193,8 @@ impl WriteBatch {
     pub fn del_body(&mut self, id: &str, rev: &str) {
         self.del(body_key(id, rev));
     }
-    pub fn put_seq(&mut self, seq: u64, id: &str) {
-        self.put(seq_key(seq), id.as_bytes().to_vec());
+    pub fn put_seq(&mut self, seq: u64, entry: &SeqEntry) {
+        self.put(seq_key(seq), encode(entry));
     }
     pub fn del_seq(&mut self, seq: u64) {
         self.del(seq_key(seq));
@@ -291,12 +291,12 @@ impl DbStore {
         })
     }
 
-    /// `(seq, id)` after `since`, ascending, or all of them descending.
+    /// `(seq, entry)` after `since`, ascending, or all of them descending.
     pub fn changes(
         &self,
         since: u64,
         descending: bool,
-    ) -> impl Iterator<Item = Result<(u64, String)>> {
+    ) -> impl Iterator<Item = Result<(u64, SeqEntry)>> {
         let lo = seq_key(since.saturating_add(1));
         let hi = vec![b's' + 1];
         let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if descending {
@@ -311,9 +311,7 @@ impl DbStore {
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| StoreError::Corrupt("seq key".into()))?;
-            let id = String::from_utf8(v.to_vec())
-                .map_err(|_| StoreError::Corrupt("seq value".into()))?;
-            Ok((seq, id))
+            Ok((seq, decode(&v)?))
         })
     }
 
