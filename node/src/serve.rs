@@ -92,7 +92,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| ServeError::Listen(*addr, e))?;
-        let local = listener.local_addr().map_err(|e| ServeError::Listen(*addr, e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| ServeError::Listen(*addr, e))?;
         tracing::info!(addr = %local, "HTTP API listening");
         println!("thali listening on http://{local}");
         let mut rx = shutdown_tx.subscribe();
@@ -112,7 +114,11 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     // Give open requests a moment; feeds end on the shutdown signal.
-    let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(servers)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(servers),
+    )
+    .await;
     node.flush().map_err(|e| ServeError::Store(e.to_string()))?;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 pub const PASSWORD: &str = "test-password";
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `thali` binary, built once per test process (`THALI_BIN` overrides).
@@ -39,7 +42,11 @@ pub fn thali_bin() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct TempDir(pub PathBuf);
@@ -182,7 +189,13 @@ impl Node {
     }
 
     /// A request with explicit headers and raw body (admin auth added).
-    pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Resp {
         let mut h: Vec<(String, String)> = vec![("Authorization".into(), admin_auth())];
         h.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         request(self.addr, method, path, &h, body)
@@ -212,9 +225,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -235,8 +247,15 @@ impl Resp {
     }
 }
 
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(String, String)], body: Option<&[u8]>) -> Resp {
-    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+) -> Resp {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 pub fn try_request(
@@ -283,7 +302,12 @@ pub fn read_response<R: BufRead>(r: &mut R, head: bool) -> std::io::Result<Resp>
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if head {
     } else if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
@@ -306,5 +330,9 @@ pub fn read_response<R: BufRead>(r: &mut R, head: bool) -> std::io::Result<Resp>
     } else {
         r.read_to_end(&mut body)?;
     }
-    Ok(Resp { status, headers, body })
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
 }

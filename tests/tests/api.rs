@@ -27,17 +27,26 @@ fn server_endpoints_and_auth() {
     assert_eq!(request(n.addr, "GET", "/_up", &[], None).status, 200);
     request(n.addr, "GET", "/_all_dbs", &[], None).assert_error(401, "unauthorized");
     request(n.addr, "PUT", "/x", &[], None).assert_error(401, "unauthorized");
-    let bad = vec![("Authorization".to_string(), "Basic YWRtaW46d3Jvbmc=".to_string())];
+    let bad = vec![(
+        "Authorization".to_string(),
+        "Basic YWRtaW46d3Jvbmc=".to_string(),
+    )];
     request(n.addr, "GET", "/_all_dbs", &bad, None).assert_error(401, "unauthorized");
     // _session: POST answers 404 so replicators use basic auth.
-    request(n.addr, "POST", "/_session", &[], Some(b"name=a&password=b")).assert_error(404, "not_found");
-    assert_eq!(n.get("/_session").json()["userCtx"]["roles"], json!(["_admin"]));
+    request(n.addr, "POST", "/_session", &[], Some(b"name=a&password=b"))
+        .assert_error(404, "not_found");
+    assert_eq!(
+        n.get("/_session").json()["userCtx"]["roles"],
+        json!(["_admin"])
+    );
     assert_eq!(n.get("/_all_dbs").json(), json!([]));
     let u = n.get("/_uuids?count=5").json();
     assert_eq!(u["uuids"].as_array().unwrap().len(), 5);
     n.get("/_uuids?count=5000").assert_error(400, "bad_request");
-    n.get("/_uuids?count=x").assert_error(400, "query_parse_error");
-    n.post("/", &json!({})).assert_error(405, "method_not_allowed");
+    n.get("/_uuids?count=x")
+        .assert_error(400, "query_parse_error");
+    n.post("/", &json!({}))
+        .assert_error(405, "method_not_allowed");
     // The uuid is stable across restarts.
     let mut n = n;
     n.restart();
@@ -65,14 +74,26 @@ fn generated_admin_password_is_private_and_printed_once() {
     let pw = std::fs::read_to_string(&file).unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains(pw.trim()));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     // A node started on that directory accepts the saved password.
     let mut node = Node::start_with(&dir.0, &["--admin-password", pw.trim()]);
     let auth = format!(
         "Basic {}",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("admin:{}", pw.trim()))
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("admin:{}", pw.trim())
+        )
     );
-    let r = request(node.addr, "GET", "/_all_dbs", &[("Authorization".into(), auth)], None);
+    let r = request(
+        node.addr,
+        "GET",
+        "/_all_dbs",
+        &[("Authorization".into(), auth)],
+        None,
+    );
     assert_eq!(r.status, 200);
     // The test password no longer works there.
     assert_ne!(pw.trim(), PASSWORD);
@@ -85,10 +106,17 @@ fn database_lifecycle() {
     n.get("/db").assert_error(404, "not_found");
     assert_eq!(n.put("/db", &json!({})).status, 201);
     n.put("/db", &json!({})).assert_error(412, "file_exists");
-    n.put("/Bad", &json!({})).assert_error(400, "illegal_database_name");
-    n.put("/1db", &json!({})).assert_error(400, "illegal_database_name");
-    n.put("/_foo", &json!({})).assert_error(400, "illegal_database_name");
-    assert_eq!(n.put("/a%2Fb", &json!({})).status, 201, "slashes are allowed, encoded");
+    n.put("/Bad", &json!({}))
+        .assert_error(400, "illegal_database_name");
+    n.put("/1db", &json!({}))
+        .assert_error(400, "illegal_database_name");
+    n.put("/_foo", &json!({}))
+        .assert_error(400, "illegal_database_name");
+    assert_eq!(
+        n.put("/a%2Fb", &json!({})).status,
+        201,
+        "slashes are allowed, encoded"
+    );
     assert_eq!(n.get("/_all_dbs").json(), json!(["a/b", "db"]));
     let info = n.get("/db/").json(); // trailing slash
     assert_eq!(info["db_name"], "db");
@@ -121,22 +149,42 @@ fn document_crud_and_revisions() {
     n.put("/db2", &json!({}));
     assert_eq!(rev_of(&n.put("/db2/doc1", &json!({"a": 1}))), rev1);
     // No rev on an existing doc, a wrong rev, a rev for a new doc: all 409.
-    n.put("/db/doc1", &json!({"a": 2})).assert_error(409, "conflict");
-    n.put("/db/doc1", &json!({"a": 2, "_rev": "1-0123456789abcdef0123456789abcdef"})).assert_error(409, "conflict");
-    n.put("/db/new", &json!({"_rev": "1-0123456789abcdef0123456789abcdef"})).assert_error(409, "conflict");
+    n.put("/db/doc1", &json!({"a": 2}))
+        .assert_error(409, "conflict");
+    n.put(
+        "/db/doc1",
+        &json!({"a": 2, "_rev": "1-0123456789abcdef0123456789abcdef"}),
+    )
+    .assert_error(409, "conflict");
+    n.put(
+        "/db/new",
+        &json!({"_rev": "1-0123456789abcdef0123456789abcdef"}),
+    )
+    .assert_error(409, "conflict");
     let rev2 = rev_of(&n.put("/db/doc1", &json!({"a": 2, "_rev": rev1})));
     assert!(rev2.starts_with("2-"));
     // The old leaf is no longer editable.
-    n.put("/db/doc1", &json!({"a": 3, "_rev": rev1})).assert_error(409, "conflict");
+    n.put("/db/doc1", &json!({"a": 3, "_rev": rev1}))
+        .assert_error(409, "conflict");
     // rev via query string and If-Match
     let rev3 = rev_of(&n.put(&format!("/db/doc1?rev={rev2}"), &json!({"a": 3})));
-    let rev4 = rev_of(&n.raw("PUT", "/db/doc1", &[("If-Match", &format!("\"{rev3}\"")), ("Content-Type", "application/json")], Some(br#"{"a":4}"#)));
+    let rev4 = rev_of(&n.raw(
+        "PUT",
+        "/db/doc1",
+        &[
+            ("If-Match", &format!("\"{rev3}\"")),
+            ("Content-Type", "application/json"),
+        ],
+        Some(br#"{"a":4}"#),
+    ));
     let d = n.get("/db/doc1").json();
     assert_eq!(d["a"], 4);
     assert_eq!(d["_rev"], rev4);
     let d = n.get(&format!("/db/doc1?rev={rev1}")).json();
     assert_eq!(d["a"], 1);
-    let d = n.get("/db/doc1?revs=true&revs_info=true&local_seq=true").json();
+    let d = n
+        .get("/db/doc1?revs=true&revs_info=true&local_seq=true")
+        .json();
     assert_eq!(d["_revisions"]["start"], 4);
     assert_eq!(d["_revisions"]["ids"].as_array().unwrap().len(), 4);
     assert_eq!(d["_revs_info"][0]["status"], "available");
@@ -168,8 +216,14 @@ fn document_crud_and_revisions() {
     assert_eq!(c.status, 201);
     assert_eq!(n.get("/db/copied").json()["again"], true);
     // Design docs and ids with slashes.
-    assert_eq!(n.put("/db/_design/foo%2Fbar", &json!({"views": {}})).status, 201);
-    assert_eq!(n.get("/db/_design/foo%2Fbar").json()["_id"], "_design/foo/bar");
+    assert_eq!(
+        n.put("/db/_design/foo%2Fbar", &json!({"views": {}})).status,
+        201
+    );
+    assert_eq!(
+        n.get("/db/_design/foo%2Fbar").json()["_id"],
+        "_design/foo/bar"
+    );
     assert_eq!(n.put("/db/a%2Fb", &json!({})).status, 201);
     assert_eq!(n.get("/db/a%2Fb").json()["_id"], "a/b");
     // Unknown query parameters are ignored.
@@ -179,38 +233,87 @@ fn document_crud_and_revisions() {
 #[test]
 fn bad_input_is_rejected_and_nothing_is_touched() {
     let dir = TempDir::new("bad");
-    let n = Node::start_with(&dir.0, &["--max-document-size", "1000", "--max-request-size", "100000"]);
+    let n = Node::start_with(
+        &dir.0,
+        &[
+            "--max-document-size",
+            "1000",
+            "--max-request-size",
+            "100000",
+        ],
+    );
     n.put("/db", &json!({}));
     let rev = rev_of(&n.put("/db/keep", &json!({"v": 1})));
-    let j = |b: &[u8]| n.raw("PUT", "/db/x", &[("Content-Type", "application/json")], Some(b));
+    let j = |b: &[u8]| {
+        n.raw(
+            "PUT",
+            "/db/x",
+            &[("Content-Type", "application/json")],
+            Some(b),
+        )
+    };
     j(b"{not json").assert_error(400, "bad_request");
     j(b"[1,2]").assert_error(400, "bad_request");
     j(b"\xff\xfe").assert_error(400, "bad_request");
-    n.put("/db/x", &json!({"_foo": 1})).assert_error(400, "doc_validation");
-    n.put("/db/x", &json!({"_rev": "nonsense"})).assert_error(400, "bad_request");
-    n.put("/db/_bad", &json!({})).assert_error(400, "illegal_docid");
-    n.post("/db", &json!({"_id": ""})).assert_error(400, "illegal_docid");
-    n.post("/db", &json!({"_id": 5})).assert_error(400, "bad_request");
-    n.put("/db/x", &json!({"_attachments": {"a": {"data": "***"}}})).assert_error(400, "bad_request");
-    n.put("/db/x", &json!({"_attachments": {"a": {"stub": true}}})).assert_error(412, "missing_stub");
-    n.put("/db/x", &json!({"big": "x".repeat(2000)})).assert_error(413, "document_too_large");
-    n.raw("PUT", "/db/x", &[("Content-Type", "application/json")], Some(&vec![b' '; 200_000])).assert_error(413, "too_large");
-    n.raw("POST", "/db/_bulk_docs", &[("Content-Type", "text/plain")], Some(b"{\"docs\":[]}")).assert_error(415, "bad_content_type");
-    n.raw("POST", "/db/_revs_diff", &[], Some(b"{}")).assert_error(415, "bad_content_type");
-    n.post("/db/_bulk_docs", &json!({"nodocs": 1})).assert_error(400, "bad_request");
-    n.post("/db/_bulk_docs", &json!({"docs": [], "new_edits": "yes"})).assert_error(400, "bad_request");
-    n.post("/db/_bulk_get", &json!({})).assert_error(400, "bad_request");
-    n.get("/db/_all_docs?limit=-1").assert_error(400, "query_parse_error");
-    n.get("/db/_all_docs?startkey=notjson").assert_error(400, "query_parse_error");
-    n.get("/db/_all_docs?startkey=%22b%22&endkey=%22a%22").assert_error(400, "query_parse_error");
-    n.get("/db/_changes?since=abc").assert_error(400, "bad_request");
-    n.get("/db/_changes?feed=bogus").assert_error(400, "bad_request");
-    n.get("/db/keep?open_revs=[bad").assert_error(400, "bad_request");
+    n.put("/db/x", &json!({"_foo": 1}))
+        .assert_error(400, "doc_validation");
+    n.put("/db/x", &json!({"_rev": "nonsense"}))
+        .assert_error(400, "bad_request");
+    n.put("/db/_bad", &json!({}))
+        .assert_error(400, "illegal_docid");
+    n.post("/db", &json!({"_id": ""}))
+        .assert_error(400, "illegal_docid");
+    n.post("/db", &json!({"_id": 5}))
+        .assert_error(400, "bad_request");
+    n.put("/db/x", &json!({"_attachments": {"a": {"data": "***"}}}))
+        .assert_error(400, "bad_request");
+    n.put("/db/x", &json!({"_attachments": {"a": {"stub": true}}}))
+        .assert_error(412, "missing_stub");
+    n.put("/db/x", &json!({"big": "x".repeat(2000)}))
+        .assert_error(413, "document_too_large");
+    n.raw(
+        "PUT",
+        "/db/x",
+        &[("Content-Type", "application/json")],
+        Some(&vec![b' '; 200_000]),
+    )
+    .assert_error(413, "too_large");
+    n.raw(
+        "POST",
+        "/db/_bulk_docs",
+        &[("Content-Type", "text/plain")],
+        Some(b"{\"docs\":[]}"),
+    )
+    .assert_error(415, "bad_content_type");
+    n.raw("POST", "/db/_revs_diff", &[], Some(b"{}"))
+        .assert_error(415, "bad_content_type");
+    n.post("/db/_bulk_docs", &json!({"nodocs": 1}))
+        .assert_error(400, "bad_request");
+    n.post("/db/_bulk_docs", &json!({"docs": [], "new_edits": "yes"}))
+        .assert_error(400, "bad_request");
+    n.post("/db/_bulk_get", &json!({}))
+        .assert_error(400, "bad_request");
+    n.get("/db/_all_docs?limit=-1")
+        .assert_error(400, "query_parse_error");
+    n.get("/db/_all_docs?startkey=notjson")
+        .assert_error(400, "query_parse_error");
+    n.get("/db/_all_docs?startkey=%22b%22&endkey=%22a%22")
+        .assert_error(400, "query_parse_error");
+    n.get("/db/_changes?since=abc")
+        .assert_error(400, "bad_request");
+    n.get("/db/_changes?feed=bogus")
+        .assert_error(400, "bad_request");
+    n.get("/db/keep?open_revs=[bad")
+        .assert_error(400, "bad_request");
     n.get("/db/keep?rev=bad").assert_error(400, "bad_request");
-    n.put("/db/_revs_limit", &json!("x")).assert_error(400, "bad_request");
-    n.put("/db/_security", &json!([1])).assert_error(400, "bad_request");
-    n.put("/db/_security", &json!({"admins": {"names": "x"}})).assert_error(400, "bad_request");
-    n.put("/db/keep/_att", &json!({})).assert_error(400, "bad_request");
+    n.put("/db/_revs_limit", &json!("x"))
+        .assert_error(400, "bad_request");
+    n.put("/db/_security", &json!([1]))
+        .assert_error(400, "bad_request");
+    n.put("/db/_security", &json!({"admins": {"names": "x"}}))
+        .assert_error(400, "bad_request");
+    n.put("/db/keep/_att", &json!({}))
+        .assert_error(400, "bad_request");
     // Garbage on the wire does not hurt the node either.
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(n.addr).unwrap();
@@ -229,7 +332,10 @@ fn bad_input_is_rejected_and_nothing_is_touched() {
 fn bulk_docs_both_modes_and_conflicts() {
     let (_d, n) = node();
     n.put("/db", &json!({}));
-    let r = n.post("/db/_bulk_docs", &json!({"docs": [{"_id": "a", "v": 1}, {"_id": "b"}, {"_id": "a", "v": 2}, {"_foo": 1}]}));
+    let r = n.post(
+        "/db/_bulk_docs",
+        &json!({"docs": [{"_id": "a", "v": 1}, {"_id": "b"}, {"_id": "a", "v": 2}, {"_foo": 1}]}),
+    );
     assert_eq!(r.status, 201);
     let res = r.json();
     assert_eq!(res[0]["ok"], true);
@@ -254,8 +360,14 @@ fn bulk_docs_both_modes_and_conflicts() {
     let d = n.get("/db/a?conflicts=true&deleted_conflicts=true").json();
     // Winner: highest non-deleted (pos, id).
     assert_eq!(d["_rev"], "2-cccccccccccccccccccccccccccccccc");
-    assert_eq!(d["_conflicts"], json!(["2-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"]));
-    assert_eq!(d["_deleted_conflicts"], json!(["3-dddddddddddddddddddddddddddddddd"]));
+    assert_eq!(
+        d["_conflicts"],
+        json!(["2-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"])
+    );
+    assert_eq!(
+        d["_deleted_conflicts"],
+        json!(["3-dddddddddddddddddddddddddddddddd"])
+    );
     // Replaying the same replicated docs is a no-op.
     let seq = n.get("/db").json()["update_seq"].clone();
     n.post("/db/_bulk_docs", &json!({"new_edits": false, "docs": [{"_id": "a", "_rev": "2-cccccccccccccccccccccccccccccccc"}]}));
@@ -263,11 +375,15 @@ fn bulk_docs_both_modes_and_conflicts() {
     // open_revs=all lists every leaf; a list returns ok/missing entries.
     let all = n.get("/db/a?open_revs=all").json();
     assert_eq!(all.as_array().unwrap().len(), 3);
-    let some = n.get("/db/a?open_revs=%5B%222-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb%22,%229-ffff%22%5D").json();
+    let some = n
+        .get("/db/a?open_revs=%5B%222-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb%22,%229-ffff%22%5D")
+        .json();
     assert_eq!(some[0]["ok"]["v"], "b");
     assert_eq!(some[1]["missing"], "9-ffff");
     // latest=true swaps an ancestor for its leaves.
-    let latest = n.get(&format!("/db/a?open_revs=%5B%22{a1}%22%5D&latest=true")).json();
+    let latest = n
+        .get(&format!("/db/a?open_revs=%5B%22{a1}%22%5D&latest=true"))
+        .json();
     assert_eq!(latest.as_array().unwrap().len(), 2, "{latest}");
     // Resolving: delete the loser, the winner stays.
     let r = n.delete("/db/a?rev=2-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
@@ -277,7 +393,11 @@ fn bulk_docs_both_modes_and_conflicts() {
     // _revs_diff
     let diff = n.post("/db/_revs_diff", &json!({"a": ["2-cccccccccccccccccccccccccccccccc", "3-ffff", "2-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee"], "zz": ["1-a"]})).json();
     assert_eq!(diff["a"]["missing"], json!(["3-ffff"]));
-    assert!(diff["a"]["possible_ancestors"].as_array().unwrap().iter().any(|r| r == "2-cccccccccccccccccccccccccccccccc"));
+    assert!(diff["a"]["possible_ancestors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r == "2-cccccccccccccccccccccccccccccccc"));
     assert_eq!(diff["zz"]["missing"], json!(["1-a"]));
     assert!(diff["zz"].get("possible_ancestors").is_none());
     // _bulk_get: one result per item, in order.
@@ -316,7 +436,12 @@ fn attachments() {
     let (_d, n) = node();
     n.put("/db", &json!({}));
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let r = n.raw("PUT", "/db/d/file.bin", &[("Content-Type", "application/x-thing")], Some(&bytes));
+    let r = n.raw(
+        "PUT",
+        "/db/d/file.bin",
+        &[("Content-Type", "application/x-thing")],
+        Some(&bytes),
+    );
     assert_eq!(r.status, 201);
     let rev1 = rev_of(&r);
     let g = n.get("/db/d/file.bin");
@@ -341,29 +466,52 @@ fn attachments() {
     ));
     let d = n.get("/db/d?attachments=true").json();
     assert_eq!(d["_attachments"]["t.txt"]["data"], "aGVsbG8=");
-    assert_eq!(d["_attachments"]["t.txt"]["digest"], "md5-XUFAKrxLKna5cZ2REBfFkg==");
+    assert_eq!(
+        d["_attachments"]["t.txt"]["digest"],
+        "md5-XUFAKrxLKna5cZ2REBfFkg=="
+    );
     assert_eq!(d["_attachments"]["file.bin"]["revpos"], 1);
     // atts_since: only attachments newer than the given revision carry data.
-    let d = n.get(&format!("/db/d?atts_since=%5B%22{rev1}%22%5D")).json();
+    let d = n
+        .get(&format!("/db/d?atts_since=%5B%22{rev1}%22%5D"))
+        .json();
     assert!(d["_attachments"]["t.txt"]["data"].is_string());
     assert_eq!(d["_attachments"]["file.bin"]["stub"], true);
     // Old revision's attachment via ?rev=
-    assert_eq!(n.get(&format!("/db/d/file.bin?rev={rev1}")).body.len(), 300_000);
+    assert_eq!(
+        n.get(&format!("/db/d/file.bin?rev={rev1}")).body.len(),
+        300_000
+    );
     // Delete one attachment.
     let rev3 = rev_of(&n.delete(&format!("/db/d/t.txt?rev={rev2}")));
     n.get("/db/d/t.txt").assert_error(404, "not_found");
-    n.delete(&format!("/db/d/nope?rev={rev3}")).assert_error(404, "not_found");
+    n.delete(&format!("/db/d/nope?rev={rev3}"))
+        .assert_error(404, "not_found");
     n.delete("/db/d/file.bin").assert_error(409, "conflict");
     // Names starting with _ are reserved.
-    n.put("/db/e", &json!({"_attachments": {"_x": {"data": ""}}})).assert_error(400, "bad_request");
+    n.put("/db/e", &json!({"_attachments": {"_x": {"data": ""}}}))
+        .assert_error(400, "bad_request");
     // multipart/related PUT, as CouchDB's replicator sends.
     let body = b"--abc\r\nContent-Type: application/json\r\n\r\n{\"_id\":\"m\",\"_rev\":\"1-1234\",\"_attachments\":{\"a.txt\":{\"follows\":true,\"content_type\":\"text/plain\",\"length\":5}}}\r\n--abc\r\nContent-Disposition: attachment; filename=\"a.txt\"\r\n\r\nhello\r\n--abc--";
-    let r = n.raw("PUT", "/db/m?new_edits=false", &[("Content-Type", "multipart/related; boundary=\"abc\"")], Some(body));
+    let r = n.raw(
+        "PUT",
+        "/db/m?new_edits=false",
+        &[("Content-Type", "multipart/related; boundary=\"abc\"")],
+        Some(body),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(n.get("/db/m/a.txt").body, b"hello");
     // open_revs as multipart/mixed carries the attachment bytes.
-    let mm = n.raw("GET", "/db/m?open_revs=all", &[("Accept", "multipart/mixed")], None);
-    assert!(mm.header("content-type").unwrap().starts_with("multipart/mixed"));
+    let mm = n.raw(
+        "GET",
+        "/db/m?open_revs=all",
+        &[("Accept", "multipart/mixed")],
+        None,
+    );
+    assert!(mm
+        .header("content-type")
+        .unwrap()
+        .starts_with("multipart/mixed"));
     let t = mm.text();
     assert!(t.contains("\"follows\":true") && t.contains("hello"), "{t}");
 }
@@ -376,8 +524,16 @@ fn local_docs() {
     assert_eq!(r.status, 201);
     assert_eq!(r.json()["rev"], "0-1");
     assert_eq!(r.json()["id"], "_local/cp==");
-    n.put("/db/_local/cp%3D%3D", &json!({"last_seq": 2})).assert_error(409, "conflict");
-    assert_eq!(n.put("/db/_local/cp%3D%3D", &json!({"last_seq": 2, "_rev": "0-1"})).json()["rev"], "0-2");
+    n.put("/db/_local/cp%3D%3D", &json!({"last_seq": 2}))
+        .assert_error(409, "conflict");
+    assert_eq!(
+        n.put(
+            "/db/_local/cp%3D%3D",
+            &json!({"last_seq": 2, "_rev": "0-1"})
+        )
+        .json()["rev"],
+        "0-2"
+    );
     let d = n.get("/db/_local/cp%3D%3D").json();
     assert_eq!(d["last_seq"], 2);
     assert_eq!(d["_rev"], "0-2");
@@ -385,38 +541,83 @@ fn local_docs() {
     assert_eq!(n.get("/db/_changes").json()["results"], json!([]));
     assert_eq!(n.get("/db/_all_docs").json()["rows"], json!([]));
     assert_eq!(n.get("/db").json()["doc_count"], 0);
-    assert_eq!(n.get("/db/_local_docs").json()["rows"][0]["id"], "_local/cp==");
-    n.put("/db/_local/x", &json!({"_attachments": {"a": {"data": ""}}})).assert_error(400, "bad_request");
+    assert_eq!(
+        n.get("/db/_local_docs").json()["rows"][0]["id"],
+        "_local/cp=="
+    );
+    n.put(
+        "/db/_local/x",
+        &json!({"_attachments": {"a": {"data": ""}}}),
+    )
+    .assert_error(400, "bad_request");
     let del = n.delete("/db/_local/cp%3D%3D?rev=0-2");
     assert_eq!(del.json()["rev"], "0-0");
     n.get("/db/_local/cp%3D%3D").assert_error(404, "not_found");
-    assert_eq!(n.put("/db/_local/cp%3D%3D", &json!({})).json()["rev"], "0-1");
+    assert_eq!(
+        n.put("/db/_local/cp%3D%3D", &json!({})).json()["rev"],
+        "0-1"
+    );
 }
 
 #[test]
 fn all_docs_queries() {
     let (_d, n) = node();
     n.put("/db", &json!({}));
-    let docs: Vec<Value> = ["c", "a", "e", "b", "d"].iter().map(|i| json!({"_id": i, "v": i})).collect();
+    let docs: Vec<Value> = ["c", "a", "e", "b", "d"]
+        .iter()
+        .map(|i| json!({"_id": i, "v": i}))
+        .collect();
     n.post("/db/_bulk_docs", &json!({ "docs": docs }));
     let r = n.get("/db/d").json()["_rev"].as_str().unwrap().to_string();
     n.delete(&format!("/db/d?rev={r}"));
-    let ids = |v: &Value| -> Vec<String> { v["rows"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap_or("").to_string()).collect() };
+    let ids = |v: &Value| -> Vec<String> {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
     let all = n.get("/db/_all_docs").json();
     assert_eq!(all["total_rows"], 4);
     assert_eq!(ids(&all), ["a", "b", "c", "e"]);
-    assert_eq!(ids(&n.get("/db/_all_docs?descending=true").json()), ["e", "c", "b", "a"]);
-    assert_eq!(ids(&n.get("/db/_all_docs?startkey=%22b%22&endkey=%22c%22").json()), ["b", "c"]);
-    assert_eq!(ids(&n.get("/db/_all_docs?start_key=%22b%22&end_key=%22c%22&inclusive_end=false").json()), ["b"]);
-    assert_eq!(ids(&n.get("/db/_all_docs?startkey=%22c%22&endkey=%22a%22&descending=true").json()), ["c", "b", "a"]);
+    assert_eq!(
+        ids(&n.get("/db/_all_docs?descending=true").json()),
+        ["e", "c", "b", "a"]
+    );
+    assert_eq!(
+        ids(&n
+            .get("/db/_all_docs?startkey=%22b%22&endkey=%22c%22")
+            .json()),
+        ["b", "c"]
+    );
+    assert_eq!(
+        ids(&n
+            .get("/db/_all_docs?start_key=%22b%22&end_key=%22c%22&inclusive_end=false")
+            .json()),
+        ["b"]
+    );
+    assert_eq!(
+        ids(&n
+            .get("/db/_all_docs?startkey=%22c%22&endkey=%22a%22&descending=true")
+            .json()),
+        ["c", "b", "a"]
+    );
     let page = n.get("/db/_all_docs?limit=2&skip=1").json();
     assert_eq!(ids(&page), ["b", "c"]);
     assert_eq!(page["offset"], 1);
     assert_eq!(ids(&n.get("/db/_all_docs?key=%22e%22").json()), ["e"]);
-    let inc = n.get("/db/_all_docs?include_docs=true&limit=1&update_seq=true").json();
+    let inc = n
+        .get("/db/_all_docs?include_docs=true&limit=1&update_seq=true")
+        .json();
     assert_eq!(inc["rows"][0]["doc"]["v"], "a");
     assert!(inc["update_seq"].is_number());
-    let keys = n.post("/db/_all_docs?include_docs=true", &json!({"keys": ["e", "d", "zz"]})).json();
+    let keys = n
+        .post(
+            "/db/_all_docs?include_docs=true",
+            &json!({"keys": ["e", "d", "zz"]}),
+        )
+        .json();
     let rows = keys["rows"].as_array().unwrap();
     assert_eq!(rows[0]["doc"]["v"], "e");
     assert_eq!(rows[1]["value"]["deleted"], true);
@@ -447,10 +648,23 @@ fn changes_feeds() {
     assert_eq!(c["results"][0]["id"], "_design/x");
     let c = n.get("/db/_changes?include_docs=true&since=4").json();
     assert_eq!(c["results"][0]["doc"]["i"], 4);
-    assert_eq!(n.get("/db/_changes?filter=_design").json()["results"].as_array().unwrap().len(), 1);
-    let c = n.post("/db/_changes?filter=_doc_ids", &json!({"doc_ids": ["d1", "d3"]})).json();
+    assert_eq!(
+        n.get("/db/_changes?filter=_design").json()["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let c = n
+        .post(
+            "/db/_changes?filter=_doc_ids",
+            &json!({"doc_ids": ["d1", "d3"]}),
+        )
+        .json();
     assert_eq!(c["results"].as_array().unwrap().len(), 2);
-    let c = n.get("/db/_changes?filter=_doc_ids&doc_ids=%5B%22d2%22%5D").json();
+    let c = n
+        .get("/db/_changes?filter=_doc_ids&doc_ids=%5B%22d2%22%5D")
+        .json();
     assert_eq!(c["results"][0]["id"], "d2");
     // An update moves the document to the end of the feed; style=all_docs lists conflicts.
     n.post("/db/_bulk_docs", &json!({"new_edits": false, "docs": [{"_id": "d0", "_rev": "1-ffffffffffffffffffffffffffffffff"}]}));
@@ -468,31 +682,50 @@ fn changes_feeds() {
 
     // since=now returns nothing; longpoll with timeout returns empty results.
     assert_eq!(n.get("/db/_changes?since=now").json()["results"], json!([]));
-    let lp = n.get("/db/_changes?feed=longpoll&since=now&timeout=300").json();
+    let lp = n
+        .get("/db/_changes?feed=longpoll&since=now&timeout=300")
+        .json();
     assert_eq!(lp["results"], json!([]));
     assert_eq!(lp["last_seq"], 8);
     // longpoll returns as soon as a change arrives.
     let addr = n.addr;
     let t = std::thread::spawn(move || {
-        thali_tests::request(addr, "GET", "/db/_changes?feed=longpoll&since=8&heartbeat=100", &[("Authorization".into(), thali_tests::admin_auth())], None)
+        thali_tests::request(
+            addr,
+            "GET",
+            "/db/_changes?feed=longpoll&since=8&heartbeat=100",
+            &[("Authorization".into(), thali_tests::admin_auth())],
+            None,
+        )
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     n.put("/db/late", &json!({}));
     let r = t.join().unwrap();
     let txt = r.text();
-    assert!(txt.starts_with('\n'), "heartbeat newlines expected before the result: {txt:?}");
+    assert!(
+        txt.starts_with('\n'),
+        "heartbeat newlines expected before the result: {txt:?}"
+    );
     let lp: Value = serde_json::from_str(txt.trim()).unwrap();
     assert_eq!(lp["results"][0]["id"], "late");
     // continuous with timeout: one line per change, then last_seq.
-    let cont = n.get("/db/_changes?feed=continuous&timeout=300&since=7").text();
-    let lines: Vec<Value> = cont.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let cont = n
+        .get("/db/_changes?feed=continuous&timeout=300&since=7")
+        .text();
+    let lines: Vec<Value> = cont
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[2]["last_seq"], 9);
     // continuous with limit ends by itself.
     let cont = n.get("/db/_changes?feed=continuous&limit=2").text();
     assert_eq!(cont.lines().count(), 3);
     // eventsource
-    let es = n.get("/db/_changes?feed=eventsource&timeout=300&since=8").text();
+    let es = n
+        .get("/db/_changes?feed=eventsource&timeout=300&since=8")
+        .text();
     assert!(es.contains("data: {") && es.contains("id: 9"), "{es}");
 }
 
@@ -509,7 +742,10 @@ fn security_compaction_ensure_full_commit_and_cors() {
     assert_eq!(efc.status, 201);
     assert_eq!(efc.json()["instance_start_time"], "0");
     // Compaction drops old revision bodies and unreferenced attachment blobs.
-    let rev1 = rev_of(&n.put("/db/d", &json!({"big": "x".repeat(10_000), "_attachments": {"a": {"data": "aGVsbG8="}}})));
+    let rev1 = rev_of(&n.put(
+        "/db/d",
+        &json!({"big": "x".repeat(10_000), "_attachments": {"a": {"data": "aGVsbG8="}}}),
+    ));
     let rev2 = rev_of(&n.put("/db/d", &json!({"_rev": rev1, "small": 1})));
     assert_eq!(n.get(&format!("/db/d?rev={rev1}")).status, 200);
     let c = n.post("/db/_compact", &json!({}));
@@ -520,16 +756,33 @@ fn security_compaction_ensure_full_commit_and_cors() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    n.get(&format!("/db/d?rev={rev1}")).assert_error(404, "not_found");
+    n.get(&format!("/db/d?rev={rev1}"))
+        .assert_error(404, "not_found");
     let info = n.get("/db/d?revs_info=true").json();
     assert_eq!(info["_revs_info"][1]["status"], "missing");
     assert_eq!(info["_rev"], rev2);
-    n.get(&format!("/db/d/a?rev={rev1}")).assert_error(404, "not_found");
+    n.get(&format!("/db/d/a?rev={rev1}"))
+        .assert_error(404, "not_found");
     // CORS: allowed origin gets headers, others do not; preflight needs no auth.
-    let pre = thali_tests::request(n.addr, "OPTIONS", "/db", &[("Origin".into(), "http://app.example".into()), ("Access-Control-Request-Method".into(), "PUT".into())], None);
+    let pre = thali_tests::request(
+        n.addr,
+        "OPTIONS",
+        "/db",
+        &[
+            ("Origin".into(), "http://app.example".into()),
+            ("Access-Control-Request-Method".into(), "PUT".into()),
+        ],
+        None,
+    );
     assert_eq!(pre.status, 204);
-    assert_eq!(pre.header("access-control-allow-origin"), Some("http://app.example"));
-    assert!(pre.header("access-control-allow-methods").unwrap().contains("PUT"));
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some("http://app.example")
+    );
+    assert!(pre
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("PUT"));
     let r = n.raw("GET", "/db", &[("Origin", "http://app.example")], None);
     assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
     let r = n.raw("GET", "/db", &[("Origin", "http://evil.example")], None);
@@ -548,7 +801,13 @@ fn ipv6_loopback_and_clean_shutdown() {
     let addr = n.addr;
     n.put("/db", &json!({}));
     let feed = std::thread::spawn(move || {
-        thali_tests::try_request(addr, "GET", "/db/_changes?feed=continuous&heartbeat=200", &[("Authorization".into(), thali_tests::admin_auth())], None)
+        thali_tests::try_request(
+            addr,
+            "GET",
+            "/db/_changes?feed=continuous&heartbeat=200",
+            &[("Authorization".into(), thali_tests::admin_auth())],
+            None,
+        )
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     n.stop();

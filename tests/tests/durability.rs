@@ -30,7 +30,9 @@ fn acknowledged_writes_survive_kill_9() {
                     let id = format!("r{round}-w{w}-{i}");
                     let (path, body) = if w == 0 {
                         // Bulk writes, several docs per request.
-                        let docs: Vec<Value> = (0..5).map(|k| json!({"_id": format!("{id}-{k}"), "k": k})).collect();
+                        let docs: Vec<Value> = (0..5)
+                            .map(|k| json!({"_id": format!("{id}-{k}"), "k": k}))
+                            .collect();
                         ("/db/_bulk_docs".to_string(), json!({ "docs": docs }))
                     } else {
                         (format!("/db/{id}"), json!({"w": w, "i": i}))
@@ -44,10 +46,16 @@ fn acknowledged_writes_survive_kill_9() {
                             match j {
                                 Value::Array(items) => {
                                     for it in items {
-                                        a.push((it["id"].as_str().unwrap().into(), it["rev"].as_str().unwrap().into()));
+                                        a.push((
+                                            it["id"].as_str().unwrap().into(),
+                                            it["rev"].as_str().unwrap().into(),
+                                        ));
                                     }
                                 }
-                                j => a.push((j["id"].as_str().unwrap().into(), j["rev"].as_str().unwrap().into())),
+                                j => a.push((
+                                    j["id"].as_str().unwrap().into(),
+                                    j["rev"].as_str().unwrap().into(),
+                                )),
                             }
                         }
                         // The node died under us: this write was never acknowledged.
@@ -65,7 +73,10 @@ fn acknowledged_writes_survive_kill_9() {
         node.restart();
         let info = node.get("/db").json();
         let acked = acked.lock().unwrap();
-        assert!(acked.len() > 10, "round {round}: too few writes to mean anything");
+        assert!(
+            acked.len() > 10,
+            "round {round}: too few writes to mean anything"
+        );
         for (id, rev) in acked.iter() {
             let r = node.get(&format!("/db/{id}"));
             assert_eq!(r.status, 200, "round {round}: acknowledged {id} lost");
@@ -74,10 +85,17 @@ fn acknowledged_writes_survive_kill_9() {
         // The database is consistent: counts match what _all_docs and _changes see.
         let all = node.get("/db/_all_docs").json();
         let rows = all["rows"].as_array().unwrap().len();
-        assert_eq!(info["doc_count"].as_u64().unwrap() as usize, rows, "round {round}");
+        assert_eq!(
+            info["doc_count"].as_u64().unwrap() as usize,
+            rows,
+            "round {round}"
+        );
         let changes = node.get("/db/_changes").json();
         assert_eq!(changes["results"].as_array().unwrap().len(), rows);
         assert_eq!(changes["last_seq"], info["update_seq"]);
-        eprintln!("round {round}: {} acknowledged writes verified, {rows} docs", acked.len());
+        eprintln!(
+            "round {round}: {} acknowledged writes verified, {rows} docs",
+            acked.len()
+        );
     }
 }

@@ -42,11 +42,19 @@ impl Database {
         let limit = q.limit.unwrap_or(usize::MAX);
         let opts = DocOptions {
             conflicts: q.conflicts,
-            atts: if q.attachments { AttMode::Inline } else { AttMode::Stub },
+            atts: if q.attachments {
+                AttMode::Inline
+            } else {
+                AttMode::Stub
+            },
             ..Default::default()
         };
         let mut rows = Vec::new();
-        let mut last = if q.descending { 0 } else { q.since.min(durable) };
+        let mut last = if q.descending {
+            0
+        } else {
+            q.since.min(durable)
+        };
         let mut iter = self.data.changes(q.since, q.descending);
         let mut hit_limit = false;
         for r in iter.by_ref() {
@@ -71,7 +79,9 @@ impl Database {
                     continue;
                 }
             }
-            let Some(winner) = entry.leaves.first() else { continue };
+            let Some(winner) = entry.leaves.first() else {
+                continue;
+            };
             let mut row = String::with_capacity(96);
             row.push_str("{\"seq\":");
             row.push_str(&seq.to_string());
@@ -110,7 +120,9 @@ impl Database {
             rows.push(ChangeRow { seq, json: row });
         }
         let pending = if hit_limit {
-            1 + iter.take_while(|r| matches!(r, Ok((s, _)) if *s <= durable)).count() as u64
+            1 + iter
+                .take_while(|r| matches!(r, Ok((s, _)) if *s <= durable))
+                .count() as u64
         } else {
             0
         };

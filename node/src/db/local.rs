@@ -69,7 +69,11 @@ impl Database {
         self.data.local(local_id)?.ok_or_else(DbError::missing)
     }
 
-    pub async fn delete_local(self: &Arc<Self>, local_id: &str, rev: Option<String>) -> DbResult<DocResult> {
+    pub async fn delete_local(
+        self: &Arc<Self>,
+        local_id: &str,
+        rev: Option<String>,
+    ) -> DbResult<DocResult> {
         let doc = IncomingDoc {
             id: Some(format!("_local/{local_id}")),
             rev: None,

@@ -59,10 +59,13 @@ pub fn random_hex(bytes: usize) -> String {
 pub fn validate_db_name(name: &str) -> DbResult<()> {
     let ok = matches!(name, "_replicator" | "_users")
         || (name.len() <= 238
-            && name.as_bytes().first().is_some_and(|c| c.is_ascii_lowercase())
-            && name.bytes().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || b"_$()+-/".contains(&c)
-            }));
+            && name
+                .as_bytes()
+                .first()
+                .is_some_and(|c| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_$()+-/".contains(&c)));
     if ok {
         Ok(())
     } else {
@@ -122,8 +125,16 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        let db = Arc::new(Database::load(name, self.store.clone(), data, self.limits.clone())?);
-        self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
+        let db = Arc::new(Database::load(
+            name,
+            self.store.clone(),
+            data,
+            self.limits.clone(),
+        )?);
+        self.dbs
+            .write()
+            .map_err(poisoned)?
+            .insert(name.to_string(), db.clone());
         Ok(db)
     }
 
@@ -137,8 +148,16 @@ impl Node {
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = Arc::new(Database::load(name, self.store.clone(), data, self.limits.clone())?);
-        self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
+        let db = Arc::new(Database::load(
+            name,
+            self.store.clone(),
+            data,
+            self.limits.clone(),
+        )?);
+        self.dbs
+            .write()
+            .map_err(poisoned)?
+            .insert(name.to_string(), db.clone());
         tracing::info!(db = name, "database created");
         Ok(db)
     }
@@ -272,7 +291,9 @@ impl Database {
     pub async fn set_security(&self, sec: Value) -> DbResult<()> {
         self.check_alive()?;
         let Value::Object(obj) = &sec else {
-            return Err(DbError::BadRequest("Security object must be a JSON object".into()));
+            return Err(DbError::BadRequest(
+                "Security object must be a JSON object".into(),
+            ));
         };
         for key in ["admins", "members", "readers"] {
             if let Some(v) = obj.get(key) {

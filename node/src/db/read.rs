@@ -96,7 +96,9 @@ impl Database {
                 w.rev
             }
         };
-        let body = self.body_of(id, &info.tree, &rev)?.ok_or_else(DbError::missing)?;
+        let body = self
+            .body_of(id, &info.tree, &rev)?
+            .ok_or_else(DbError::missing)?;
         Ok(self.render(id, &info, &rev, body, opts))
     }
 
@@ -121,7 +123,11 @@ impl Database {
                 if info.tree.is_empty() {
                     return Err(DbError::missing());
                 }
-                info.tree.leaves().into_iter().map(|l| (l.rev.clone(), l.rev.to_string())).collect()
+                info.tree
+                    .leaves()
+                    .into_iter()
+                    .map(|l| (l.rev.clone(), l.rev.to_string()))
+                    .collect()
             }
             OpenRevs::List(list) => {
                 let mut out = Vec::new();
@@ -179,7 +185,9 @@ impl Database {
                     .iter()
                     .filter(|s| {
                         s.pos <= rev.pos
-                            && path.get((rev.pos - s.pos) as usize).is_some_and(|p| *p == s.id)
+                            && path
+                                .get((rev.pos - s.pos) as usize)
+                                .is_some_and(|p| *p == s.id)
                     })
                     .map(|s| s.pos)
                     .max()
@@ -249,7 +257,12 @@ impl Database {
     }
 
     /// The bytes and metadata of one attachment of `rev` (or of the winner).
-    pub fn get_attachment(&self, id: &str, rev: Option<&Rev>, name: &str) -> DbResult<(AttMeta, Vec<u8>)> {
+    pub fn get_attachment(
+        &self,
+        id: &str,
+        rev: Option<&Rev>,
+        name: &str,
+    ) -> DbResult<(AttMeta, Vec<u8>)> {
         let info = self.info_of(id)?;
         let rev = match rev {
             Some(r) => r.clone(),
@@ -261,7 +274,9 @@ impl Database {
                 w.rev
             }
         };
-        let body = self.body_of(id, &info.tree, &rev)?.ok_or_else(DbError::missing)?;
+        let body = self
+            .body_of(id, &info.tree, &rev)?
+            .ok_or_else(DbError::missing)?;
         let meta = body
             .atts
             .get(name)
@@ -283,7 +298,9 @@ impl Database {
         let mut out = Map::new();
         for (id, revs) in req {
             let Value::Array(revs) = revs else {
-                return Err(DbError::BadRequest(format!("revs for {id} must be an array")));
+                return Err(DbError::BadRequest(format!(
+                    "revs for {id} must be an array"
+                )));
             };
             let mut parsed = Vec::new();
             for r in &revs {
@@ -294,7 +311,10 @@ impl Database {
                 parsed.push(r);
             }
             let info = self.data.doc_info(&id)?.unwrap_or_default();
-            let missing: Vec<Rev> = parsed.into_iter().filter(|r| !info.tree.contains(r)).collect();
+            let missing: Vec<Rev> = parsed
+                .into_iter()
+                .filter(|r| !info.tree.contains(r))
+                .collect();
             if missing.is_empty() {
                 continue;
             }
@@ -324,9 +344,7 @@ impl Database {
                 results.push(json!({"id": null, "docs": [{"error": {"id": null, "rev": null, "error": "illegal_docid", "reason": "missing document id"}}]}));
                 continue;
             };
-            let err = |rev: &str, e: &str, reason: &str| {
-                json!({"error": {"id": id, "rev": rev, "error": e, "reason": reason}})
-            };
+            let err = |rev: &str, e: &str, reason: &str| json!({"error": {"id": id, "rev": rev, "error": e, "reason": reason}});
             let mut o = opts.clone();
             if item.atts_since.is_some() {
                 o.atts_since = item.atts_since.clone();
@@ -350,7 +368,11 @@ impl Database {
                     })
                     .collect(),
                 Err(DbError::NotFound(_)) => {
-                    vec![err(item.rev.as_deref().unwrap_or("undefined"), "not_found", "missing")]
+                    vec![err(
+                        item.rev.as_deref().unwrap_or("undefined"),
+                        "not_found",
+                        "missing",
+                    )]
                 }
                 Err(e) => return Err(e),
             };
@@ -364,7 +386,11 @@ impl Database {
         self.check_alive()?;
         let doc_opts = DocOptions {
             conflicts: q.conflicts,
-            atts: if q.attachments { AttMode::Inline } else { AttMode::Stub },
+            atts: if q.attachments {
+                AttMode::Inline
+            } else {
+                AttMode::Stub
+            },
             ..Default::default()
         };
         let total_rows = self.write.lock().map_err(super::poisoned)?.doc_count;
@@ -390,7 +416,9 @@ impl Database {
                 let before = self
                     .data
                     .docs(None, q.start.as_deref(), false, q.descending)
-                    .filter(|r| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted)))
+                    .filter(
+                        |r| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted)),
+                    )
                     .count();
                 let before = if q.descending {
                     // Descending iteration from the top: everything above the start key.
@@ -405,9 +433,12 @@ impl Database {
                 };
                 offset += before;
             }
-            let iter = self
-                .data
-                .docs(q.start.as_deref(), q.end.as_deref(), q.inclusive_end, q.descending);
+            let iter = self.data.docs(
+                q.start.as_deref(),
+                q.end.as_deref(),
+                q.inclusive_end,
+                q.descending,
+            );
             let mut skipped = 0;
             for r in iter {
                 let (id, info) = r?;

@@ -34,7 +34,11 @@ pub(super) struct BatchState {
 
 impl Database {
     /// `_bulk_docs` and single-document writes from JSON values.
-    pub async fn bulk_docs(self: &Arc<Self>, docs: Vec<Value>, new_edits: bool) -> DbResult<Vec<DocResult>> {
+    pub async fn bulk_docs(
+        self: &Arc<Self>,
+        docs: Vec<Value>,
+        new_edits: bool,
+    ) -> DbResult<Vec<DocResult>> {
         let parsed = docs
             .into_iter()
             .map(|d| parse_doc(d).map_err(DbError::from))
@@ -333,7 +337,12 @@ impl Database {
         self.single_write(doc).await
     }
 
-    pub async fn delete_attachment(self: &Arc<Self>, id: &str, rev: Option<Rev>, name: &str) -> DbResult<String> {
+    pub async fn delete_attachment(
+        self: &Arc<Self>,
+        id: &str,
+        rev: Option<Rev>,
+        name: &str,
+    ) -> DbResult<String> {
         if rev.is_none() {
             return Err(DbError::Conflict);
         }

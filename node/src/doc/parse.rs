@@ -55,7 +55,9 @@ pub struct IncomingDoc {
 /// Checks a document id. `_design/` and `_local/` are the only reserved prefixes.
 pub fn validate_doc_id(id: &str) -> Result<(), ParseError> {
     if id.is_empty() {
-        return Err(ParseError::IllegalDocId("Document id must not be empty".into()));
+        return Err(ParseError::IllegalDocId(
+            "Document id must not be empty".into(),
+        ));
     }
     if id.starts_with('_') && !id.starts_with("_design/") && !id.starts_with("_local/") {
         return Err(ParseError::IllegalDocId(
@@ -63,14 +65,18 @@ pub fn validate_doc_id(id: &str) -> Result<(), ParseError> {
         ));
     }
     if id == "_design/" || id == "_local/" {
-        return Err(ParseError::IllegalDocId("Document id must not be empty".into()));
+        return Err(ParseError::IllegalDocId(
+            "Document id must not be empty".into(),
+        ));
     }
     Ok(())
 }
 
 pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
     let Value::Object(map) = value else {
-        return Err(ParseError::BadRequest("Document must be a JSON object".into()));
+        return Err(ParseError::BadRequest(
+            "Document must be a JSON object".into(),
+        ));
     };
     let mut doc = IncomingDoc {
         id: None,
@@ -93,7 +99,11 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
                     validate_doc_id(&s)?;
                     doc.id = Some(s)
                 }
-                _ => return Err(ParseError::BadRequest("Document id must be a string".into())),
+                _ => {
+                    return Err(ParseError::BadRequest(
+                        "Document id must be a string".into(),
+                    ))
+                }
             },
             "_rev" => match v {
                 Value::String(s) => {
@@ -151,7 +161,9 @@ fn parse_revisions(v: &Value) -> Result<(u64, Vec<String>), ParseError> {
 
 fn parse_attachments(v: Value) -> Result<BTreeMap<String, IncomingAtt>, ParseError> {
     let Value::Object(map) = v else {
-        return Err(ParseError::BadRequest("_attachments must be an object".into()));
+        return Err(ParseError::BadRequest(
+            "_attachments must be an object".into(),
+        ));
     };
     let mut out = BTreeMap::new();
     for (name, att) in map {
@@ -170,12 +182,17 @@ fn parse_attachments(v: Value) -> Result<BTreeMap<String, IncomingAtt>, ParseErr
             .get("length")
             .or_else(|| a.get("encoded_length"))
             .and_then(Value::as_u64);
-        let encoding = a.get("encoding").and_then(Value::as_str).map(str::to_string);
+        let encoding = a
+            .get("encoding")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let input = if let Some(data) = a.get("data") {
             let s = data.as_str().unwrap_or("");
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(s.as_bytes())
-                .map_err(|_| ParseError::BadRequest(format!("Invalid attachment data for {name}")))?;
+                .map_err(|_| {
+                    ParseError::BadRequest(format!("Invalid attachment data for {name}"))
+                })?;
             AttInput::Data(bytes)
         } else if a.get("follows") == Some(&Value::Bool(true)) {
             AttInput::Follows
@@ -203,7 +220,9 @@ fn parse_attachments(v: Value) -> Result<BTreeMap<String, IncomingAtt>, ParseErr
 
 pub fn validate_att_name(name: &str) -> Result<(), ParseError> {
     if name.is_empty() {
-        return Err(ParseError::BadRequest("Attachment name can't be empty".into()));
+        return Err(ParseError::BadRequest(
+            "Attachment name can't be empty".into(),
+        ));
     }
     if name.starts_with('_') {
         return Err(ParseError::BadRequest(
@@ -230,12 +249,27 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!(parse_doc(json!({"_foo":1})), Err(ParseError::DocValidation(_))));
-        assert!(matches!(parse_doc(json!({"_id":"_x"})), Err(ParseError::IllegalDocId(_))));
-        assert!(matches!(parse_doc(json!({"_id":""})), Err(ParseError::IllegalDocId(_))));
-        assert!(matches!(parse_doc(json!({"_id":1})), Err(ParseError::BadRequest(_))));
+        assert!(matches!(
+            parse_doc(json!({"_foo":1})),
+            Err(ParseError::DocValidation(_))
+        ));
+        assert!(matches!(
+            parse_doc(json!({"_id":"_x"})),
+            Err(ParseError::IllegalDocId(_))
+        ));
+        assert!(matches!(
+            parse_doc(json!({"_id":""})),
+            Err(ParseError::IllegalDocId(_))
+        ));
+        assert!(matches!(
+            parse_doc(json!({"_id":1})),
+            Err(ParseError::BadRequest(_))
+        ));
         assert!(parse_doc(json!({"_rev":"zz"})).unwrap().bad_rev);
-        assert!(matches!(parse_doc(json!([1])), Err(ParseError::BadRequest(_))));
+        assert!(matches!(
+            parse_doc(json!([1])),
+            Err(ParseError::BadRequest(_))
+        ));
         assert!(matches!(
             parse_doc(json!({"_revisions":{"start":1,"ids":["a","b"]}})),
             Err(ParseError::DocValidation(_))

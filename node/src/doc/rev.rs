@@ -62,12 +62,7 @@ pub fn hash_rev(
     body: &Map<String, Value>,
     atts: &[(&str, &str)],
 ) -> String {
-    let canonical = serde_json::json!([
-        parent.map(|r| r.to_string()),
-        deleted,
-        body,
-        atts,
-    ]);
+    let canonical = serde_json::json!([parent.map(|r| r.to_string()), deleted, body, atts,]);
     // Serialising a Value cannot fail.
     let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
     hex::encode(Md5::digest(&bytes))

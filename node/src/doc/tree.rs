@@ -77,7 +77,9 @@ impl RevTree {
     }
 
     pub fn revs(&self) -> impl Iterator<Item = (Rev, &Node)> {
-        self.nodes.iter().map(|((p, i), n)| (Rev::new(*p, i.clone()), n))
+        self.nodes
+            .iter()
+            .map(|((p, i), n)| (Rev::new(*p, i.clone()), n))
     }
 
     fn non_leaves(&self) -> HashSet<(u64, &str)> {
@@ -185,15 +187,16 @@ impl RevTree {
             if pos == 0 {
                 break;
             }
-            let parent = if pos > 1 { ids.get(i + 1).cloned() } else { None };
-            let node = self
-                .nodes
-                .entry((pos, id.clone()))
-                .or_insert_with(|| Node {
-                    parent: None,
-                    deleted: false,
-                    available: false,
-                });
+            let parent = if pos > 1 {
+                ids.get(i + 1).cloned()
+            } else {
+                None
+            };
+            let node = self.nodes.entry((pos, id.clone())).or_insert_with(|| Node {
+                parent: None,
+                deleted: false,
+                available: false,
+            });
             match (&node.parent, parent) {
                 (None, Some(p)) => node.parent = Some(p),
                 // Already linked (possibly to another id, from a hostile peer): keep what we had,
@@ -270,8 +273,14 @@ mod tests {
     fn linear_history_and_winner() {
         let mut t = RevTree::default();
         assert_eq!(t.merge_path(1, &ids(&["a"]), false), MergeOutcome::NewLeaf);
-        assert_eq!(t.merge_path(2, &ids(&["b", "a"]), false), MergeOutcome::NewLeaf);
-        assert_eq!(t.merge_path(2, &ids(&["b", "a"]), false), MergeOutcome::Existing);
+        assert_eq!(
+            t.merge_path(2, &ids(&["b", "a"]), false),
+            MergeOutcome::NewLeaf
+        );
+        assert_eq!(
+            t.merge_path(2, &ids(&["b", "a"]), false),
+            MergeOutcome::Existing
+        );
         assert_eq!(t.winner().unwrap().rev, Rev::new(2, "b"));
         assert_eq!(t.path(&Rev::new(2, "b")), ids(&["b", "a"]));
         // The first revision keeps its body until compaction.
@@ -283,7 +292,10 @@ mod tests {
         let mut t = RevTree::default();
         t.merge_path(1, &ids(&["a"]), false);
         t.merge_path(2, &ids(&["b", "a"]), false);
-        assert_eq!(t.merge_path(2, &ids(&["c", "a"]), false), MergeOutcome::NewBranch);
+        assert_eq!(
+            t.merge_path(2, &ids(&["c", "a"]), false),
+            MergeOutcome::NewBranch
+        );
         assert_eq!(t.winner().unwrap().rev, Rev::new(2, "c"));
         // A deleted leaf loses against a live one even when it is longer.
         t.merge_path(3, &ids(&["z", "c", "a"]), true);
@@ -306,7 +318,10 @@ mod tests {
         assert_eq!(removed.len(), 2);
         assert_eq!(t.path(&Rev::new(5, "e")), ids(&["e", "d", "c"]));
         // A path starting before the stemmed root merges where it overlaps.
-        assert_eq!(t.merge_path(6, &ids(&["f", "e", "d", "c", "b", "a"]), false), MergeOutcome::NewLeaf);
+        assert_eq!(
+            t.merge_path(6, &ids(&["f", "e", "d", "c", "b", "a"]), false),
+            MergeOutcome::NewLeaf
+        );
         t.stem(3);
         assert_eq!(t.path(&Rev::new(6, "f")), ids(&["f", "e", "d"]));
         assert_eq!(t.leaves().len(), 1);
@@ -318,7 +333,11 @@ mod tests {
         t.merge_path(2, &ids(&["b", "a"]), false);
         t.merge_path(3, &ids(&["c", "b", "a"]), false);
         t.merge_path(2, &ids(&["x", "a"]), false);
-        let under: Vec<Rev> = t.leaves_under(&Rev::new(1, "a")).into_iter().map(|l| l.rev).collect();
+        let under: Vec<Rev> = t
+            .leaves_under(&Rev::new(1, "a"))
+            .into_iter()
+            .map(|l| l.rev)
+            .collect();
         assert_eq!(under.len(), 2);
         assert_eq!(t.leaves_under(&Rev::new(2, "b"))[0].rev, Rev::new(3, "c"));
         assert_eq!(

@@ -29,8 +29,11 @@ fn parse_since(s: &str, db: &Database) -> ApiResult<u64> {
     }
     let s = s.trim_matches('"');
     let num = s.split('-').next().unwrap_or("");
-    num.parse::<u64>()
-        .map_err(|_| ApiError::bad_request(format!("Malformed sequence supplied in 'since' parameter: {s}")))
+    num.parse::<u64>().map_err(|_| {
+        ApiError::bad_request(format!(
+            "Malformed sequence supplied in 'since' parameter: {s}"
+        ))
+    })
 }
 
 pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
@@ -42,7 +45,8 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             let bytes = r.bytes(state.config.max_request_size).await?;
             if !bytes.iter().all(u8::is_ascii_whitespace) {
                 r.require_json()?;
-                body = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+                body = serde_json::from_slice(&bytes)
+                    .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
             }
         }
         _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
@@ -53,7 +57,9 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         "longpoll" => Feed::Longpoll,
         "continuous" => Feed::Continuous,
         "eventsource" => Feed::EventSource,
-        other => return Err(ApiError::bad_request(format!("Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"))),
+        other => return Err(ApiError::bad_request(format!(
+            "Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"
+        ))),
     };
     let mut cq = ChangesQuery {
         since: 0,
@@ -82,13 +88,21 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
                 None => q.json("doc_ids")?.unwrap_or(Value::Null),
             };
             let Value::Array(ids) = ids else {
-                return Err(ApiError::bad_request("`doc_ids` filter parameter is not a list of doc ids."));
+                return Err(ApiError::bad_request(
+                    "`doc_ids` filter parameter is not a list of doc ids.",
+                ));
             };
-            cq.doc_ids = Some(ids.iter().filter_map(|v| v.as_str().map(str::to_string)).collect::<HashSet<_>>());
+            cq.doc_ids = Some(
+                ids.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect::<HashSet<_>>(),
+            );
         }
         Some("_design") => cq.design_only = true,
         Some(f) if f.starts_with('_') => {
-            return Err(ApiError::bad_request(format!("filter `{f}` is not supported")));
+            return Err(ApiError::bad_request(format!(
+                "filter `{f}` is not supported"
+            )));
         }
         Some(f) => {
             return Err(ApiError::not_found(format!(
@@ -100,7 +114,9 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         None => None,
         Some("true") => Some(Duration::from_millis(60_000)),
         Some(v) => Some(Duration::from_millis(
-            v.parse::<u64>().map_err(|_| ApiError::bad_request("heartbeat must be a number"))?.max(100),
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request("heartbeat must be a number"))?
+                .max(100),
         )),
     };
     let timeout = match q.uint("timeout")? {
@@ -120,11 +136,21 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         run_feed(db, cq, feed, heartbeat, timeout, tx, shutdown),
         span,
     ));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     let mut resp = Response::new(Body::from_stream(stream));
-    let ctype = if feed == Feed::EventSource { "text/event-stream" } else { "application/json" };
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("must-revalidate"));
+    let ctype = if feed == Feed::EventSource {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("must-revalidate"),
+    );
     Ok(resp)
 }
 
@@ -220,7 +246,7 @@ fn results_body(rows: &[crate::db::ChangeRow], last: u64, pending: Option<u64>) 
         if i > 0 {
             out.push(',');
         }
-        out.push_str("\n");
+        out.push('\n');
         out.push_str(&r.json);
     }
     out.push_str("\n],\"last_seq\":");
@@ -235,7 +261,13 @@ fn results_body(rows: &[crate::db::ChangeRow], last: u64, pending: Option<u64>) 
 
 fn results_response(rows: &[crate::db::ChangeRow], last: u64, pending: Option<u64>) -> Response {
     let mut resp = Response::new(Body::from(results_body(rows, last, pending)));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("must-revalidate"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("must-revalidate"),
+    );
     resp
 }

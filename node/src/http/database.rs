@@ -80,12 +80,18 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     r.require_json()?;
     let body = r.json(state.config.max_request_size).await?;
     let Some(docs) = body.get("docs").and_then(Value::as_array).cloned() else {
-        return Err(ApiError::bad_request("POST body must include `docs` parameter."));
+        return Err(ApiError::bad_request(
+            "POST body must include `docs` parameter.",
+        ));
     };
     let new_edits = match body.get("new_edits") {
         None => true,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad_request("`new_edits` parameter must be a boolean.")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`new_edits` parameter must be a boolean.",
+            ))
+        }
     };
     let results = db.bulk_docs(docs, new_edits).await?;
     let out: Vec<Value> = results
@@ -109,7 +115,11 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     let mut items = Vec::with_capacity(docs.len());
     for d in docs {
         let atts_since = match d.get("atts_since") {
-            Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().and_then(Rev::parse)).collect()),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .filter_map(|v| v.as_str().and_then(Rev::parse))
+                    .collect(),
+            ),
             _ => None,
         };
         items.push(BulkGetItem {
@@ -124,7 +134,11 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     let opts = DocOptions {
         revs: flag("revs")?,
         latest: flag("latest")?,
-        atts: if flag("attachments")? { AttMode::Inline } else { AttMode::Stub },
+        atts: if flag("attachments")? {
+            AttMode::Inline
+        } else {
+            AttMode::Stub
+        },
         ..Default::default()
     };
     let out = tokio::task::block_in_place(|| db.bulk_get(items, &opts))?;
@@ -175,9 +189,11 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
         Some(Value::Array(a)) => Some(a),
         Some(_) => return Err(ApiError::query_parse("`keys` member must be an array.")),
     };
-    let as_key = |v: Option<Value>| -> Option<String> { v.and_then(|v| v.as_str().map(str::to_string)) };
+    let as_key =
+        |v: Option<Value>| -> Option<String> { v.and_then(|v| v.as_str().map(str::to_string)) };
     let key = q.json("key")?;
-    if keys.is_some() && (key.is_some() || q.get("startkey").is_some() || q.get("endkey").is_some()) {
+    if keys.is_some() && (key.is_some() || q.get("startkey").is_some() || q.get("endkey").is_some())
+    {
         return Err(ApiError::query_parse(
             "`keys` is incompatible with `key`, `start_key` and `end_key`",
         ));
@@ -283,5 +299,7 @@ pub fn local_docs(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> 
     }
     let db = open(state, name)?;
     let rows = db.local_docs()?;
-    Ok(ok(json!({"total_rows": null, "offset": null, "rows": rows})))
+    Ok(ok(
+        json!({"total_rows": null, "offset": null, "rows": rows}),
+    ))
 }

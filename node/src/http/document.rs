@@ -22,7 +22,11 @@ fn requested_rev(r: &Req) -> ApiResult<Option<Rev>> {
     if let Some(s) = r.query.get("rev") {
         return parse_rev(s).map(Some);
     }
-    match r.headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+    match r
+        .headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(s) => parse_rev(s.trim_matches('"')).map(Some),
         None => Ok(None),
     }
@@ -33,7 +37,11 @@ fn doc_options(r: &Req) -> ApiResult<DocOptions> {
     let meta = q.bool("meta")?;
     let atts_since = match q.json("atts_since")? {
         None => None,
-        Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().and_then(Rev::parse)).collect()),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|v| v.as_str().and_then(Rev::parse))
+                .collect(),
+        ),
         Some(_) => return Err(ApiError::bad_request("atts_since must be a JSON array")),
     };
     Ok(DocOptions {
@@ -63,10 +71,16 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 } else {
                     let v: Value = serde_json::from_str(open_revs)
                         .map_err(|_| ApiError::bad_request("invalid open_revs"))?;
-                    let list = v.as_array().ok_or_else(|| ApiError::bad_request("open_revs must be an array"))?;
+                    let list = v
+                        .as_array()
+                        .ok_or_else(|| ApiError::bad_request("open_revs must be an array"))?;
                     let revs = list
                         .iter()
-                        .map(|x| x.as_str().ok_or_else(|| ApiError::bad_request("Invalid rev format")).and_then(parse_rev))
+                        .map(|x| {
+                            x.as_str()
+                                .ok_or_else(|| ApiError::bad_request("Invalid rev format"))
+                                .and_then(parse_rev)
+                        })
                         .collect::<ApiResult<Vec<_>>>()?;
                     OpenRevs::List(revs)
                 };
@@ -90,7 +104,12 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
             }
             let rev = requested_rev(r)?;
             let out = db.get_doc(id, rev.as_ref(), &opts)?;
-            let rev_s = out.doc.get("_rev").and_then(Value::as_str).unwrap_or("").to_string();
+            let rev_s = out
+                .doc
+                .get("_rev")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             Ok(with_etag(ok(Value::Object(out.doc)), &rev_s))
         }
         Method::PUT => {
@@ -107,8 +126,15 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
             let mut res = db.write_docs(vec![Ok(doc)], new_edits).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => {
-                    let code = if r.query.get("batch") == Some("ok") { 202 } else { 201 };
-                    Ok(with_etag(status(code, json!({"ok": true, "id": id, "rev": rev})), &rev))
+                    let code = if r.query.get("batch") == Some("ok") {
+                        202
+                    } else {
+                        201
+                    };
+                    Ok(with_etag(
+                        status(code, json!({"ok": true, "id": id, "rev": rev})),
+                        &rev,
+                    ))
                 }
                 Some(Err((_, _, e))) => Err(e.into()),
                 None => Err(ApiError::new(500, "internal_server_error", "no result")),
@@ -121,7 +147,10 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
             let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
             let mut res = db.bulk_docs(vec![doc], true).await?;
             match res.pop() {
-                Some(Ok((id, rev))) => Ok(with_etag(ok(json!({"ok": true, "id": id, "rev": rev})), &rev)),
+                Some(Ok((id, rev))) => Ok(with_etag(
+                    ok(json!({"ok": true, "id": id, "rev": rev})),
+                    &rev,
+                )),
                 Some(Err((_, _, e))) => Err(e.into()),
                 None => Err(ApiError::new(500, "internal_server_error", "no result")),
             }
@@ -136,10 +165,14 @@ async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> 
     let ctype = r.content_type().to_string();
     let bytes = r.bytes(state.config.max_request_size).await?;
     if ctype.to_ascii_lowercase().starts_with("multipart/related") {
-        let boundary = multipart::boundary(&ctype).ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
+        let boundary = multipart::boundary(&ctype)
+            .ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
         let parts = multipart::parse(&bytes, &boundary)?;
-        let (first, rest) = parts.split_first().ok_or_else(|| ApiError::bad_request("empty multipart body"))?;
-        let json: Value = serde_json::from_slice(first.body).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+        let (first, rest) = parts
+            .split_first()
+            .ok_or_else(|| ApiError::bad_request("empty multipart body"))?;
+        let json: Value = serde_json::from_slice(first.body)
+            .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
         let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
         // Parts come in the order of the `follows` attachments; a filename, when given, wins.
         let follows: Vec<String> = doc
@@ -152,13 +185,15 @@ async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> 
         for part in rest {
             let name = match part.filename() {
                 Some(n) if doc.atts.contains_key(&n) => n,
-                _ => order
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| ApiError::bad_request("more multipart parts than attachments"))?,
+                _ => order.next().cloned().ok_or_else(|| {
+                    ApiError::bad_request("more multipart parts than attachments")
+                })?,
             };
             if let Some(a) = doc.atts.get_mut(&name) {
-                if part.header("content-encoding").is_some_and(|e| e.eq_ignore_ascii_case("gzip")) {
+                if part
+                    .header("content-encoding")
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
+                {
                     a.encoding = Some("gzip".into());
                 }
                 a.input = AttInput::Data(part.body.to_vec());
@@ -167,31 +202,45 @@ async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> 
         return Ok(doc);
     }
     // Like CouchDB, a document PUT reads any other body as JSON (curl sends form types).
-    let json: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+    let json: Value =
+        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
     Ok(parse_doc(json).map_err(crate::db::DbError::from)?)
 }
 
-fn open_revs_multipart(db: &crate::db::Database, results: Vec<Result<RevisionOut, String>>) -> ApiResult<Response> {
+fn open_revs_multipart(
+    db: &crate::db::Database,
+    results: Vec<Result<RevisionOut, String>>,
+) -> ApiResult<Response> {
     let outer = crate::db::random_hex(16);
     let json_ct = ("Content-Type".to_string(), "application/json".to_string());
     let mut parts = Vec::with_capacity(results.len());
     for res in results {
         match res {
             Err(rev) => parts.push((
-                vec![("Content-Type".to_string(), "application/json; error=\"true\"".to_string())],
+                vec![(
+                    "Content-Type".to_string(),
+                    "application/json; error=\"true\"".to_string(),
+                )],
                 serde_json::to_vec(&json!({ "missing": rev })).unwrap_or_default(),
             )),
-            Ok(out) if out.follows.is_empty() => {
-                parts.push((vec![json_ct.clone()], serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default()))
-            }
+            Ok(out) if out.follows.is_empty() => parts.push((
+                vec![json_ct.clone()],
+                serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default(),
+            )),
             Ok(out) => {
                 let inner = crate::db::random_hex(16);
-                let mut inner_parts = vec![(vec![json_ct.clone()], serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default())];
+                let mut inner_parts = vec![(
+                    vec![json_ct.clone()],
+                    serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default(),
+                )];
                 for (name, meta) in &out.follows {
                     let data = db.attachment_bytes(&meta.digest)?;
                     inner_parts.push((
                         vec![
-                            ("Content-Disposition".to_string(), format!("attachment; filename=\"{name}\"")),
+                            (
+                                "Content-Disposition".to_string(),
+                                format!("attachment; filename=\"{name}\""),
+                            ),
                             ("Content-Type".to_string(), meta.content_type.clone()),
                             ("Content-Length".to_string(), data.len().to_string()),
                         ],
@@ -199,7 +248,10 @@ fn open_revs_multipart(db: &crate::db::Database, results: Vec<Result<RevisionOut
                     ));
                 }
                 parts.push((
-                    vec![("Content-Type".to_string(), format!("multipart/related; boundary=\"{inner}\""))],
+                    vec![(
+                        "Content-Type".to_string(),
+                        format!("multipart/related; boundary=\"{inner}\""),
+                    )],
                     multipart::build(&inner, &inner_parts),
                 ));
             }
@@ -213,7 +265,12 @@ fn open_revs_multipart(db: &crate::db::Database, results: Vec<Result<RevisionOut
     Ok(resp)
 }
 
-async fn copy(state: &AppState, r: &mut Req, db: &std::sync::Arc<crate::db::Database>, id: &str) -> ApiResult<Response> {
+async fn copy(
+    state: &AppState,
+    r: &mut Req,
+    db: &std::sync::Arc<crate::db::Database>,
+    id: &str,
+) -> ApiResult<Response> {
     let dest = r
         .headers
         .get("destination")
@@ -224,7 +281,10 @@ async fn copy(state: &AppState, r: &mut Req, db: &std::sync::Arc<crate::db::Data
         None => (super::query::decode(dest), None),
     };
     let src_rev = requested_rev(r)?;
-    let opts = DocOptions { atts: AttMode::Inline, ..Default::default() };
+    let opts = DocOptions {
+        atts: AttMode::Inline,
+        ..Default::default()
+    };
     let mut src = db.get_doc(id, src_rev.as_ref(), &opts)?.doc;
     src.insert("_id".into(), json!(dest_id));
     match dest_rev {
@@ -234,21 +294,39 @@ async fn copy(state: &AppState, r: &mut Req, db: &std::sync::Arc<crate::db::Data
     let _ = state;
     let mut res = db.bulk_docs(vec![Value::Object(src)], true).await?;
     match res.pop() {
-        Some(Ok((id, rev))) => Ok(with_etag(status(201, json!({"ok": true, "id": id, "rev": rev})), &rev)),
+        Some(Ok((id, rev))) => Ok(with_etag(
+            status(201, json!({"ok": true, "id": id, "rev": rev})),
+            &rev,
+        )),
         Some(Err((_, _, e))) => Err(e.into()),
         None => Err(ApiError::new(500, "internal_server_error", "no result")),
     }
 }
 
-pub async fn attachment(state: &AppState, r: &mut Req, db_name: &str, id: &str, name: &str) -> ApiResult<Response> {
+pub async fn attachment(
+    state: &AppState,
+    r: &mut Req,
+    db_name: &str,
+    id: &str,
+    name: &str,
+) -> ApiResult<Response> {
     let db = open(state, db_name)?;
     match r.method.clone() {
         Method::GET | Method::HEAD => {
             let rev = requested_rev(r)?;
             let (meta, data) = db.get_attachment(id, rev.as_ref(), name)?;
             let total = data.len();
-            let (code, body, range) = match r.headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| parse_range(v, total)) {
-                Some((a, b)) => (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec(), Some((a, b))),
+            let (code, body, range) = match r
+                .headers
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_range(v, total))
+            {
+                Some((a, b)) => (
+                    StatusCode::PARTIAL_CONTENT,
+                    data[a..=b].to_vec(),
+                    Some((a, b)),
+                ),
                 None => (StatusCode::OK, data, None),
             };
             let mut resp = Response::new(Body::from(body));
@@ -277,12 +355,18 @@ pub async fn attachment(state: &AppState, r: &mut Req, db_name: &str, id: &str, 
             crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
             let data = r.bytes(state.config.max_request_size).await?.to_vec();
             let new_rev = db.put_attachment(id, rev, name, &ctype, data).await?;
-            Ok(with_etag(status(201, json!({"ok": true, "id": id, "rev": new_rev})), &new_rev))
+            Ok(with_etag(
+                status(201, json!({"ok": true, "id": id, "rev": new_rev})),
+                &new_rev,
+            ))
         }
         Method::DELETE => {
             let rev = requested_rev(r)?;
             let new_rev = db.delete_attachment(id, rev, name).await?;
-            Ok(with_etag(ok(json!({"ok": true, "id": id, "rev": new_rev})), &new_rev))
+            Ok(with_etag(
+                ok(json!({"ok": true, "id": id, "rev": new_rev})),
+                &new_rev,
+            ))
         }
         _ => Err(ApiError::method_not_allowed("DELETE,GET,HEAD,PUT")),
     }
@@ -306,7 +390,12 @@ fn parse_range(v: &str, total: usize) -> Option<(usize, usize)> {
     (start <= end && end < total).then_some((start, end))
 }
 
-pub async fn local(state: &AppState, r: &mut Req, db_name: &str, local_id: &str) -> ApiResult<Response> {
+pub async fn local(
+    state: &AppState,
+    r: &mut Req,
+    db_name: &str,
+    local_id: &str,
+) -> ApiResult<Response> {
     let db = open(state, db_name)?;
     match r.method.clone() {
         Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id)?)),

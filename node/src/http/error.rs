@@ -36,7 +36,11 @@ impl ApiError {
         Self::new(401, "unauthorized", "Name or password is incorrect.")
     }
     pub fn bad_ctype() -> Self {
-        Self::new(415, "bad_content_type", "Content-Type must be application/json")
+        Self::new(
+            415,
+            "bad_content_type",
+            "Content-Type must be application/json",
+        )
     }
     pub fn too_large() -> Self {
         Self::new(413, "too_large", "the request entity is too large")

@@ -88,7 +88,12 @@ impl Req {
     }
 
     pub fn require_json(&self) -> ApiResult<()> {
-        if self.content_type().trim_start().to_ascii_lowercase().starts_with("application/json") {
+        if self
+            .content_type()
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
             Ok(())
         } else {
             Err(ApiError::bad_ctype())
@@ -159,10 +164,16 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     .await;
     let mut resp = resp;
     cors::apply(&state.config, origin.as_ref(), &method, &mut resp);
-    resp.headers_mut()
-        .insert(header::SERVER, HeaderValue::from_static(concat!("thali/", env!("CARGO_PKG_VERSION"))));
+    resp.headers_mut().insert(
+        header::SERVER,
+        HeaderValue::from_static(concat!("thali/", env!("CARGO_PKG_VERSION"))),
+    );
     span.in_scope(|| {
-        tracing::debug!(status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "done")
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "done"
+        )
     });
     resp
 }
@@ -218,7 +229,12 @@ mod cors {
     use axum::http::{HeaderValue, Method};
     use axum::response::Response;
 
-    pub fn apply(cfg: &HttpConfig, origin: Option<&HeaderValue>, method: &Method, resp: &mut Response) {
+    pub fn apply(
+        cfg: &HttpConfig,
+        origin: Option<&HeaderValue>,
+        method: &Method,
+        resp: &mut Response,
+    ) {
         let Some(origin) = origin else { return };
         let Ok(o) = origin.to_str() else { return };
         if !cfg.cors_origins.iter().any(|a| a == "*" || a == o) {
@@ -226,16 +242,26 @@ mod cors {
         }
         let h = resp.headers_mut();
         h.insert("access-control-allow-origin", origin.clone());
-        h.insert("access-control-allow-credentials", HeaderValue::from_static("true"));
+        h.insert(
+            "access-control-allow-credentials",
+            HeaderValue::from_static("true"),
+        );
         h.insert(
             "access-control-expose-headers",
-            HeaderValue::from_static("content-type, cache-control, accept-ranges, etag, server, x-couch-request-id"),
+            HeaderValue::from_static(
+                "content-type, cache-control, accept-ranges, etag, server, x-couch-request-id",
+            ),
         );
         if method == Method::OPTIONS {
-            h.insert("access-control-allow-methods", HeaderValue::from_static("GET, PUT, POST, HEAD, DELETE"));
+            h.insert(
+                "access-control-allow-methods",
+                HeaderValue::from_static("GET, PUT, POST, HEAD, DELETE"),
+            );
             h.insert(
                 "access-control-allow-headers",
-                HeaderValue::from_static("accept, authorization, content-type, origin, referer, x-csrf-token"),
+                HeaderValue::from_static(
+                    "accept, authorization, content-type, origin, referer, x-csrf-token",
+                ),
             );
             h.insert("access-control-max-age", HeaderValue::from_static("600"));
         }

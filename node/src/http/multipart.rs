@@ -79,8 +79,11 @@ pub fn parse<'a>(body: &'a [u8], boundary: &str) -> ApiResult<Vec<Part<'a>>> {
     Ok(parts)
 }
 
+/// One part to send: its headers and its content.
+pub type OutPart = (Vec<(String, String)>, Vec<u8>);
+
 /// Builds a multipart body from (headers, content) parts.
-pub fn build(boundary: &str, parts: &[(Vec<(String, String)>, Vec<u8>)]) -> Vec<u8> {
+pub fn build(boundary: &str, parts: &[OutPart]) -> Vec<u8> {
     let mut out = Vec::new();
     for (headers, content) in parts {
         out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
@@ -102,7 +105,10 @@ mod tests {
     #[test]
     fn roundtrip() {
         let parts = vec![
-            (vec![("Content-Type".to_string(), "application/json".to_string())], b"{}".to_vec()),
+            (
+                vec![("Content-Type".to_string(), "application/json".to_string())],
+                b"{}".to_vec(),
+            ),
             (
                 vec![(
                     "Content-Disposition".to_string(),
@@ -117,7 +123,10 @@ mod tests {
         assert_eq!(parsed[0].body, b"{}");
         assert_eq!(parsed[1].body, b"hello\r\nworld");
         assert_eq!(parsed[1].filename().as_deref(), Some("a.txt"));
-        assert_eq!(boundary("multipart/related; boundary=\"abc\"").as_deref(), Some("abc"));
+        assert_eq!(
+            boundary("multipart/related; boundary=\"abc\"").as_deref(),
+            Some("abc")
+        );
         assert!(parse(b"garbage", "xyz").is_err());
     }
 }

@@ -60,6 +60,7 @@ impl Store {
             .path(dir.join("store"))
             .cache_capacity(256 * 1024 * 1024)
             .flush_every_ms(Some(1000))
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         let node_meta = db.open_tree("node")?;
         Ok(Store {
@@ -73,7 +74,11 @@ impl Store {
     }
 
     pub fn node_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        self.inner.node_meta.get(key)?.map(|v| decode(&v)).transpose()
+        self.inner
+            .node_meta
+            .get(key)?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     pub fn set_node_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
@@ -231,7 +236,10 @@ impl DbStore {
     }
 
     pub fn body(&self, id: &str, rev: &str) -> Result<Option<RevBody>> {
-        self.tree.get(body_key(id, rev))?.map(|v| decode(&v)).transpose()
+        self.tree
+            .get(body_key(id, rev))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     pub fn att(&self, digest: &str) -> Result<Option<Vec<u8>>> {
@@ -243,11 +251,17 @@ impl DbStore {
     }
 
     pub fn local(&self, id: &str) -> Result<Option<serde_json::Value>> {
-        self.tree.get(local_key(id))?.map(|v| decode(&v)).transpose()
+        self.tree
+            .get(local_key(id))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     pub fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
-        self.tree.get(meta_key(name))?.map(|v| decode(&v)).transpose()
+        self.tree
+            .get(meta_key(name))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Documents by id (raw byte order) within `[start, end]` bounds, ascending or descending.
@@ -259,7 +273,11 @@ impl DbStore {
         descending: bool,
     ) -> impl Iterator<Item = Result<(String, DocInfo)>> {
         use std::ops::Bound;
-        let (lo, hi) = if descending { (end, start) } else { (start, end) };
+        let (lo, hi) = if descending {
+            (end, start)
+        } else {
+            (start, end)
+        };
         let (lo_inc, hi_inc) = if descending {
             (end_inclusive, true)
         } else {

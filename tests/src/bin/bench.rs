@@ -31,16 +31,29 @@ impl Drop for Target {
     }
 }
 
-async fn call(c: &HttpClient, t: &Target, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Bytes) {
-    let mut b = hyper::Request::builder().method(method).uri(format!("{}{}", t.base, path));
+async fn call(
+    c: &HttpClient,
+    t: &Target,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Bytes) {
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{}{}", t.base, path));
     if let Some(a) = &t.auth {
         b = b.header("Authorization", a);
     }
     if body.is_some() {
         b = b.header("Content-Type", "application/json");
     }
-    let req = b.body(Full::new(Bytes::from(body.unwrap_or_default()))).expect("request");
-    let resp = c.request(req).await.unwrap_or_else(|e| panic!("{} {method} {path}: {e:?}", t.name));
+    let req = b
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    let resp = c
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{} {method} {path}: {e:?}", t.name));
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     (status, bytes)
@@ -61,7 +74,15 @@ fn wait_up(base: &str) {
 
 fn start_thali(root: &std::path::Path) -> Target {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "thali-node", "--bin", "thali"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "thali-node",
+            "--bin",
+            "thali",
+        ])
         .current_dir(root)
         .status()
         .expect("cargo build");
@@ -79,12 +100,21 @@ fn start_thali(root: &std::path::Path) -> Target {
         .expect("spawn thali");
     let base = format!("http://127.0.0.1:{port}");
     wait_up(&base);
-    Target { name: "thali", base, auth: Some(thali_tests::admin_auth()), child, _dir: dir }
+    Target {
+        name: "thali",
+        base,
+        auth: Some(thali_tests::admin_auth()),
+        child,
+        _dir: dir,
+    }
 }
 
 fn start_pouchdb_server(root: &std::path::Path) -> Target {
     let bin = root.join("tests/interop/node_modules/pouchdb-server/bin/pouchdb-server");
-    assert!(bin.exists(), "pouchdb-server missing: run `npm ci` in tests/interop");
+    assert!(
+        bin.exists(),
+        "pouchdb-server missing: run `npm ci` in tests/interop"
+    );
     let dir = thali_tests::TempDir::new("bench-pouchdb-server");
     let port = thali_tests::free_port();
     let child = Command::new("node")
@@ -100,7 +130,13 @@ fn start_pouchdb_server(root: &std::path::Path) -> Target {
         .expect("spawn pouchdb-server");
     let base = format!("http://127.0.0.1:{port}");
     wait_up(&base);
-    Target { name: "pouchdb-server", base, auth: None, child, _dir: dir }
+    Target {
+        name: "pouchdb-server",
+        base,
+        auth: None,
+        child,
+        _dir: dir,
+    }
 }
 
 fn doc(i: usize) -> Value {
@@ -166,8 +202,16 @@ where
     (total as f64 / secs, pct(&mut all, 0.5), pct(&mut all, 0.99))
 }
 
-async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize, n_get: usize) -> Figures {
-    let c: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+async fn run(
+    t: Arc<Target>,
+    root: &std::path::Path,
+    n_docs: usize,
+    n_put: usize,
+    n_get: usize,
+) -> Figures {
+    let c: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http();
     let mut fig = Figures::default();
     assert!(call(&c, &t, "PUT", "/bench", None).await.0 < 300);
     assert!(call(&c, &t, "PUT", "/bench_put", None).await.0 < 300);
@@ -176,7 +220,10 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
     let batches: Vec<Vec<u8>> = (0..n_docs)
         .collect::<Vec<_>>()
         .chunks(500)
-        .map(|ch| serde_json::to_vec(&json!({"docs": ch.iter().map(|&i| doc(i)).collect::<Vec<_>>()})).unwrap())
+        .map(|ch| {
+            serde_json::to_vec(&json!({"docs": ch.iter().map(|&i| doc(i)).collect::<Vec<_>>()}))
+                .unwrap()
+        })
         .collect();
     let batches = Arc::new(batches);
     let nb = batches.len();
@@ -184,7 +231,11 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
     let start = Instant::now();
     load(2, nb, move |i| {
         let (c, t, b) = (cc.clone(), tt.clone(), bb.clone());
-        async move { call(&c, &t, "POST", "/bench/_bulk_docs", Some(b[i].clone())).await.0 }
+        async move {
+            call(&c, &t, "POST", "/bench/_bulk_docs", Some(b[i].clone()))
+                .await
+                .0
+        }
     })
     .await;
     fig.bulk_docs_per_s = n_docs as f64 / start.elapsed().as_secs_f64();
@@ -195,7 +246,9 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
         let (c, t) = (cc.clone(), tt.clone());
         async move {
             let body = serde_json::to_vec(&doc(i)).unwrap();
-            call(&c, &t, "PUT", &format!("/bench_put/p{i:08}"), Some(body)).await.0
+            call(&c, &t, "PUT", &format!("/bench_put/p{i:08}"), Some(body))
+                .await
+                .0
         }
     })
     .await;
@@ -204,7 +257,11 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
     let (rps, p50, p99) = load(32, n_get, move |i| {
         let (c, t) = (cc.clone(), tt.clone());
         let id = (i.wrapping_mul(2654435761)) % n_docs;
-        async move { call(&c, &t, "GET", &format!("/bench/doc{id:08}"), None).await.0 }
+        async move {
+            call(&c, &t, "GET", &format!("/bench/doc{id:08}"), None)
+                .await
+                .0
+        }
     })
     .await;
     (fig.get_rps, fig.get_p50_ms, fig.get_p99_ms) = (rps, p50, p99);
@@ -215,12 +272,21 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
         let (s, body) = call(&c, &t, "GET", "/bench/_changes?style=all_docs", None).await;
         assert_eq!(s, 200);
         let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["results"].as_array().unwrap().len(), n_docs, "{}: full feed", t.name);
+        assert_eq!(
+            v["results"].as_array().unwrap().len(),
+            n_docs,
+            "{}: full feed",
+            t.name
+        );
     }
     fig.changes_rows_per_s = (3 * n_docs) as f64 / start.elapsed().as_secs_f64();
 
     // 4. PouchDB (npm) replicating bench -> bench_copy on the same server.
-    let auth = if t.auth.is_some() { format!("admin:{}@", thali_tests::PASSWORD) } else { String::new() };
+    let auth = if t.auth.is_some() {
+        format!("admin:{}@", thali_tests::PASSWORD)
+    } else {
+        String::new()
+    };
     let host = t.base.trim_start_matches("http://");
     let out = Command::new("node")
         .arg(root.join("tests/interop/bench-replicate.js"))
@@ -228,7 +294,11 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
         .arg(format!("http://{auth}{host}/bench_copy"))
         .output()
         .expect("node");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_slice(&out.stdout).expect("replication result");
     assert_eq!(r["docs_written"].as_u64().unwrap() as usize, n_docs);
     fig.repl_docs_per_s = n_docs as f64 / (r["ms"].as_f64().unwrap() / 1000.0);
@@ -237,9 +307,16 @@ async fn run(t: Arc<Target>, root: &std::path::Path, n_docs: usize, n_put: usize
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (n_docs, n_put, n_get) = if quick { (2_000, 1_000, 2_000) } else { (20_000, 5_000, 20_000) };
+    let (n_docs, n_put, n_get) = if quick {
+        (2_000, 1_000, 2_000)
+    } else {
+        (20_000, 5_000, 20_000)
+    };
     let root: PathBuf = thali_tests::workspace_root();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!("workload: {n_docs} docs via _bulk_docs, {n_put} PUTs and {n_get} GETs by 32 clients, full _changes x3, PouchDB replication of {n_docs} docs");
     let thali = Arc::new(start_thali(&root));
     let a = rt.block_on(run(thali.clone(), &root, n_docs, n_put, n_get));
@@ -248,19 +325,37 @@ fn main() {
     let b = rt.block_on(run(pouch.clone(), &root, n_docs, n_put, n_get));
     drop(pouch);
     println!();
-    println!("{:<34} {:>14} {:>16} {:>8}", "figure", "thali", "pouchdb-server", "ratio");
+    println!(
+        "{:<34} {:>14} {:>16} {:>8}",
+        "figure", "thali", "pouchdb-server", "ratio"
+    );
     let row = |name: &str, x: f64, y: f64, higher_better: bool| {
         let ratio = if higher_better { x / y } else { y / x };
         println!("{name:<34} {x:>14.1} {y:>16.1} {ratio:>7.1}x");
     };
-    row("_bulk_docs inserts (docs/s)", a.bulk_docs_per_s, b.bulk_docs_per_s, true);
+    row(
+        "_bulk_docs inserts (docs/s)",
+        a.bulk_docs_per_s,
+        b.bulk_docs_per_s,
+        true,
+    );
     row("PUT, 32 clients (req/s)", a.put_rps, b.put_rps, true);
     row("PUT p50 (ms)", a.put_p50_ms, b.put_p50_ms, false);
     row("PUT p99 (ms)", a.put_p99_ms, b.put_p99_ms, false);
     row("GET, 32 clients (req/s)", a.get_rps, b.get_rps, true);
     row("GET p50 (ms)", a.get_p50_ms, b.get_p50_ms, false);
     row("GET p99 (ms)", a.get_p99_ms, b.get_p99_ms, false);
-    row("full _changes (rows/s)", a.changes_rows_per_s, b.changes_rows_per_s, true);
-    row("PouchDB replication (docs/s)", a.repl_docs_per_s, b.repl_docs_per_s, true);
+    row(
+        "full _changes (rows/s)",
+        a.changes_rows_per_s,
+        b.changes_rows_per_s,
+        true,
+    );
+    row(
+        "PouchDB replication (docs/s)",
+        a.repl_docs_per_s,
+        b.repl_docs_per_s,
+        true,
+    );
     println!("(ratio: how many times better thali is; for latencies, pouchdb-server's / thali's)");
 }
