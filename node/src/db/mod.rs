@@ -195,6 +195,9 @@ pub struct Database {
     data: DbStore,
     write: Mutex<WriteState>,
     revs_limit: AtomicU64,
+    /// Counts as of the last applied write, readable without the write lock.
+    doc_count: AtomicU64,
+    doc_del_count: AtomicU64,
     /// The latest durable `update_seq`; changes feeds wait on it.
     updates: watch::Sender<u64>,
     compact_running: AtomicBool,
@@ -219,6 +222,8 @@ impl Database {
                 doc_del_count,
             }),
             revs_limit: AtomicU64::new(revs_limit),
+            doc_count: AtomicU64::new(doc_count),
+            doc_del_count: AtomicU64::new(doc_del_count),
             updates,
             compact_running: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
@@ -253,11 +258,10 @@ impl Database {
 
     pub fn info(&self, disk_size: u64) -> DbResult<Value> {
         self.check_alive()?;
-        let st = self.write.lock().map_err(poisoned)?;
         Ok(json!({
             "db_name": self.name,
-            "doc_count": st.doc_count,
-            "doc_del_count": st.doc_del_count,
+            "doc_count": self.doc_count(),
+            "doc_del_count": self.doc_del_count.load(Ordering::SeqCst),
             "update_seq": self.update_seq(),
             "purge_seq": 0,
             "compact_running": self.compact_running.load(Ordering::SeqCst),
@@ -267,6 +271,11 @@ impl Database {
             "disk_format_version": 1,
             "props": {},
         }))
+    }
+
+    /// Documents whose winning revision is not deleted.
+    pub fn doc_count(&self) -> u64 {
+        self.doc_count.load(Ordering::SeqCst)
     }
 
     pub fn revs_limit(&self) -> u64 {

@@ -393,7 +393,7 @@ impl Database {
             },
             ..Default::default()
         };
-        let total_rows = self.write.lock().map_err(super::poisoned)?.doc_count;
+        let total_rows = self.doc_count();
         let mut rows = Vec::new();
         let mut offset = q.skip;
         let limit = q.limit.unwrap_or(usize::MAX);

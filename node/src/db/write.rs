@@ -10,6 +10,7 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Per-document outcome: the id and new revision, or the error for that document.
@@ -94,6 +95,8 @@ impl Database {
             bs.batch.put_meta("update_seq", &st.update_seq);
             bs.batch.put_meta("doc_count", &st.doc_count);
             bs.batch.put_meta("doc_del_count", &st.doc_del_count);
+            self.doc_count.store(st.doc_count, Ordering::SeqCst);
+            self.doc_del_count.store(st.doc_del_count, Ordering::SeqCst);
         }
         let ticket = self.data.apply(&self.store, bs.batch)?;
         Ok((results, ticket, st.update_seq))
@@ -240,8 +243,8 @@ impl Database {
 
         match old_winner {
             None => {}
-            Some(w) if w.deleted => st.doc_del_count -= 1,
-            Some(_) => st.doc_count -= 1,
+            Some(w) if w.deleted => st.doc_del_count = st.doc_del_count.saturating_sub(1),
+            Some(_) => st.doc_count = st.doc_count.saturating_sub(1),
         }
         match new_winner {
             Some(w) if w.deleted => st.doc_del_count += 1,
