@@ -223,7 +223,10 @@ impl Database {
         };
         let rev_s = new_rev.to_string();
         bs.batch.put_body(&id, &rev_s, &body);
-        bs.bodies.insert((id.clone(), rev_s.clone()), body);
+        // Later documents of the batch only look bodies up to resolve attachment stubs.
+        if !body.atts.is_empty() {
+            bs.bodies.insert((id.clone(), rev_s.clone()), body);
+        }
 
         st.update_seq += 1;
         if info.seq > 0 {
