@@ -813,3 +813,56 @@ fn ipv6_loopback_and_clean_shutdown() {
     n.stop();
     let _ = feed.join();
 }
+
+#[test]
+fn compaction_returns_space_to_the_file_system() {
+    let (_d, n) = node();
+    n.put("/db", &json!({}));
+    let mut revs = std::collections::HashMap::new();
+    for round in 0..8 {
+        let docs: Vec<Value> = (0..40)
+            .map(|i| {
+                let mut d =
+                    json!({"_id": format!("d{i}"), "big": format!("{round}").repeat(20_000)});
+                if let Some(r) = revs.get(&i) {
+                    d["_rev"] = json!(r);
+                }
+                d
+            })
+            .collect();
+        let res = n.post("/db/_bulk_docs", &json!({ "docs": docs })).json();
+        for (i, r) in res.as_array().unwrap().iter().enumerate() {
+            revs.insert(i, r["rev"].as_str().unwrap().to_string());
+        }
+    }
+    let before = n.get("/db").json()["sizes"]["file"].as_u64().unwrap();
+    assert_eq!(n.post("/db/_compact", &json!({})).status, 202);
+    for _ in 0..200 {
+        if n.get("/db").json()["compact_running"] == false {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let info = n.get("/db").json();
+    let after = info["sizes"]["file"].as_u64().unwrap();
+    // Seven of eight revisions of every body are gone.
+    assert!(after * 3 < before, "file size {before} -> {after}");
+    assert_eq!(info["doc_count"], 40);
+    let d = n.get("/db/d7").json();
+    assert_eq!(d["big"].as_str().unwrap().len(), 20_000);
+    assert!(d["big"].as_str().unwrap().starts_with('7'));
+    // The compacted database keeps working and survives a restart.
+    let r = n.put("/db/d7", &json!({"_rev": d["_rev"], "small": true}));
+    assert_eq!(r.status, 201);
+    let mut n = n;
+    n.restart();
+    assert_eq!(n.get("/db/d7").json()["small"], true);
+    assert_eq!(
+        n.get("/db/_changes").json()["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        40
+    );
+    assert_eq!(n.get("/db").json()["doc_count"], 40);
+}

@@ -55,7 +55,7 @@ impl Database {
         } else {
             q.since.min(durable)
         };
-        let iter = self.data.changes(q.since, q.descending);
+        let iter = self.data().changes(q.since, q.descending);
         let mut hit_limit = false;
         for r in iter {
             let (seq, entry) = r?;
@@ -106,8 +106,8 @@ impl Database {
                 row.push_str(",\"deleted\":true");
             }
             if q.include_docs {
-                let doc = match (self.data.doc_info(id)?, Rev::parse(winner)) {
-                    (Some(info), Some(w)) => match self.data.body(id, winner)? {
+                let doc = match (self.data().doc_info(id)?, Rev::parse(winner)) {
+                    (Some(info), Some(w)) => match self.data().body(id, winner)? {
                         Some(body) => Value::Object(self.render(id, &info, &w, body, &opts).doc),
                         None => Value::Null,
                     },
@@ -121,7 +121,11 @@ impl Database {
         }
         // Counting the rest would make paging through the feed quadratic; every document has
         // one entry, so the sequence gap is an upper bound that is exact without updates.
-        let pending = if hit_limit { durable.saturating_sub(last) } else { 0 };
+        let pending = if hit_limit {
+            durable.saturating_sub(last)
+        } else {
+            0
+        };
         if q.descending {
             last = rows.last().map_or(durable, |r| r.seq);
         }

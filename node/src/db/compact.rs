@@ -1,5 +1,9 @@
-//! Compaction: drops the bodies of revisions that are no longer leaves, then the attachment
-//! blobs no stored revision refers to.
+//! Compaction, as CouchDB does it: the live data (every document's tree, the bodies of its
+//! leaves, the by-sequence index, local documents, meta and the attachment blobs the leaves
+//! refer to) is copied into a new generation of the database's store, which then replaces the
+//! old one. Old revision bodies and orphaned blobs are left behind and their files deleted.
+//!
+//! Writes wait while it runs (it holds the write lock); reads go on against the old generation.
 
 use super::{poisoned, Database, DbResult};
 use crate::store::WriteBatch;
@@ -7,8 +11,16 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Documents handled per write-lock hold, so writers are not starved.
-const CHUNK: usize = 500;
+/// Keys copied per batch into the new generation.
+const CHUNK: usize = 1000;
+
+#[derive(Debug, Default)]
+pub struct CompactionStats {
+    pub docs: usize,
+    pub bodies_dropped: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
 
 impl Database {
     /// Starts compaction in the background; false when one is already running.
@@ -19,14 +31,18 @@ impl Database {
         let this = self.clone();
         tokio::spawn(async move {
             let db = this.clone();
-            let res = tokio::task::spawn_blocking(move || db.compact_blocking()).await;
+            let span = tracing::info_span!("compaction", db = %this.name);
+            let res =
+                tokio::task::spawn_blocking(move || span.in_scope(|| db.compact_blocking())).await;
             match res {
-                Ok(Ok((bodies, blobs))) => {
-                    if let Err(e) = this.store.flush_blocking() {
-                        tracing::error!(db = %this.name, error = %e, "flush after compaction failed");
-                    }
-                    tracing::info!(db = %this.name, bodies, blobs, "compaction done")
-                }
+                Ok(Ok(s)) => tracing::info!(
+                    db = %this.name,
+                    docs = s.docs,
+                    bodies_dropped = s.bodies_dropped,
+                    bytes_before = s.bytes_before,
+                    bytes_after = s.bytes_after,
+                    "compaction done"
+                ),
                 Ok(Err(e)) => tracing::error!(db = %this.name, error = %e, "compaction failed"),
                 Err(e) => tracing::error!(db = %this.name, error = %e, "compaction task failed"),
             }
@@ -35,68 +51,80 @@ impl Database {
         true
     }
 
-    /// Returns (revision bodies removed, attachment blobs removed).
-    pub fn compact_blocking(&self) -> DbResult<(usize, usize)> {
-        let mut removed_bodies = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let _st = self.write.lock().map_err(poisoned)?;
-            self.check_alive()?;
-            let mut batch = WriteBatch::new();
-            let mut n = 0;
-            let mut last = None;
-            let docs = self.data.docs(after.as_deref(), None, true, false);
-            for r in docs {
-                let (id, mut info) = r?;
-                if Some(&id) == after.as_ref() {
+    pub fn compact_blocking(&self) -> DbResult<CompactionStats> {
+        let _st = self.write.lock().map_err(poisoned)?;
+        self.check_alive()?;
+        let old = self.data();
+        let mut stats = CompactionStats {
+            bytes_before: old.size_on_disk(),
+            ..Default::default()
+        };
+        let next = old.next_generation()?;
+        let mut batch = WriteBatch::new();
+        let mut n = 0;
+        let flush = |batch: &mut WriteBatch, n: &mut usize, force: bool| -> DbResult<()> {
+            if force || *n >= CHUNK {
+                next.apply(std::mem::take(batch))?;
+                *n = 0;
+            }
+            Ok(())
+        };
+        let mut digests = HashSet::new();
+        for r in old.docs(None, None, true, false) {
+            let (id, mut info) = r?;
+            let leaves: HashSet<_> = info.tree.leaves().into_iter().map(|l| l.rev).collect();
+            let revs: Vec<_> = info.tree.revs().map(|(r, n)| (r, n.available)).collect();
+            for (rev, available) in revs {
+                if !available {
                     continue;
                 }
-                n += 1;
-                let leaves: HashSet<_> = info.tree.leaves().into_iter().map(|l| l.rev).collect();
-                let stale: Vec<_> = info
-                    .tree
-                    .revs()
-                    .filter(|(r, node)| node.available && !leaves.contains(r))
-                    .map(|(r, _)| r)
-                    .collect();
-                if !stale.is_empty() {
-                    for r in &stale {
-                        batch.del_body(&id, &r.to_string());
-                        info.tree.set_unavailable(r);
+                let rev_s = rev.to_string();
+                if leaves.contains(&rev) {
+                    if let Some(body) = old.body(&id, &rev_s)? {
+                        digests.extend(body.atts.values().map(|m| m.digest.clone()));
+                        batch.put_body(&id, &rev_s, &body);
+                        n += 1;
                     }
-                    removed_bodies += stale.len();
-                    batch.put_doc_info(&id, &info);
-                }
-                last = Some(id);
-                if n >= CHUNK {
-                    break;
+                } else {
+                    info.tree.set_unavailable(&rev);
+                    stats.bodies_dropped += 1;
                 }
             }
-            let _ticket = self.data.apply(&self.store, batch)?;
-            match last {
-                Some(l) if n >= CHUNK => after = Some(l),
-                _ => break,
+            batch.put_doc_info(&id, &info);
+            stats.docs += 1;
+            n += 1;
+            flush(&mut batch, &mut n, false)?;
+        }
+        for r in old.changes(0, false) {
+            let (seq, entry) = r?;
+            batch.put_seq(seq, &entry);
+            n += 1;
+            flush(&mut batch, &mut n, false)?;
+        }
+        for r in old.locals() {
+            let (id, doc) = r?;
+            batch.put_local(&id, &doc);
+            n += 1;
+            flush(&mut batch, &mut n, false)?;
+        }
+        for r in old.metas() {
+            let (name, v) = r?;
+            batch.put_meta(&name, &v);
+        }
+        for d in digests {
+            if let Some(bytes) = old.att(&d)? {
+                batch.put_att(&d, &bytes);
+                n += 1;
+                flush(&mut batch, &mut n, false)?;
             }
         }
-        // Blobs: everything not referenced by a remaining body goes. Held under the write lock
-        // so no write can start referring to a blob between the scan and the delete.
-        let _st = self.write.lock().map_err(poisoned)?;
-        let mut referenced = HashSet::new();
-        for b in self.data.bodies() {
-            for m in b?.atts.into_values() {
-                referenced.insert(m.digest);
-            }
+        flush(&mut batch, &mut n, true)?;
+        let new = next.commit(&old)?;
+        stats.bytes_after = new.size_on_disk();
+        match self.data.write() {
+            Ok(mut d) => *d = new,
+            Err(p) => *p.into_inner() = new,
         }
-        let mut batch = WriteBatch::new();
-        let mut removed_blobs = 0;
-        for d in self.data.att_digests() {
-            let d = d?;
-            if !referenced.contains(&d) {
-                batch.del_att(&d);
-                removed_blobs += 1;
-            }
-        }
-        let _ticket = self.data.apply(&self.store, batch)?;
-        Ok((removed_bodies, removed_blobs))
+        Ok(stats)
     }
 }

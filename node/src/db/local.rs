@@ -26,7 +26,7 @@ impl Database {
         }
         let current = match bs.locals.get(local_id) {
             Some(c) => c.clone(),
-            None => self.data.local(local_id)?,
+            None => bs.data.local(local_id)?,
         };
         let current_rev = current
             .as_ref()
@@ -66,7 +66,7 @@ impl Database {
 
     pub fn get_local(&self, local_id: &str) -> DbResult<Value> {
         self.check_alive()?;
-        self.data.local(local_id)?.ok_or_else(DbError::missing)
+        self.data().local(local_id)?.ok_or_else(DbError::missing)
     }
 
     pub async fn delete_local(
@@ -92,7 +92,7 @@ impl Database {
     pub fn local_docs(&self) -> DbResult<Vec<Value>> {
         self.check_alive()?;
         let mut rows = Vec::new();
-        for r in self.data.locals() {
+        for r in self.data().locals() {
             let (id, doc) = r?;
             let rev = doc.get("_rev").cloned().unwrap_or(Value::Null);
             rows.push(json!({"id": format!("_local/{id}"), "key": format!("_local/{id}"), "value": {"rev": rev}}));

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
 use tokio::sync::watch;
 
 pub const DEFAULT_REVS_LIMIT: u64 = 1000;
@@ -108,8 +109,19 @@ impl Node {
         self.store.size_on_disk()
     }
 
+    /// Flushes every open database (at shutdown).
     pub fn flush(&self) -> DbResult<()> {
-        Ok(self.store.flush_blocking()?)
+        let dbs: Vec<Arc<Database>> = self
+            .dbs
+            .read()
+            .map_err(poisoned)?
+            .values()
+            .cloned()
+            .collect();
+        for db in dbs {
+            db.data().flush_blocking()?;
+        }
+        Ok(())
     }
 
     /// Opens an existing database.
@@ -125,12 +137,7 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        let db = Arc::new(Database::load(
-            name,
-            self.store.clone(),
-            data,
-            self.limits.clone(),
-        )?);
+        let db = Arc::new(Database::load(name, data, self.limits.clone())?);
         self.dbs
             .write()
             .map_err(poisoned)?
@@ -141,19 +148,14 @@ impl Node {
     pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
         validate_db_name(name)?;
         let _g = self.admin_lock.lock().map_err(poisoned)?;
-        if self.store.open_database(name, false)?.is_some() {
+        if self.store.database_exists(name) {
             return Err(DbError::FileExists);
         }
         let data = self
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = Arc::new(Database::load(
-            name,
-            self.store.clone(),
-            data,
-            self.limits.clone(),
-        )?);
+        let db = Arc::new(Database::load(name, data, self.limits.clone())?);
         self.dbs
             .write()
             .map_err(poisoned)?
@@ -191,8 +193,8 @@ struct WriteState {
 /// One open database.
 pub struct Database {
     name: String,
-    store: Store,
-    data: DbStore,
+    /// The current generation; replaced by compaction.
+    data: RwLock<DbStore>,
     write: Mutex<WriteState>,
     revs_limit: AtomicU64,
     /// Counts as of the last applied write, readable without the write lock.
@@ -206,7 +208,7 @@ pub struct Database {
 }
 
 impl Database {
-    fn load(name: &str, store: Store, data: DbStore, limits: Limits) -> DbResult<Database> {
+    fn load(name: &str, data: DbStore, limits: Limits) -> DbResult<Database> {
         let update_seq: u64 = data.meta("update_seq")?.unwrap_or(0);
         let doc_count: u64 = data.meta("doc_count")?.unwrap_or(0);
         let doc_del_count: u64 = data.meta("doc_del_count")?.unwrap_or(0);
@@ -214,8 +216,7 @@ impl Database {
         let (updates, _) = watch::channel(update_seq);
         Ok(Database {
             name: name.to_string(),
-            store,
-            data,
+            data: RwLock::new(data),
             write: Mutex::new(WriteState {
                 update_seq,
                 doc_count,
@@ -229,6 +230,23 @@ impl Database {
             deleted: AtomicBool::new(false),
             limits,
         })
+    }
+
+    /// The database's store (its current generation).
+    pub(crate) fn data(&self) -> DbStore {
+        match self.data.read() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.data().size_on_disk()
+    }
+
+    /// Flushes this database (`_ensure_full_commit`).
+    pub fn flush(&self) -> DbResult<()> {
+        Ok(self.data().flush_blocking()?)
     }
 
     pub fn name(&self) -> &str {
@@ -256,7 +274,8 @@ impl Database {
         self.updates.subscribe()
     }
 
-    pub fn info(&self, disk_size: u64) -> DbResult<Value> {
+    pub fn info(&self) -> DbResult<Value> {
+        let disk_size = self.size_on_disk();
         self.check_alive()?;
         Ok(json!({
             "db_name": self.name,
@@ -294,7 +313,7 @@ impl Database {
 
     pub fn security(&self) -> DbResult<Value> {
         self.check_alive()?;
-        Ok(self.data.meta("security")?.unwrap_or_else(|| json!({})))
+        Ok(self.data().meta("security")?.unwrap_or_else(|| json!({})))
     }
 
     pub async fn set_security(&self, sec: Value) -> DbResult<()> {
@@ -323,13 +342,15 @@ impl Database {
     }
 
     async fn put_meta<T: serde::Serialize>(&self, name: &str, v: &T) -> DbResult<()> {
-        let ticket = {
+        let (data, ticket) = {
             let _st = self.write.lock().map_err(poisoned)?;
             let mut b = crate::store::WriteBatch::new();
             b.put_meta(name, v);
-            self.data.apply(&self.store, b)?
+            let data = self.data();
+            let t = data.apply(b)?;
+            (data, t)
         };
-        self.store.durable(ticket).await?;
+        data.durable(ticket).await?;
         Ok(())
     }
 }

@@ -70,7 +70,7 @@ pub struct BulkGetItem {
 impl Database {
     fn info_of(&self, id: &str) -> DbResult<DocInfo> {
         self.check_alive()?;
-        match self.data.doc_info(id)? {
+        match self.data().doc_info(id)? {
             Some(i) if !i.tree.is_empty() => Ok(i),
             _ => Err(DbError::missing()),
         }
@@ -106,7 +106,7 @@ impl Database {
         if !tree.get(rev).is_some_and(|n| n.available) {
             return Ok(None);
         }
-        Ok(self.data.body(id, &rev.to_string())?)
+        Ok(self.data().body(id, &rev.to_string())?)
     }
 
     /// `open_revs`: per requested revision the document, or `Err(rev)` when it is missing.
@@ -117,7 +117,7 @@ impl Database {
         opts: &DocOptions,
     ) -> DbResult<Vec<Result<RevisionOut, String>>> {
         self.check_alive()?;
-        let info = self.data.doc_info(id)?.unwrap_or_default();
+        let info = self.data().doc_info(id)?.unwrap_or_default();
         let revs: Vec<(Rev, String)> = match which {
             OpenRevs::All => {
                 if info.tree.is_empty() {
@@ -204,7 +204,12 @@ impl Database {
                 let wanted = opts.atts != AttMode::Stub && since_pos.is_none_or(|p| m.revpos > p);
                 match (wanted, opts.atts) {
                     (true, AttMode::Inline) => {
-                        let data = self.data.att(&m.digest).ok().flatten().unwrap_or_default();
+                        let data = self
+                            .data()
+                            .att(&m.digest)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
                         a["data"] = json!(base64::engine::general_purpose::STANDARD.encode(data));
                     }
                     (true, AttMode::Follows) => {
@@ -287,7 +292,7 @@ impl Database {
     }
 
     pub fn attachment_bytes(&self, digest: &str) -> DbResult<Vec<u8>> {
-        self.data
+        self.data()
             .att(digest)?
             .ok_or_else(|| DbError::Internal(format!("attachment blob {digest} is missing")))
     }
@@ -310,7 +315,7 @@ impl Database {
                     .ok_or_else(|| DbError::BadRequest("Invalid rev format".into()))?;
                 parsed.push(r);
             }
-            let info = self.data.doc_info(&id)?.unwrap_or_default();
+            let info = self.data().doc_info(&id)?.unwrap_or_default();
             let missing: Vec<Rev> = parsed
                 .into_iter()
                 .filter(|r| !info.tree.contains(r))
@@ -394,6 +399,7 @@ impl Database {
             ..Default::default()
         };
         let total_rows = self.doc_count();
+        let data = self.data();
         let mut rows = Vec::new();
         let mut offset = q.skip;
         let limit = q.limit.unwrap_or(usize::MAX);
@@ -403,7 +409,7 @@ impl Database {
                     rows.push(json!({"key": key, "error": "not_found"}));
                     continue;
                 };
-                match self.data.doc_info(id)? {
+                match self.data().doc_info(id)? {
                     Some(info) if !info.tree.is_empty() => {
                         rows.push(self.all_docs_row(id, &info, q.include_docs, &doc_opts, true)?)
                     }
@@ -411,29 +417,23 @@ impl Database {
                 }
             }
         } else {
-            if q.start.is_some() {
-                // Rows before the start key count toward `offset`, as in CouchDB.
-                let before = self
-                    .data
-                    .docs(None, q.start.as_deref(), false, q.descending)
-                    .filter(
-                        |r| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted)),
-                    )
-                    .count();
+            if let Some(start) = q.start.as_deref() {
+                // Rows before the start key (in the feed's direction) count toward `offset`.
+                let live = |r: &crate::store::Result<(String, DocInfo)>| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted));
                 let before = if q.descending {
-                    // Descending iteration from the top: everything above the start key.
-                    total_rows as usize
-                        - self
-                            .data
-                            .docs(None, q.start.as_deref(), true, false)
-                            .filter(|r| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted)))
-                            .count()
+                    let up_to = data
+                        .docs(None, Some(start), true, false)
+                        .filter(live)
+                        .count();
+                    (total_rows as usize).saturating_sub(up_to)
                 } else {
-                    before
+                    data.docs(None, Some(start), false, false)
+                        .filter(live)
+                        .count()
                 };
                 offset += before;
             }
-            let iter = self.data.docs(
+            let iter = data.docs(
                 q.start.as_deref(),
                 q.end.as_deref(),
                 q.inclusive_end,

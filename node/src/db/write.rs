@@ -4,7 +4,7 @@
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
 use crate::doc::parse::{parse_doc, AttInput, IncomingAtt, IncomingDoc};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
-use crate::store::{AttMeta, DocInfo, RevBody, SeqEntry, WriteBatch};
+use crate::store::{AttMeta, DbStore, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
 use md5::{Digest, Md5};
 use serde_json::Value;
@@ -24,8 +24,9 @@ pub fn att_digest(bytes: &[u8]) -> String {
 }
 
 /// State carried across the documents of one batch, so later documents see earlier ones.
-#[derive(Default)]
 pub(super) struct BatchState {
+    /// The generation this batch writes to (fixed while the write lock is held).
+    pub(super) data: DbStore,
     pub(super) batch: WriteBatch,
     infos: HashMap<String, DocInfo>,
     bodies: HashMap<(String, String), RevBody>,
@@ -55,11 +56,11 @@ impl Database {
     ) -> DbResult<Vec<DocResult>> {
         self.check_alive()?;
         let this = self.clone();
-        let (results, ticket, seq) =
+        let (results, ticket, seq, data) =
             tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits))
                 .await
                 .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
-        self.store.durable(ticket).await?;
+        data.durable(ticket).await?;
         self.updates.send_modify(|s| *s = (*s).max(seq));
         Ok(results)
     }
@@ -68,10 +69,17 @@ impl Database {
         &self,
         docs: Vec<DbResult<IncomingDoc>>,
         new_edits: bool,
-    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64)> {
+    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64, DbStore)> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
-        let mut bs = BatchState::default();
+        let mut bs = BatchState {
+            data: self.data(),
+            batch: WriteBatch::new(),
+            infos: HashMap::new(),
+            bodies: HashMap::new(),
+            locals: HashMap::new(),
+            changed: false,
+        };
         let mut results = Vec::with_capacity(docs.len());
         for doc in docs {
             let res = match doc {
@@ -98,15 +106,15 @@ impl Database {
             self.doc_count.store(st.doc_count, Ordering::SeqCst);
             self.doc_del_count.store(st.doc_del_count, Ordering::SeqCst);
         }
-        let ticket = self.data.apply(&self.store, bs.batch)?;
-        Ok((results, ticket, st.update_seq))
+        let ticket = bs.data.apply(bs.batch)?;
+        Ok((results, ticket, st.update_seq, bs.data))
     }
 
     fn load_info(&self, id: &str, bs: &BatchState) -> DbResult<DocInfo> {
         if let Some(i) = bs.infos.get(id) {
             return Ok(i.clone());
         }
-        Ok(self.data.doc_info(id)?.unwrap_or_default())
+        Ok(bs.data.doc_info(id)?.unwrap_or_default())
     }
 
     fn load_body(&self, id: &str, rev: &Rev, bs: &BatchState) -> DbResult<Option<RevBody>> {
@@ -114,7 +122,7 @@ impl Database {
         if let Some(b) = bs.bodies.get(&(id.to_string(), r.clone())) {
             return Ok(Some(b.clone()));
         }
-        Ok(self.data.body(id, &r)?)
+        Ok(bs.data.body(id, &r)?)
     }
 
     fn write_one(
@@ -295,7 +303,7 @@ impl Database {
                     Some(m) => m,
                     None => match att.digest {
                         // A replicated stub whose bytes we hold under the same digest.
-                        Some(d) if !new_edits && self.data.has_att(&d)? => AttMeta {
+                        Some(d) if !new_edits && bs.data.has_att(&d)? => AttMeta {
                             content_type: att.content_type,
                             digest: d,
                             length: att.length.unwrap_or(0),
@@ -381,7 +389,7 @@ impl Database {
             atts: BTreeMap::new(),
         };
         let Some(rev) = rev else { return Ok(doc) };
-        let Some(body) = self.data.body(id, &rev.to_string())? else {
+        let Some(body) = self.data().body(id, &rev.to_string())? else {
             return Err(DbError::Conflict);
         };
         if body.deleted {

@@ -57,9 +57,11 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         "longpoll" => Feed::Longpoll,
         "continuous" => Feed::Continuous,
         "eventsource" => Feed::EventSource,
-        other => return Err(ApiError::bad_request(format!(
+        other => {
+            return Err(ApiError::bad_request(format!(
             "Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"
-        ))),
+        )))
+        }
     };
     let mut cq = ChangesQuery {
         since: 0,

@@ -18,7 +18,7 @@ pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
     match r.method {
         Method::GET | Method::HEAD => {
             let db = open(state, name)?;
-            Ok(ok(db.info(state.node.size_on_disk())?))
+            Ok(ok(db.info()?))
         }
         Method::PUT => {
             state.node.create_db(name)?;
@@ -238,9 +238,8 @@ pub async fn ensure_full_commit(state: &AppState, r: &Req, name: &str) -> ApiRes
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    open(state, name)?;
-    let node = state.node.clone();
-    tokio::task::spawn_blocking(move || node.flush())
+    let db = open(state, name)?;
+    tokio::task::spawn_blocking(move || db.flush())
         .await
         .map_err(|e| ApiError::new(500, "internal_server_error", e.to_string()))??;
     Ok(status(201, json!({"ok": true, "instance_start_time": "0"})))

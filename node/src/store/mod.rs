@@ -1,18 +1,24 @@
 //! The on-disk layout in sled. Only this module knows sled.
 //!
-//! One sled tree per database (`db/<name>`), keys prefixed by kind so that one atomic
-//! `apply_batch` covers everything a write touches:
+//! Each database is its own sled instance under `DIR/dbs/<name>/g<N>/`, where `CURRENT` names
+//! the live generation. Compaction writes the live data into generation N+1, switches
+//! `CURRENT` atomically (write + rename) and deletes generation N, so the space of old
+//! revisions really goes back to the file system; deleting a database removes its directory.
+//! Node-wide metadata (the uuid) lives in a small sled instance under `DIR/node/`.
 //!
-//! | prefix | key                               | value                      |
-//! |--------|-----------------------------------|----------------------------|
-//! | `d`    | doc id                            | [`DocInfo`] (JSON)         |
-//! | `r`    | u32 BE id length, id, rev string  | [`RevBody`] (JSON)         |
+//! Within a database, keys are prefixed by kind so that one atomic `apply_batch` covers
+//! everything a write touches:
+//!
+//! | prefix | key                               | value                       |
+//! |--------|-----------------------------------|-----------------------------|
+//! | `d`    | doc id                            | [`DocInfo`] (JSON)          |
+//! | `r`    | u32 BE id length, id, rev string  | [`RevBody`] (JSON)          |
 //! | `s`    | u64 BE sequence                   | [`SeqEntry`]: id and leaves |
-//! | `l`    | local doc id (without `_local/`)  | the local doc (JSON)       |
-//! | `a`    | attachment digest                 | raw bytes                  |
-//! | `m`    | meta name                         | JSON value                 |
+//! | `l`    | local doc id (without `_local/`)  | the local doc (JSON)        |
+//! | `a`    | attachment digest                 | raw bytes                   |
+//! | `m`    | meta name                         | JSON value                  |
 //!
-//! Durability: [`Store::durable`] is a group commit: writers that applied their batch before a
+//! Durability: [`DbStore::durable`] is a group commit: writers that applied their batch before a
 //! flush started share that flush.
 
 mod layout;
@@ -21,7 +27,7 @@ pub use layout::{AttMeta, DocInfo, RevBody, SeqEntry};
 
 use layout::*;
 use serde::{de::DeserializeOwned, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,13 +35,13 @@ use std::sync::Arc;
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("file system error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("corrupt record: {0}")]
     Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-const DB_TREE_PREFIX: &str = "db/";
 
 #[derive(Clone)]
 pub struct Store {
@@ -43,125 +49,196 @@ pub struct Store {
 }
 
 struct StoreInner {
-    db: sled::Db,
-    node_meta: sled::Tree,
-    /// Count of applied batches; a flush that starts after reading N makes batches 1..=N durable.
-    applied: AtomicU64,
-    flushed: tokio::sync::Mutex<u64>,
+    dbs_dir: PathBuf,
+    node: sled::Db,
 }
 
-/// Returned by [`DbStore::apply`]; pass it to [`Store::durable`].
+/// Returned by [`DbStore::apply`]; pass it to [`DbStore::durable`].
 #[must_use]
 pub struct Ticket(u64);
 
+fn open_sled(dir: &Path) -> Result<sled::Db> {
+    Ok(sled::Config::new()
+        .path(dir)
+        .cache_capacity(64 * 1024 * 1024)
+        .mode(sled::Mode::HighThroughput)
+        // Every write flushes explicitly (group commit); no background flusher needed.
+        .flush_every_ms(None)
+        .open()?)
+}
+
+/// Database names may hold `/`; everything else they may hold is safe in a file name.
+fn dir_name(db: &str) -> String {
+    db.replace('/', "%2F")
+}
+
+fn db_name(dir: &str) -> String {
+    dir.replace("%2F", "/")
+}
+
+/// Writes `contents` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(dir.join("store"))
-            .cache_capacity(256 * 1024 * 1024)
-            .flush_every_ms(Some(1000))
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        let node_meta = db.open_tree("node")?;
+        let dbs_dir = dir.join("dbs");
+        std::fs::create_dir_all(&dbs_dir)?;
+        let node = open_sled(&dir.join("node"))?;
         Ok(Store {
-            inner: Arc::new(StoreInner {
-                db,
-                node_meta,
-                applied: AtomicU64::new(0),
-                flushed: tokio::sync::Mutex::new(0),
-            }),
+            inner: Arc::new(StoreInner { dbs_dir, node }),
         })
     }
 
     pub fn node_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        self.inner
-            .node_meta
-            .get(key)?
-            .map(|v| decode(&v))
-            .transpose()
+        self.inner.node.get(key)?.map(|v| decode(&v)).transpose()
     }
 
     pub fn set_node_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
-        self.inner.node_meta.insert(key, encode(v))?;
-        self.inner.db.flush()?;
+        self.inner.node.insert(key, encode(v))?;
+        self.inner.node.flush()?;
         Ok(())
     }
 
     pub fn list_databases(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .inner
-            .db
-            .tree_names()
+        let mut names: Vec<String> = std::fs::read_dir(&self.inner.dbs_dir)
             .into_iter()
-            .filter_map(|n| {
-                let s = std::str::from_utf8(&n).ok()?;
-                s.strip_prefix(DB_TREE_PREFIX).map(str::to_string)
-            })
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("CURRENT").exists())
+            .filter_map(|e| e.file_name().to_str().map(db_name))
             .collect();
         names.sort();
         names
     }
 
-    /// Opens a database's tree, creating it when `create` is set. A database exists once its
-    /// `created` meta key is durable.
+    /// Opens a database, creating it when `create` is set. A database exists once its
+    /// `CURRENT` file is durable.
     pub fn open_database(&self, name: &str, create: bool) -> Result<Option<DbStore>> {
-        let tree_name = format!("{DB_TREE_PREFIX}{name}");
-        let exists = self
-            .inner
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == tree_name.as_bytes());
-        if !exists && !create {
-            return Ok(None);
+        let dir = self.inner.dbs_dir.join(dir_name(name));
+        let current = dir.join("CURRENT");
+        let gen = match std::fs::read_to_string(&current) {
+            Ok(s) => s
+                .trim()
+                .strip_prefix('g')
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("{}", current.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(None);
+                }
+                // A leftover directory without CURRENT is a creation that never finished.
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                // sled locks its files: open the instance once and keep it.
+                let store = DbStore::open(dir.clone(), 1)?;
+                store.flush_blocking()?;
+                write_atomic(&current, b"g1")?;
+                return Ok(Some(store));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Generations other than the current one are leftovers of an interrupted compaction.
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let n = entry.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with('g') && n != format!("g{gen}") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
-        let tree = self.inner.db.open_tree(&tree_name)?;
-        if create && !exists {
-            tree.insert(meta_key("created"), encode(&true))?;
-            self.inner.db.flush()?;
-        }
-        Ok(Some(DbStore { tree }))
+        Ok(Some(DbStore::open(dir, gen)?))
+    }
+
+    /// Whether a database exists, without opening it (sled allows one instance per file).
+    pub fn database_exists(&self, name: &str) -> bool {
+        self.inner
+            .dbs_dir
+            .join(dir_name(name))
+            .join("CURRENT")
+            .exists()
     }
 
     pub fn drop_database(&self, name: &str) -> Result<bool> {
-        let dropped = self.inner.db.drop_tree(format!("{DB_TREE_PREFIX}{name}"))?;
-        self.inner.db.flush()?;
-        Ok(dropped)
-    }
-
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
-    }
-
-    /// Waits until the batch behind `ticket` is on disk. Concurrent callers share one flush.
-    pub async fn durable(&self, ticket: Ticket) -> Result<()> {
-        let mut flushed = self.inner.flushed.lock().await;
-        if *flushed >= ticket.0 {
-            return Ok(());
+        let dir = self.inner.dbs_dir.join(dir_name(name));
+        let current = dir.join("CURRENT");
+        if !current.exists() {
+            return Ok(false);
         }
-        let target = self.inner.applied.load(Ordering::SeqCst);
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        *flushed = target;
-        Ok(())
+        // Removing CURRENT first makes the deletion atomic; the rest is cleanup.
+        std::fs::remove_file(&current)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        std::fs::remove_dir_all(&dir)?;
+        Ok(true)
     }
 
-    pub fn flush_blocking(&self) -> Result<()> {
-        self.inner.db.flush()?;
-        Ok(())
-    }
-
-    fn next_ticket(&self) -> Ticket {
-        Ticket(self.inner.applied.fetch_add(1, Ordering::SeqCst) + 1)
+    /// Bytes used on disk by all databases and the node metadata.
+    pub fn size_on_disk(&self) -> u64 {
+        dir_size(&self.inner.dbs_dir) + self.inner.node.size_on_disk().unwrap_or(0)
     }
 }
 
-/// One database's tree.
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// One database: its own sled instance (one generation of it).
 #[derive(Clone)]
 pub struct DbStore {
+    inner: Arc<DbInner>,
     tree: sled::Tree,
+}
+
+struct DbInner {
+    db: sled::Db,
+    dir: PathBuf,
+    gen: u64,
+    /// Count of applied batches; a flush that starts after reading N makes batches 1..=N durable.
+    applied: AtomicU64,
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+/// The next generation of a database being filled by compaction.
+pub struct NextGeneration {
+    store: DbStore,
+}
+
+impl NextGeneration {
+    pub fn apply(&self, batch: WriteBatch) -> Result<()> {
+        let _ticket = self.store.apply(batch)?;
+        Ok(())
+    }
+
+    /// Makes this generation the database's current one and deletes the old one.
+    pub fn commit(self, old: &DbStore) -> Result<DbStore> {
+        self.store.inner.db.flush()?;
+        write_atomic(
+            &self.store.inner.dir.join("CURRENT"),
+            format!("g{}", self.store.inner.gen).as_bytes(),
+        )?;
+        // Readers still holding the old generation keep reading it (unlinked files stay
+        // readable); no writer can, since compaction holds the write lock.
+        let _ = std::fs::remove_dir_all(old.inner.dir.join(format!("g{}", old.inner.gen)));
+        Ok(self.store)
+    }
 }
 
 /// The writes of one atomic update.
@@ -222,13 +299,64 @@ impl WriteBatch {
 }
 
 impl DbStore {
+    fn open(dir: PathBuf, gen: u64) -> Result<DbStore> {
+        let db = open_sled(&dir.join(format!("g{gen}")))?;
+        let tree: sled::Tree = (*db).clone();
+        Ok(DbStore {
+            inner: Arc::new(DbInner {
+                db,
+                dir,
+                gen,
+                applied: AtomicU64::new(0),
+                flushed: tokio::sync::Mutex::new(0),
+            }),
+            tree,
+        })
+    }
+
+    /// Starts an empty next generation (for compaction).
+    pub fn next_generation(&self) -> Result<NextGeneration> {
+        let gen = self.inner.gen + 1;
+        let path = self.inner.dir.join(format!("g{gen}"));
+        let _ = std::fs::remove_dir_all(&path);
+        Ok(NextGeneration {
+            store: DbStore::open(self.inner.dir.clone(), gen)?,
+        })
+    }
+
     /// Applies a batch atomically. The result is visible at once and durable after
-    /// [`Store::durable`] with the returned ticket.
-    pub fn apply(&self, store: &Store, batch: WriteBatch) -> Result<Ticket> {
+    /// [`DbStore::durable`] with the returned ticket.
+    pub fn apply(&self, batch: WriteBatch) -> Result<Ticket> {
         if !batch.empty {
             self.tree.apply_batch(batch.batch)?;
         }
-        Ok(store.next_ticket())
+        Ok(Ticket(
+            self.inner.applied.fetch_add(1, Ordering::SeqCst) + 1,
+        ))
+    }
+
+    /// Waits until the batch behind `ticket` is on disk. Concurrent callers share one flush.
+    pub async fn durable(&self, ticket: Ticket) -> Result<()> {
+        let mut flushed = self.inner.flushed.lock().await;
+        if *flushed >= ticket.0 {
+            return Ok(());
+        }
+        let target = self.inner.applied.load(Ordering::SeqCst);
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        *flushed = target;
+        Ok(())
+    }
+
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        dir_size(&self.inner.dir)
     }
 
     pub fn doc_info(&self, id: &str) -> Result<Option<DocInfo>> {
@@ -330,6 +458,16 @@ impl DbStore {
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| StoreError::Corrupt("seq key".into()))?;
             Ok((seq, decode(&v)?))
+        })
+    }
+
+    /// Meta entries (name, raw JSON value).
+    pub fn metas(&self) -> impl Iterator<Item = Result<(String, serde_json::Value)>> {
+        self.tree.scan_prefix([b'm']).map(|r| {
+            let (k, v) = r?;
+            let name = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| StoreError::Corrupt("meta key".into()))?;
+            Ok((name, decode(&v)?))
         })
     }
 
