@@ -1,7 +1,9 @@
 //! thali-node: a CouchDB-protocol document node. See ARCHITECTURE.md for the code map.
 
+pub mod cli;
 pub mod db;
 pub mod doc;
 pub mod http;
+pub mod peer;
 pub mod serve;
 pub mod store;

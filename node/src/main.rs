@@ -30,6 +30,9 @@ enum Command {
         /// Address of the local HTTP API (repeatable, e.g. `127.0.0.1:5984` and `[::1]:5984`).
         #[arg(long, default_value = "127.0.0.1:5984")]
         http: Vec<SocketAddr>,
+        /// Address of the mutual-TLS peer listener (repeatable; none by default).
+        #[arg(long)]
+        peer: Vec<SocketAddr>,
         /// Password of the `admin` user; otherwise read from or generated into
         /// DIR/admin.password.
         #[arg(long, env = "THALI_ADMIN_PASSWORD", hide_env_values = true)]
@@ -43,6 +46,48 @@ enum Command {
         /// Largest JSON document in bytes (413 beyond).
         #[arg(long, default_value_t = 8_000_000)]
         max_document_size: usize,
+    },
+    /// Print this node's key id and its httpkey URLs (creating the identity if needed).
+    Id {
+        #[arg(long, default_value = "./thali-data")]
+        data: PathBuf,
+        /// Peer addresses to print URLs for (default: those of the running node).
+        #[arg(long)]
+        peer: Vec<String>,
+    },
+    /// Manage which peer keys may use a database (edits its `_security` on the running node).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+        /// Data directory of the node (for its admin password).
+        #[arg(long, global = true, default_value = "./thali-data")]
+        data: PathBuf,
+        /// The node's local HTTP API.
+        #[arg(long, global = true, default_value = "127.0.0.1:5984")]
+        node: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerAction {
+    /// Grant a key `read`, `write` or `admin` on a database.
+    Allow {
+        key: String,
+        #[arg(long)]
+        db: String,
+        #[arg(long, default_value = "write")]
+        level: String,
+    },
+    /// Remove a key from a database's `_security`.
+    Deny {
+        key: String,
+        #[arg(long)]
+        db: String,
+    },
+    /// List the keys allowed on a database.
+    List {
+        #[arg(long)]
+        db: String,
     },
 }
 
@@ -65,22 +110,37 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let res = match cli.command {
+    let res: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Id { data, peer } => thali_node::cli::print_id(&data, &peer),
+        Command::Peer { action, data, node } => {
+            let action = match action {
+                PeerAction::Allow { key, db, level } => {
+                    thali_node::cli::PeerCommand::Allow { key, db, level }
+                }
+                PeerAction::Deny { key, db } => thali_node::cli::PeerCommand::Deny { key, db },
+                PeerAction::List { db } => thali_node::cli::PeerCommand::List { db },
+            };
+            thali_node::cli::peer(&data, node, action)
+        }
         Command::Serve {
             data,
             http,
+            peer,
             admin_password,
             cors_origins,
             max_request_size,
             max_document_size,
-        } => rt.block_on(run(ServeConfig {
-            data,
-            http,
-            admin_password,
-            cors_origins,
-            max_request_size,
-            max_doc_size: max_document_size,
-        })),
+        } => rt
+            .block_on(run(ServeConfig {
+                data,
+                http,
+                peer,
+                admin_password,
+                cors_origins,
+                max_request_size,
+                max_doc_size: max_document_size,
+            }))
+            .map_err(Into::into),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct ServeConfig {
     pub data: PathBuf,
     pub http: Vec<SocketAddr>,
+    /// Addresses of the mutual-TLS peer listener (none: no peer listener).
+    pub peer: Vec<SocketAddr>,
     pub admin_password: Option<String>,
     pub cors_origins: Vec<String>,
     pub max_request_size: usize,
@@ -26,6 +28,8 @@ pub enum ServeError {
     Listen(SocketAddr, std::io::Error),
     #[error("cannot open the store: {0}")]
     Store(String),
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 /// The admin password: given, or read from / generated into `DIR/admin.password` (0600).
@@ -46,7 +50,7 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
     Ok((pw, true))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -76,6 +80,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         },
     )
     .map_err(|e| ServeError::Store(e.to_string()))?;
+    let identity = crate::peer::Identity::load_or_create(&cfg.data)
+        .map_err(|e| ServeError::Identity(e.to_string()))?;
+    tracing::info!(key = %identity.key_id(), "node identity");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         node: node.clone(),
@@ -110,7 +117,34 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         }));
     }
+    let mut peer_urls = Vec::new();
+    if !cfg.peer.is_empty() {
+        let tls = crate::peer::tls::server_config(&identity)
+            .map_err(|e| ServeError::Identity(e.to_string()))?;
+        for addr in &cfg.peer {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Listen(*addr, e))?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| ServeError::Listen(*addr, e))?;
+            let url = format!("httpkey://{local}/{}/", identity.key_id());
+            tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
+            println!("thali peers reach this node at {url}");
+            peer_urls.push(url);
+            servers.push(tokio::spawn(crate::peer::listener::serve(
+                listener,
+                tls.clone(),
+                app.clone(),
+                shutdown_tx.subscribe(),
+            )));
+        }
+    }
+    // `thali id` prints these while the node runs.
+    let urls_file = cfg.data.join("peer-urls");
+    let _ = std::fs::write(&urls_file, peer_urls.join("\n"));
     wait_for_signal().await;
+    let _ = std::fs::remove_file(&urls_file);
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     // Give open requests a moment; feeds end on the shutdown signal.

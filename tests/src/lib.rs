@@ -27,8 +27,21 @@ pub fn thali_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "thali-node", "--bin", "thali"])
+        let mut cargo = Command::new(env!("CARGO"));
+        // Variables `cargo test` sets for test binaries would make build scripts (ring's)
+        // rerun and the nested build recompile; give it the environment of a plain shell.
+        for (k, _) in std::env::vars() {
+            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+                || k == "OUT_DIR"
+                || k.starts_with("RUSTC")
+            {
+                cargo.env_remove(k);
+            }
+        }
+        let status = cargo
+            // `--workspace` resolves features as `cargo test` does, so this does not rebuild the
+            // dependencies that the test crate shares with the node.
+            .args(["build", "-q", "--workspace", "--bins"])
             .current_dir(&root)
             .status()
             .expect("run cargo build");
@@ -335,4 +348,78 @@ pub fn read_response<R: BufRead>(r: &mut R, head: bool) -> std::io::Result<Resp>
         headers,
         body,
     })
+}
+
+/// A peer-side client: mutual TLS with its own identity, pinning the server's key. Each
+/// request uses a new connection (so every request also pays a handshake).
+pub struct PeerClient {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub addr: SocketAddr,
+}
+
+impl PeerClient {
+    pub fn new(
+        id: &thali_node::peer::Identity,
+        server_key: [u8; 32],
+        addr: SocketAddr,
+    ) -> PeerClient {
+        PeerClient {
+            config: thali_node::peer::tls::client_config(id, server_key).unwrap(),
+            addr,
+        }
+    }
+
+    /// From an `httpkey://` URL.
+    pub fn for_url(id: &thali_node::peer::Identity, url: &str) -> PeerClient {
+        let u = thali_node::peer::HttpKeyUrl::parse(url).unwrap();
+        let thali_node::peer::PeerKey::Ed25519(k) = u.key else {
+            panic!("not an ed25519 url")
+        };
+        let addr = format!("{}:{}", u.host, u.port).parse().unwrap();
+        PeerClient::new(id, k, addr)
+    }
+
+    pub fn try_req(&self, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<Resp> {
+        let name = rustls::pki_types::ServerName::try_from("thali.peer").unwrap();
+        let conn = rustls::ClientConnection::new(self.config.clone(), name)
+            .map_err(std::io::Error::other)?;
+        let tcp = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n");
+        if let Some(b) = &body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes())?;
+        if let Some(b) = &body {
+            tls.write_all(b)?;
+        }
+        tls.flush()?;
+        read_response(&mut BufReader::new(tls), method == "HEAD")
+    }
+
+    #[track_caller]
+    pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        self.try_req(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None)
+    }
+    pub fn put(&self, path: &str, body: &Value) -> Resp {
+        self.req("PUT", path, Some(body))
+    }
+    pub fn post(&self, path: &str, body: &Value) -> Resp {
+        self.req("POST", path, Some(body))
+    }
+}
+
+/// The identity of a node started on `data` (the node created it on first start).
+pub fn node_identity(data: &Path) -> thali_node::peer::Identity {
+    thali_node::peer::Identity::load_or_create(data).unwrap()
 }

@@ -11,7 +11,7 @@ mod write;
 pub use changes::{ChangeRow, ChangesQuery, Style};
 pub use error::{DbError, DbResult};
 pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
-pub use write::DocResult;
+pub use write::{doc_input, DocInput, DocResult};
 
 use crate::store::{DbStore, Store};
 use rand::RngCore;

@@ -34,6 +34,15 @@ pub(super) struct BatchState {
     changed: bool,
 }
 
+/// A document to write, or why it was refused before reaching the store (with its id).
+pub type DocInput = Result<IncomingDoc, (Option<String>, DbError)>;
+
+/// Parses one JSON document for writing; a refusal keeps the document's `_id` for the result.
+pub fn doc_input(v: Value) -> DocInput {
+    let id = v.get("_id").and_then(Value::as_str).map(str::to_string);
+    parse_doc(v).map_err(|e| (id, DbError::from(e)))
+}
+
 impl Database {
     /// `_bulk_docs` and single-document writes from JSON values.
     pub async fn bulk_docs(
@@ -41,17 +50,14 @@ impl Database {
         docs: Vec<Value>,
         new_edits: bool,
     ) -> DbResult<Vec<DocResult>> {
-        let parsed = docs
-            .into_iter()
-            .map(|d| parse_doc(d).map_err(DbError::from))
-            .collect();
+        let parsed = docs.into_iter().map(doc_input).collect();
         self.write_docs(parsed, new_edits).await
     }
 
     /// Writes already parsed documents (multipart bodies arrive this way).
     pub async fn write_docs(
         self: &Arc<Self>,
-        docs: Vec<DbResult<IncomingDoc>>,
+        docs: Vec<DocInput>,
         new_edits: bool,
     ) -> DbResult<Vec<DocResult>> {
         self.check_alive()?;
@@ -67,7 +73,7 @@ impl Database {
 
     fn write_blocking(
         &self,
-        docs: Vec<DbResult<IncomingDoc>>,
+        docs: Vec<DocInput>,
         new_edits: bool,
     ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64, DbStore)> {
         let mut st = self.write.lock().map_err(poisoned)?;
@@ -83,7 +89,7 @@ impl Database {
         let mut results = Vec::with_capacity(docs.len());
         for doc in docs {
             let res = match doc {
-                Err(e) => Err((None, None, e)),
+                Err((id, e)) => Err((id, None, e)),
                 Ok(doc) => {
                     let id = doc.id.clone();
                     let rev = doc.raw_rev.clone();

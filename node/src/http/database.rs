@@ -3,7 +3,9 @@
 use super::error::{ApiError, ApiResult};
 use super::respond::{ok, status};
 use super::{AppState, Req};
-use crate::db::{AllDocsQuery, AttMode, BulkGetItem, Database, DocOptions, DocResult};
+use crate::db::{
+    doc_input, AllDocsQuery, AttMode, BulkGetItem, Database, DocInput, DocOptions, DocResult,
+};
 use crate::doc::Rev;
 use axum::http::{header, HeaderValue, Method};
 use axum::response::Response;
@@ -93,7 +95,29 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
             ))
         }
     };
-    let results = db.bulk_docs(docs, new_edits).await?;
+    // Design documents need the admin level, checked per document as CouchDB does.
+    let may_design = super::auth::db_level(state, &r.principal, name) >= Some(super::Level::Admin);
+    let inputs: Vec<DocInput> = docs
+        .into_iter()
+        .map(|d| {
+            let is_design = d
+                .get("_id")
+                .and_then(Value::as_str)
+                .is_some_and(|i| i.starts_with("_design/"));
+            if is_design && !may_design {
+                let id = d.get("_id").and_then(Value::as_str).map(str::to_string);
+                Err((
+                    id,
+                    crate::db::DbError::Forbidden(
+                        "Only database admins may write design documents.".into(),
+                    ),
+                ))
+            } else {
+                doc_input(d)
+            }
+        })
+        .collect();
+    let results = db.write_docs(inputs, new_edits).await?;
     let out: Vec<Value> = results
         .iter()
         .filter(|r| new_edits || r.is_err())

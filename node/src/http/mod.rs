@@ -11,7 +11,7 @@ mod query;
 mod respond;
 mod server;
 
-pub use auth::Principal;
+pub use auth::{Level, Principal};
 pub use error::{ApiError, ApiResult};
 
 use crate::db::Node;
@@ -141,7 +141,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             return StatusCode::NO_CONTENT.into_response();
         }
         let (parts, body) = req.into_parts();
-        let principal = auth::principal(&parts.headers, &state.config);
+        let principal = auth::principal(&parts.headers, &parts.extensions, &state.config);
         let r = Req {
             method: parts.method,
             segments: split_path(parts.uri.path()),
@@ -179,7 +179,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 }
 
 async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
-    auth::authorize(&r)?;
+    auth::authorize(state, &r)?;
     let segs = r.segments.clone();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     match segs.as_slice() {

@@ -2,7 +2,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::respond::ok;
-use super::{AppState, Principal, Req};
+use super::{AppState, Req};
 use crate::db::random_hex;
 use axum::http::Method;
 use axum::response::Response;
@@ -52,13 +52,13 @@ pub fn uuids(r: &Req) -> ApiResult<Response> {
 pub fn session(r: &Req) -> ApiResult<Response> {
     match r.method {
         Method::GET | Method::HEAD => {
-            let (name, roles) = match r.principal {
-                Principal::Admin => (json!("admin"), json!(["_admin"])),
-                Principal::Anonymous => (json!(null), json!([])),
-            };
+            let mut ctx = r.principal.user_ctx(None);
+            if let Some(m) = ctx.as_object_mut() {
+                m.remove("db");
+            }
             Ok(ok(json!({
                 "ok": true,
-                "userCtx": {"name": name, "roles": roles},
+                "userCtx": ctx,
                 "info": {"authentication_handlers": ["default"], "authenticated": "default"},
             })))
         }

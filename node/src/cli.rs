@@ -1,0 +1,174 @@
+//! Command-line tools besides `serve`: `thali id` and `thali peer allow|deny|list`.
+//! `peer` talks to the running node's local HTTP API (sled allows one process per store).
+
+use crate::peer::{parse_key_id, Identity};
+use base64::Engine;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn print_id(data: &Path, peers: &[String]) -> CliResult {
+    std::fs::create_dir_all(data)?;
+    let id = Identity::load_or_create(data)?;
+    println!("{}", id.key_id());
+    let mut urls: Vec<String> = peers
+        .iter()
+        .map(|p| format!("httpkey://{p}/{}/", id.key_id()))
+        .collect();
+    if urls.is_empty() {
+        if let Ok(s) = std::fs::read_to_string(data.join("peer-urls")) {
+            urls.extend(s.lines().filter(|l| !l.is_empty()).map(str::to_string));
+        }
+    }
+    if urls.is_empty() {
+        println!("httpkey://<host>:<port>/{}/<db>   (start the node with --peer ADDR to listen for peers)", id.key_id());
+    }
+    for u in urls {
+        println!("{u}");
+    }
+    Ok(())
+}
+
+pub enum PeerCommand {
+    Allow {
+        key: String,
+        db: String,
+        level: String,
+    },
+    Deny {
+        key: String,
+        db: String,
+    },
+    List {
+        db: String,
+    },
+}
+
+const SECTIONS: [(&str, &str); 3] = [
+    ("admins", "admin"),
+    ("members", "write"),
+    ("readers", "read"),
+];
+
+pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
+    let password = std::env::var("THALI_ADMIN_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string(data.join("admin.password"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .ok_or(
+            "no admin password: set THALI_ADMIN_PASSWORD or point --data at the node's directory",
+        )?;
+    let db = match &cmd {
+        PeerCommand::Allow { db, .. } | PeerCommand::Deny { db, .. } | PeerCommand::List { db } => {
+            db.clone()
+        }
+    };
+    crate::db::validate_db_name(&db).map_err(|e| e.reason())?;
+    let path = format!("/{}/_security", db.replace('/', "%2F"));
+    let (status, mut sec) = request(node, &password, "GET", &path, None)?;
+    if status != 200 {
+        return Err(format!("reading {path}: HTTP {status}: {sec}").into());
+    }
+    if !sec.is_object() {
+        sec = json!({});
+    }
+    match cmd {
+        PeerCommand::List { .. } => {
+            for (section, level) in SECTIONS {
+                for name in sec[section]["names"].as_array().into_iter().flatten() {
+                    println!("{level}\t{}", name.as_str().unwrap_or(""));
+                }
+            }
+            return Ok(());
+        }
+        PeerCommand::Allow { key, level, .. } => {
+            parse_key_id(&key)?;
+            let section = SECTIONS
+                .iter()
+                .find(|(_, l)| *l == level)
+                .map(|(s, _)| *s)
+                .ok_or_else(|| format!("level must be read, write or admin, not {level:?}"))?;
+            remove_key(&mut sec, &key);
+            let names = &mut sec[section]["names"];
+            if !names.is_array() {
+                *names = json!([]);
+            }
+            if let Some(a) = names.as_array_mut() {
+                a.push(json!(key));
+            }
+            println!("{key} may now {level} {db}");
+        }
+        PeerCommand::Deny { key, .. } => {
+            parse_key_id(&key)?;
+            if !remove_key(&mut sec, &key) {
+                println!("{key} had no access to {db}");
+                return Ok(());
+            }
+            println!("{key} may no longer use {db}");
+        }
+    }
+    let (status, body) = request(node, &password, "PUT", &path, Some(&sec))?;
+    if status != 200 {
+        return Err(format!("writing {path}: HTTP {status}: {body}").into());
+    }
+    Ok(())
+}
+
+fn remove_key(sec: &mut Value, key: &str) -> bool {
+    let mut removed = false;
+    for (section, _) in SECTIONS {
+        if let Some(a) = sec
+            .get_mut(section)
+            .and_then(|s| s.get_mut("names"))
+            .and_then(Value::as_array_mut)
+        {
+            let before = a.len();
+            a.retain(|n| n != key);
+            removed |= a.len() != before;
+        }
+    }
+    removed
+}
+
+/// A minimal HTTP/1.1 exchange with the local node (JSON in, JSON out).
+fn request(
+    node: SocketAddr,
+    password: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let mut s = TcpStream::connect_timeout(&node, Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach the node at {node} (is it running?): {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("malformed HTTP status line")?;
+    Ok((
+        status,
+        serde_json::from_str(body.trim()).unwrap_or(Value::Null),
+    ))
+}

@@ -1,0 +1,87 @@
+//! The peer listener: TLS 1.3 with a required, self-signed client certificate. Each accepted
+//! connection is served by the same router as loopback, with the client's key attached to every
+//! request; the router's single authorization point does the rest.
+
+use super::identity::key_id;
+use super::tls::cert_key;
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+/// Attached to requests that arrived over the peer listener: the client's key id.
+#[derive(Clone, Debug)]
+pub struct PeerKeyId(pub String);
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(config);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, addr)) => {
+                    let (acceptor, app) = (acceptor.clone(), app.clone());
+                    let span = tracing::debug_span!("peer_conn", %addr);
+                    tokio::spawn(connection(tcp, addr, acceptor, app).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = async { let _ = shutdown.wait_for(|v| *v).await; } => return,
+        }
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    app: Router,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "peer handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "peer handshake timed out");
+            return;
+        }
+    };
+    let Some(key) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| cert_key(c))
+    else {
+        return;
+    };
+    let principal = PeerKeyId(key_id(&key));
+    tracing::debug!(%addr, key = %principal.0, "peer connected");
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(principal.clone());
+        let app = app.clone();
+        async move { tower::ServiceExt::oneshot(app, req).await }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+    {
+        tracing::debug!(%addr, error = %e, "peer connection ended with an error");
+    }
+}
