@@ -107,6 +107,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         let mut rx = shutdown_tx.subscribe();
         let app = app.clone();
         servers.push(tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let res = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|v| *v).await;

@@ -22,6 +22,7 @@ struct Target {
     auth: Option<String>,
     child: Child,
     _dir: thali_tests::TempDir,
+    peer_port: u16,
 }
 
 impl Drop for Target {
@@ -89,10 +90,12 @@ fn start_thali(root: &std::path::Path) -> Target {
     assert!(status.success());
     let dir = thali_tests::TempDir::new("bench-thali");
     let port = thali_tests::free_port();
+    let peer_port = thali_tests::free_port();
     let child = Command::new(root.join("target/release/thali"))
         .args(["serve", "--data"])
         .arg(&dir.0)
         .args(["--http", &format!("127.0.0.1:{port}")])
+        .args(["--peer", &format!("127.0.0.1:{peer_port}")])
         .env("THALI_ADMIN_PASSWORD", thali_tests::PASSWORD)
         .env("THALI_LOG", "warn")
         .stdout(Stdio::null())
@@ -106,6 +109,7 @@ fn start_thali(root: &std::path::Path) -> Target {
         auth: Some(thali_tests::admin_auth()),
         child,
         _dir: dir,
+        peer_port,
     }
 }
 
@@ -136,6 +140,7 @@ fn start_pouchdb_server(root: &std::path::Path) -> Target {
         auth: None,
         child,
         _dir: dir,
+        peer_port: 0,
     }
 }
 
@@ -305,6 +310,113 @@ async fn run(
     fig
 }
 
+fn nodelay(s: std::net::TcpStream) -> std::net::TcpStream {
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A keep-alive HTTP/1.1 connection over any stream.
+struct KeepAlive<S: std::io::Read + std::io::Write> {
+    stream: std::io::BufReader<S>,
+    auth: Option<String>,
+}
+
+impl<S: std::io::Read + std::io::Write> KeepAlive<S> {
+    fn get(&mut self, path: &str) -> u16 {
+        let auth = self
+            .auth
+            .as_ref()
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        // One write per request: several small ones would meet Nagle and delayed ACKs.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}\r\n");
+        self.stream.get_mut().write_all(req.as_bytes()).unwrap();
+        self.stream.get_mut().flush().unwrap();
+        thali_tests::read_response(&mut self.stream, false)
+            .unwrap()
+            .status
+    }
+}
+
+/// Peer listener vs loopback listener: requests/s with keep-alive connections, and with a new
+/// connection per request (which adds the TCP, and for peers the TLS 1.3, handshake).
+fn peer_vs_loopback(t: &Target, n_docs: usize, quick: bool) -> [(f64, f64); 2] {
+    let id = Arc::new(thali_node::peer::Identity::generate().unwrap());
+    let server_key = *thali_tests::node_identity(&t._dir.0).public_key();
+    let base: std::net::SocketAddr = t.base.trim_start_matches("http://").parse().unwrap();
+    let peer: std::net::SocketAddr = format!("127.0.0.1:{}", t.peer_port).parse().unwrap();
+    let sec = json!({"members": {"names": [id.key_id()], "roles": []}});
+    let h = vec![
+        ("Authorization".to_string(), thali_tests::admin_auth()),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ];
+    assert_eq!(
+        thali_tests::request(
+            base,
+            "PUT",
+            "/bench/_security",
+            &h,
+            Some(sec.to_string().as_bytes())
+        )
+        .status,
+        200
+    );
+    let (threads, per_keep, per_new) = if quick { (4, 500, 100) } else { (8, 2500, 300) };
+    let path = move |i: usize| format!("/bench/doc{:08}", (i * 7919) % n_docs);
+    let run = |peer_side: bool, keep: bool| -> f64 {
+        let start = Instant::now();
+        let per = if keep { per_keep } else { per_new };
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let id = id.clone();
+                std::thread::spawn(move || {
+                    let client = thali_tests::PeerClient::new(&id, server_key, peer);
+                    let connect_plain = || KeepAlive {
+                        stream: std::io::BufReader::new(nodelay(
+                            std::net::TcpStream::connect(base).unwrap(),
+                        )),
+                        auth: Some(thali_tests::admin_auth()),
+                    };
+                    let connect_tls = || {
+                        let name = rustls::pki_types::ServerName::try_from("thali.peer").unwrap();
+                        let conn =
+                            rustls::ClientConnection::new(client.config.clone(), name).unwrap();
+                        KeepAlive {
+                            stream: std::io::BufReader::new(rustls::StreamOwned::new(
+                                conn,
+                                nodelay(std::net::TcpStream::connect(peer).unwrap()),
+                            )),
+                            auth: None,
+                        }
+                    };
+                    match (peer_side, keep) {
+                        (false, true) => {
+                            let mut c = connect_plain();
+                            (0..per).for_each(|i| assert_eq!(c.get(&path(i)), 200));
+                        }
+                        (true, true) => {
+                            let mut c = connect_tls();
+                            (0..per).for_each(|i| assert_eq!(c.get(&path(i)), 200));
+                        }
+                        (false, false) => {
+                            (0..per).for_each(|i| assert_eq!(connect_plain().get(&path(i)), 200))
+                        }
+                        (true, false) => {
+                            (0..per).for_each(|i| assert_eq!(connect_tls().get(&path(i)), 200))
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        (threads * per) as f64 / start.elapsed().as_secs_f64()
+    };
+    [
+        (run(false, true), run(true, true)),
+        (run(false, false), run(true, false)),
+    ]
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n_docs, n_put, n_get) = if quick {
@@ -320,6 +432,7 @@ fn main() {
     println!("workload: {n_docs} docs via _bulk_docs, {n_put} PUTs and {n_get} GETs by 32 clients, full _changes x3, PouchDB replication of {n_docs} docs");
     let thali = Arc::new(start_thali(&root));
     let a = rt.block_on(run(thali.clone(), &root, n_docs, n_put, n_get));
+    let [keep, fresh] = peer_vs_loopback(&thali, n_docs, quick);
     drop(thali);
     let pouch = Arc::new(start_pouchdb_server(&root));
     let b = rt.block_on(run(pouch.clone(), &root, n_docs, n_put, n_get));
@@ -358,4 +471,23 @@ fn main() {
         true,
     );
     println!("(ratio: how many times better thali is; for latencies, pouchdb-server's / thali's)");
+    println!();
+    println!(
+        "{:<34} {:>14} {:>16} {:>8}",
+        "thali GET of one doc (req/s)", "loopback", "peer (mTLS)", "peer/lb"
+    );
+    println!(
+        "{:<34} {:>14.1} {:>16.1} {:>7.2}x",
+        "keep-alive connections",
+        keep.0,
+        keep.1,
+        keep.1 / keep.0
+    );
+    println!(
+        "{:<34} {:>14.1} {:>16.1} {:>7.2}x",
+        "new connection per request",
+        fresh.0,
+        fresh.1,
+        fresh.1 / fresh.0
+    );
 }
