@@ -23,30 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Serve {
-        /// Data directory, created on first start.
-        #[arg(long, default_value = "./thali-data")]
-        data: PathBuf,
-        /// Address of the local HTTP API (repeatable, e.g. `127.0.0.1:5984` and `[::1]:5984`).
-        #[arg(long, default_value = "127.0.0.1:5984")]
-        http: Vec<SocketAddr>,
-        /// Address of the mutual-TLS peer listener (repeatable; none by default).
-        #[arg(long)]
-        peer: Vec<SocketAddr>,
-        /// Password of the `admin` user; otherwise read from or generated into
-        /// DIR/admin.password.
-        #[arg(long, env = "THALI_ADMIN_PASSWORD", hide_env_values = true)]
-        admin_password: Option<String>,
-        /// Origins allowed by CORS (repeatable; `*` for any).
-        #[arg(long = "cors-origin")]
-        cors_origins: Vec<String>,
-        /// Largest request body in bytes (413 beyond).
-        #[arg(long, default_value_t = 256 * 1024 * 1024)]
-        max_request_size: usize,
-        /// Largest JSON document in bytes (413 beyond).
-        #[arg(long, default_value_t = 8_000_000)]
-        max_document_size: usize,
-    },
+    Serve(ServeConfig),
     /// Print this node's key id and its httpkey URLs (creating the identity if needed).
     Id {
         #[arg(long, default_value = "./thali-data")]
@@ -122,25 +99,7 @@ fn main() -> std::process::ExitCode {
             };
             thali_node::cli::peer(&data, node, action)
         }
-        Command::Serve {
-            data,
-            http,
-            peer,
-            admin_password,
-            cors_origins,
-            max_request_size,
-            max_document_size,
-        } => rt
-            .block_on(run(ServeConfig {
-                data,
-                http,
-                peer,
-                admin_password,
-                cors_origins,
-                max_request_size,
-                max_doc_size: max_document_size,
-            }))
-            .map_err(Into::into),
+        Command::Serve(cfg) => rt.block_on(run(cfg)).map_err(Into::into),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,15 +8,29 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+/// Options of `thali serve`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
+    /// Data directory, created on first start.
+    #[arg(long, default_value = "./thali-data")]
     pub data: PathBuf,
+    /// Address of the local HTTP API (repeatable, e.g. `127.0.0.1:5984` and `[::1]:5984`).
+    #[arg(long, default_value = "127.0.0.1:5984")]
     pub http: Vec<SocketAddr>,
-    /// Addresses of the mutual-TLS peer listener (none: no peer listener).
+    /// Address of the mutual-TLS peer listener (repeatable; none by default).
+    #[arg(long)]
     pub peer: Vec<SocketAddr>,
+    /// Password of the `admin` user; otherwise read from or generated into DIR/admin.password.
+    #[arg(long, env = "THALI_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+    /// Origins allowed by CORS (repeatable; `*` for any).
+    #[arg(long = "cors-origin")]
     pub cors_origins: Vec<String>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
     pub max_request_size: usize,
+    /// Largest JSON document in bytes (413 beyond).
+    #[arg(long = "max-document-size", default_value_t = 8_000_000)]
     pub max_doc_size: usize,
 }
 
@@ -64,6 +78,16 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+async fn bind(addr: &SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServeError::Listen(*addr, e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(*addr, e))?;
+    Ok((listener, local))
+}
+
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     std::fs::create_dir_all(&cfg.data).map_err(|e| ServeError::DataDir(cfg.data.clone(), e))?;
     let (password, generated) = admin_password(&cfg.data, cfg.admin_password.clone())?;
@@ -96,12 +120,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let app = router(state);
     let mut servers = Vec::new();
     for addr in &cfg.http {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| ServeError::Listen(*addr, e))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| ServeError::Listen(*addr, e))?;
+        let (listener, local) = bind(addr).await?;
         tracing::info!(addr = %local, "HTTP API listening");
         println!("thali listening on http://{local}");
         let mut rx = shutdown_tx.subscribe();
@@ -126,12 +145,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         let tls = crate::peer::tls::server_config(&identity)
             .map_err(|e| ServeError::Identity(e.to_string()))?;
         for addr in &cfg.peer {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| ServeError::Listen(*addr, e))?;
-            let local = listener
-                .local_addr()
-                .map_err(|e| ServeError::Listen(*addr, e))?;
+            let (listener, local) = bind(addr).await?;
             let url = format!("httpkey://{local}/{}/", identity.key_id());
             tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
             println!("thali peers reach this node at {url}");

@@ -89,6 +89,23 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
+/// Shorthands shared by the loopback (admin) and peer (mTLS) clients.
+pub trait Client {
+    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp;
+    fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None)
+    }
+    fn put(&self, path: &str, body: &Value) -> Resp {
+        self.req("PUT", path, Some(body))
+    }
+    fn post(&self, path: &str, body: &Value) -> Resp {
+        self.req("POST", path, Some(body))
+    }
+    fn delete(&self, path: &str) -> Resp {
+        self.req("DELETE", path, None)
+    }
+}
+
 /// A running node.
 pub struct Node {
     pub child: Child,
@@ -178,29 +195,6 @@ impl Node {
         format!("http://admin:{PASSWORD}@{}", self.addr)
     }
 
-    /// An admin request with a JSON body.
-    pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
-        let body = body.map(|b| serde_json::to_vec(b).unwrap());
-        let mut headers = vec![("Authorization".to_string(), admin_auth())];
-        if body.is_some() {
-            headers.push(("Content-Type".into(), "application/json".into()));
-        }
-        request(self.addr, method, path, &headers, body.as_deref())
-    }
-
-    pub fn get(&self, path: &str) -> Resp {
-        self.req("GET", path, None)
-    }
-    pub fn put(&self, path: &str, body: &Value) -> Resp {
-        self.req("PUT", path, Some(body))
-    }
-    pub fn post(&self, path: &str, body: &Value) -> Resp {
-        self.req("POST", path, Some(body))
-    }
-    pub fn delete(&self, path: &str) -> Resp {
-        self.req("DELETE", path, None)
-    }
-
     /// A request with explicit headers and raw body (admin auth added).
     pub fn raw(
         &self,
@@ -212,6 +206,18 @@ impl Node {
         let mut h: Vec<(String, String)> = vec![("Authorization".into(), admin_auth())];
         h.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         request(self.addr, method, path, &h, body)
+    }
+}
+
+impl Client for Node {
+    /// An admin request with a JSON body.
+    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        let mut headers = vec![("Authorization".to_string(), admin_auth())];
+        if body.is_some() {
+            headers.push(("Content-Type".into(), "application/json".into()));
+        }
+        request(self.addr, method, path, &headers, body.as_deref())
     }
 }
 
@@ -402,20 +408,12 @@ impl PeerClient {
         tls.flush()?;
         read_response(&mut BufReader::new(tls), method == "HEAD")
     }
+}
 
-    #[track_caller]
-    pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+impl Client for PeerClient {
+    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
         self.try_req(method, path, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-    pub fn get(&self, path: &str) -> Resp {
-        self.req("GET", path, None)
-    }
-    pub fn put(&self, path: &str, body: &Value) -> Resp {
-        self.req("PUT", path, Some(body))
-    }
-    pub fn post(&self, path: &str, body: &Value) -> Resp {
-        self.req("POST", path, Some(body))
     }
 }
 

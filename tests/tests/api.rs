@@ -1,7 +1,7 @@
 //! Black-box tests of the HTTP API against the real binary.
 
 use serde_json::{json, Value};
-use thali_tests::{request, Node, TempDir, PASSWORD};
+use thali_tests::{request, Client, Node, TempDir, PASSWORD};
 
 fn node() -> (TempDir, Node) {
     let dir = TempDir::new("api");

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use thali_tests::{admin_auth, try_request, Node, TempDir};
+use thali_tests::{admin_auth, try_request, Client, Node, TempDir};
 
 #[test]
 fn acknowledged_writes_survive_kill_9() {

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use thali_node::peer::Identity;
-use thali_tests::{free_port, node_identity, Node, PeerClient, TempDir};
+use thali_tests::{free_port, node_identity, Client, Node, PeerClient, TempDir};
 
 struct Peered {
     _dir: TempDir,
@@ -199,6 +199,19 @@ fn permissions_per_key_and_database() {
     thali_tests::request(n.addr, "GET", "/shared", &[], None).assert_error(401, "unauthorized");
 }
 
+/// A client configuration pinning `key`, before choosing its client certificate.
+fn pinning(
+    key: [u8; 32],
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    rustls::ClientConfig::builder_with_provider(thali_node::peer::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(
+            thali_node::peer::tls::PinnedServer { expected: key },
+        ))
+}
+
 #[test]
 fn handshake_refusals() {
     let p = peered("hs");
@@ -207,14 +220,7 @@ fn handshake_refusals() {
     assert_eq!(p.client(&id).get("/").status, 200);
 
     // No client certificate: the handshake fails.
-    let cfg = rustls::ClientConfig::builder_with_provider(thali_node::peer::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(
-            thali_node::peer::tls::PinnedServer { expected: p.key },
-        ))
-        .with_no_client_auth();
+    let cfg = pinning(p.key).with_no_client_auth();
     let no_cert = PeerClient {
         config: std::sync::Arc::new(cfg),
         addr: format!("127.0.0.1:{}", p.port).parse().unwrap(),
@@ -234,13 +240,7 @@ fn handshake_refusals() {
         .unwrap()
         .signed_by(&leaf_key, &ca, &ca_key)
         .unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(thali_node::peer::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(
-            thali_node::peer::tls::PinnedServer { expected: p.key },
-        ))
+    let cfg = pinning(p.key)
         .with_client_auth_cert(
             vec![leaf.der().clone()],
             rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
