@@ -1,7 +1,7 @@
 //! Benchmark: this node against pouchdb-server 4.2 (npm) on the same machine, same workload,
 //! one run. Prints each figure for both servers and their ratio.
 //!
-//! Usage: `cargo run --release -p thali-tests --bin thali-bench [-- --quick]`
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench [-- --quick] [--thali-only]`
 //! (needs `npm ci` in tests/interop and builds the release `thali`).
 
 use bytes::Bytes;
@@ -419,6 +419,8 @@ fn peer_vs_loopback(t: &Target, n_docs: usize, quick: bool) -> [(f64, f64); 2] {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // Profiling aid: run only this node's half.
+    let thali_only = std::env::args().any(|a| a == "--thali-only");
     let (n_docs, n_put, n_get) = if quick {
         (2_000, 1_000, 2_000)
     } else {
@@ -434,6 +436,23 @@ fn main() {
     let a = rt.block_on(run(thali.clone(), &root, n_docs, n_put, n_get));
     let [keep, fresh] = peer_vs_loopback(&thali, n_docs, quick);
     drop(thali);
+    if thali_only {
+        println!(
+            "thali only: {:#?}",
+            (
+                a.bulk_docs_per_s,
+                a.put_rps,
+                a.put_p50_ms,
+                a.put_p99_ms,
+                a.get_rps,
+                a.changes_rows_per_s,
+                a.repl_docs_per_s,
+                keep,
+                fresh
+            )
+        );
+        return;
+    }
     let pouch = Arc::new(start_pouchdb_server(&root));
     let b = rt.block_on(run(pouch.clone(), &root, n_docs, n_put, n_get));
     drop(pouch);
