@@ -427,8 +427,18 @@ fn revs_limit_stems_history() {
     let d = n.get("/db/d?revs=true").json();
     assert_eq!(d["_revisions"]["start"], 10);
     assert_eq!(d["_revisions"]["ids"].as_array().unwrap().len(), 3);
-    // Stemmed revisions are gone.
+    // Stemmed revisions are gone; with a limit of 1 every update drops its parent.
     n.get("/db/d?rev=...").assert_error(400, "bad_request");
+    assert_eq!(n.put("/db/_revs_limit", &json!(1)).status, 200);
+    let old = rev.clone();
+    for i in 10..13 {
+        rev = rev_of(&n.put("/db/d", &json!({"i": i, "_rev": rev})));
+    }
+    let d = n.get("/db/d?revs=true").json();
+    assert_eq!(d["i"], 12);
+    assert_eq!(d["_revisions"]["ids"].as_array().unwrap().len(), 1);
+    n.get(&format!("/db/d?rev={old}"))
+        .assert_error(404, "not_found");
 }
 
 #[test]

@@ -107,7 +107,7 @@ impl Database {
             }
             if q.include_docs {
                 let doc = match (self.data().doc_info(id)?, Rev::parse(winner)) {
-                    (Some(info), Some(w)) => match self.data().body(id, winner)? {
+                    (Some(info), Some(w)) => match self.data().body_of(id, &info, winner)? {
                         Some(body) => Value::Object(self.render(id, &info, &w, body, &opts).doc),
                         None => Value::Null,
                     },

@@ -80,10 +80,14 @@ impl Database {
                 }
                 let rev_s = rev.to_string();
                 if leaves.contains(&rev) {
-                    if let Some(body) = old.body(&id, &rev_s)? {
+                    let is_current = info.current.as_ref().is_some_and(|(r, _)| *r == rev_s);
+                    if let Some(body) = old.body_of(&id, &info, &rev_s)? {
                         digests.extend(body.atts.values().map(|m| m.digest.clone()));
-                        batch.put_body(&id, &rev_s, &body);
-                        n += 1;
+                        // The current body travels inside the doc info.
+                        if !is_current {
+                            batch.put_body(&id, &rev_s, &body);
+                            n += 1;
+                        }
                     }
                 } else {
                     info.tree.set_unavailable(&rev);

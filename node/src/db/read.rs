@@ -2,7 +2,7 @@
 //! `_all_docs` and attachments.
 
 use super::{Database, DbError, DbResult};
-use crate::doc::{Rev, RevTree};
+use crate::doc::Rev;
 use crate::store::{AttMeta, DocInfo, RevBody};
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -97,16 +97,16 @@ impl Database {
             }
         };
         let body = self
-            .body_of(id, &info.tree, &rev)?
+            .body_of(id, &info, &rev)?
             .ok_or_else(DbError::missing)?;
         Ok(self.render(id, &info, &rev, body, opts))
     }
 
-    fn body_of(&self, id: &str, tree: &RevTree, rev: &Rev) -> DbResult<Option<RevBody>> {
-        if !tree.get(rev).is_some_and(|n| n.available) {
+    fn body_of(&self, id: &str, info: &DocInfo, rev: &Rev) -> DbResult<Option<RevBody>> {
+        if !info.tree.get(rev).is_some_and(|n| n.available) {
             return Ok(None);
         }
-        Ok(self.data().body(id, &rev.to_string())?)
+        Ok(self.data().body_of(id, info, &rev.to_string())?)
     }
 
     /// `open_revs`: per requested revision the document, or `Err(rev)` when it is missing.
@@ -154,7 +154,7 @@ impl Database {
         };
         let mut results = Vec::with_capacity(revs.len());
         for (rev, asked) in revs {
-            match self.body_of(id, &info.tree, &rev)? {
+            match self.body_of(id, &info, &rev)? {
                 Some(body) => results.push(Ok(self.render(id, &info, &rev, body, opts))),
                 None => results.push(Err(if opts.latest { asked } else { rev.to_string() })),
             }
@@ -280,7 +280,7 @@ impl Database {
             }
         };
         let body = self
-            .body_of(id, &info.tree, &rev)?
+            .body_of(id, &info, &rev)?
             .ok_or_else(DbError::missing)?;
         let meta = body
             .atts
@@ -480,7 +480,7 @@ impl Database {
             return Ok(row);
         }
         if include_docs {
-            row["doc"] = match self.body_of(id, &info.tree, &w.rev)? {
+            row["doc"] = match self.body_of(id, &info, &w.rev)? {
                 Some(body) => Value::Object(self.render(id, info, &w.rev, body, opts).doc),
                 None => Value::Null,
             };

@@ -123,12 +123,18 @@ impl Database {
         Ok(bs.data.doc_info(id)?.unwrap_or_default())
     }
 
-    fn load_body(&self, id: &str, rev: &Rev, bs: &BatchState) -> DbResult<Option<RevBody>> {
+    fn load_body(
+        &self,
+        id: &str,
+        info: &DocInfo,
+        rev: &Rev,
+        bs: &BatchState,
+    ) -> DbResult<Option<RevBody>> {
         let r = rev.to_string();
         if let Some(b) = bs.bodies.get(&(id.to_string(), r.clone())) {
             return Ok(Some(b.clone()));
         }
-        Ok(bs.data.body(id, &r)?)
+        Ok(bs.data.body_of(id, info, &r)?)
     }
 
     fn write_one(
@@ -171,7 +177,7 @@ impl Database {
                 (None, Some(_)) => return Err(DbError::Conflict),
             };
             let parent_body = match &parent {
-                Some(p) => self.load_body(&id, p, bs)?,
+                Some(p) => self.load_body(&id, &info, p, bs)?,
                 None => None,
             };
             let pos = parent.as_ref().map_or(1, |p| p.pos + 1);
@@ -210,7 +216,7 @@ impl Database {
             for (i, aid) in ids.iter().enumerate().skip(1) {
                 let r = Rev::new(start - i as u64, aid.clone());
                 if info.tree.get(&r).is_some_and(|n| n.available) {
-                    if let Some(b) = self.load_body(&id, &r, bs)? {
+                    if let Some(b) = self.load_body(&id, &info, &r, bs)? {
                         ancestors.push(b);
                     }
                 }
@@ -236,11 +242,12 @@ impl Database {
             deleted: doc.deleted,
         };
         let rev_s = new_rev.to_string();
-        bs.batch.put_body(&id, &rev_s, &body);
         // Later documents of the batch only look bodies up to resolve attachment stubs.
         if !body.atts.is_empty() {
-            bs.bodies.insert((id.clone(), rev_s.clone()), body);
+            bs.bodies.insert((id.clone(), rev_s.clone()), body.clone());
         }
+        bs.batch
+            .set_current_body(&id, &mut info, rev_s.clone(), body);
 
         st.update_seq += 1;
         if info.seq > 0 {
@@ -395,7 +402,9 @@ impl Database {
             atts: BTreeMap::new(),
         };
         let Some(rev) = rev else { return Ok(doc) };
-        let Some(body) = self.data().body(id, &rev.to_string())? else {
+        let data = self.data();
+        let info = data.doc_info(id)?.unwrap_or_default();
+        let Some(body) = data.body_of(id, &info, &rev.to_string())? else {
             return Err(DbError::Conflict);
         };
         if body.deleted {

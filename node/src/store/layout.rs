@@ -11,6 +11,11 @@ pub struct DocInfo {
     pub tree: RevTree,
     #[serde(rename = "s")]
     pub seq: u64,
+    /// The body of the most recently written revision (always a leaf), kept in this record so a
+    /// new document costs one insert less and the usual read one lookup less. Older bodies live
+    /// under `r` keys.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<(String, RevBody)>,
 }
 
 /// The by-sequence entry of a document: enough for a `_changes` row without reading the

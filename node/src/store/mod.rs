@@ -272,6 +272,17 @@ impl WriteBatch {
     pub fn put_body(&mut self, id: &str, rev: &str, body: &RevBody) {
         self.put(body_key(id, rev), encode(body));
     }
+    /// Makes `body` the document's current body (stored with its doc info); the previous
+    /// current body moves under its own key unless stemming removed that revision.
+    pub fn set_current_body(&mut self, id: &str, info: &mut DocInfo, rev: String, body: RevBody) {
+        if let Some((old_rev, old_body)) = info.current.take() {
+            let kept = crate::doc::Rev::parse(&old_rev).is_some_and(|r| info.tree.contains(&r));
+            if kept {
+                self.put_body(id, &old_rev, &old_body);
+            }
+        }
+        info.current = Some((rev, body));
+    }
     pub fn del_body(&mut self, id: &str, rev: &str) {
         self.del(body_key(id, rev));
     }
@@ -361,6 +372,14 @@ impl DbStore {
 
     pub fn doc_info(&self, id: &str) -> Result<Option<DocInfo>> {
         self.tree.get(doc_key(id))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// The body of `rev`: the current one in `info`, or the one stored under its own key.
+    pub fn body_of(&self, id: &str, info: &DocInfo, rev: &str) -> Result<Option<RevBody>> {
+        match &info.current {
+            Some((r, b)) if r == rev => Ok(Some(b.clone())),
+            _ => self.body(id, rev),
+        }
     }
 
     pub fn body(&self, id: &str, rev: &str) -> Result<Option<RevBody>> {
