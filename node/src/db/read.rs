@@ -480,7 +480,7 @@ impl Database {
             return Ok(row);
         }
         if include_docs {
-            row["doc"] = match self.body_of(id, &info, &w.rev)? {
+            row["doc"] = match self.body_of(id, info, &w.rev)? {
                 Some(body) => Value::Object(self.render(id, info, &w.rev, body, opts).doc),
                 None => Value::Null,
             };
