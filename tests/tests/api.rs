@@ -876,3 +876,60 @@ fn compaction_returns_space_to_the_file_system() {
     );
     assert_eq!(n.get("/db").json()["doc_count"], 40);
 }
+
+#[test]
+fn writes_during_compaction_are_kept() {
+    let (_d, n) = node();
+    n.put("/db", &json!({}));
+    let docs: Vec<Value> = (0..3000)
+        .map(|i| json!({"_id": format!("d{i:05}"), "pad": "x".repeat(2000)}))
+        .collect();
+    let res = n.post("/db/_bulk_docs", &json!({ "docs": docs })).json();
+    let mut revs: Vec<String> = res
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rev"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(n.post("/db/_compact", &json!({})).status, 202);
+    // Write while the copy runs: updates of copied docs and new docs.
+    let mut acked = Vec::new();
+    for i in 0..150usize {
+        let r = n.put(
+            &format!("/db/d{i:05}"),
+            &json!({"_rev": revs[i], "updated": i}),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        revs[i] = rev_of(&r);
+        acked.push((format!("d{i:05}"), revs[i].clone()));
+        let r = n.put(&format!("/db/new{i}"), &json!({"n": i}));
+        acked.push((format!("new{i}"), rev_of(&r)));
+    }
+    let r = n.put("/db/_local/cp", &json!({"seq": 1}));
+    assert_eq!(r.status, 201);
+    let mut saw_running = false;
+    for _ in 0..400 {
+        if n.get("/db").json()["compact_running"] == false {
+            break;
+        }
+        saw_running = true;
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let _ = saw_running;
+    let check = |n: &Node| {
+        for (id, rev) in &acked {
+            let d = n.get(&format!("/db/{id}")).json();
+            assert_eq!(d["_rev"], rev.as_str(), "{id}");
+        }
+        let info = n.get("/db").json();
+        assert_eq!(info["doc_count"], 3150);
+        let ch = n.get("/db/_changes").json();
+        assert_eq!(ch["results"].as_array().unwrap().len(), 3150);
+        assert_eq!(ch["last_seq"], info["update_seq"]);
+        assert_eq!(n.get("/db/_local/cp").json()["seq"], 1);
+    };
+    check(&n);
+    let mut n = n;
+    n.restart();
+    check(&n);
+}

@@ -254,17 +254,9 @@ impl Database {
             bs.batch.del_seq(info.seq);
         }
         info.seq = st.update_seq;
-        let leaves = info.tree.leaves();
-        let new_winner = leaves.first().cloned();
-        bs.batch.put_seq(
-            info.seq,
-            &SeqEntry {
-                id: id.clone(),
-                leaves: leaves.iter().map(|l| l.rev.to_string()).collect(),
-                deleted: new_winner.as_ref().is_some_and(|w| w.deleted),
-            },
-        );
-
+        let entry = SeqEntry::of(&id, &info.tree);
+        bs.batch.put_seq(info.seq, &entry);
+        let new_winner = info.tree.winner();
         match old_winner {
             None => {}
             Some(w) if w.deleted => st.doc_del_count = st.doc_del_count.saturating_sub(1),

@@ -30,6 +30,18 @@ pub struct SeqEntry {
     pub deleted: bool,
 }
 
+impl SeqEntry {
+    /// The entry for a document with this revision tree.
+    pub fn of(id: &str, tree: &RevTree) -> SeqEntry {
+        let leaves = tree.leaves();
+        SeqEntry {
+            id: id.to_string(),
+            deleted: leaves.first().is_some_and(|w| w.deleted),
+            leaves: leaves.iter().map(|l| l.rev.to_string()).collect(),
+        }
+    }
+}
+
 /// Metadata of one attachment of one revision; the bytes live under their digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttMeta {

@@ -227,6 +227,10 @@ impl NextGeneration {
         Ok(())
     }
 
+    pub fn doc_info(&self, id: &str) -> Result<Option<DocInfo>> {
+        self.store.doc_info(id)
+    }
+
     /// Makes this generation the database's current one and deletes the old one.
     pub fn commit(self, old: &DbStore) -> Result<DbStore> {
         self.store.inner.db.flush()?;
