@@ -894,14 +894,11 @@ fn writes_during_compaction_are_kept() {
     assert_eq!(n.post("/db/_compact", &json!({})).status, 202);
     // Write while the copy runs: updates of copied docs and new docs.
     let mut acked = Vec::new();
-    for i in 0..150usize {
-        let r = n.put(
-            &format!("/db/d{i:05}"),
-            &json!({"_rev": revs[i], "updated": i}),
-        );
+    for (i, rev) in revs.iter_mut().enumerate().take(150) {
+        let r = n.put(&format!("/db/d{i:05}"), &json!({"_rev": rev, "updated": i}));
         assert_eq!(r.status, 201, "{}", r.text());
-        revs[i] = rev_of(&r);
-        acked.push((format!("d{i:05}"), revs[i].clone()));
+        *rev = rev_of(&r);
+        acked.push((format!("d{i:05}"), rev.clone()));
         let r = n.put(&format!("/db/new{i}"), &json!({"n": i}));
         acked.push((format!("new{i}"), rev_of(&r)));
     }
