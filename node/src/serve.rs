@@ -32,6 +32,9 @@ pub struct ServeConfig {
     /// Largest JSON document in bytes (413 beyond).
     #[arg(long = "max-document-size", default_value_t = 8_000_000)]
     pub max_doc_size: usize,
+    /// Seconds a client may take to send request headers or a request body (408 beyond).
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             admin_password: password,
             cors_origins: cfg.cors_origins.clone(),
             max_request_size: cfg.max_request_size,
+            body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
         }),
         shutdown: shutdown_rx,
     };
@@ -154,6 +158,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                 listener,
                 tls.clone(),
                 app.clone(),
+                Duration::from_secs(cfg.request_timeout.max(1)),
                 shutdown_tx.subscribe(),
             )));
         }

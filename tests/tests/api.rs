@@ -927,3 +927,29 @@ fn writes_during_compaction_are_kept() {
     n.restart();
     check(&n);
 }
+
+#[test]
+fn slow_request_bodies_time_out() {
+    let dir = TempDir::new("slow");
+    let n = Node::start_with(&dir.0, &["--request-timeout", "1"]);
+    n.put("/db", &json!({}));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(n.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "PUT /db/slow HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
+        thali_tests::admin_auth()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 512];
+    let k = s.read(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf[..k]).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Nothing was written and the node still serves.
+    n.get("/db/slow").assert_error(404, "not_found");
+    assert_eq!(n.get("/db").json()["doc_count"], 0);
+}

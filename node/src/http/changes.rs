@@ -42,7 +42,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
     match r.method {
         Method::GET | Method::HEAD => {}
         Method::POST => {
-            let bytes = r.bytes(state.config.max_request_size).await?;
+            let bytes = r.bytes().await?;
             if !bytes.iter().all(u8::is_ascii_whitespace) {
                 r.require_json()?;
                 body = serde_json::from_slice(&bytes)

@@ -43,7 +43,7 @@ pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         Method::POST => {
             let db = open(state, name)?;
             r.require_json()?;
-            let doc = r.json(state.config.max_request_size).await?;
+            let doc = r.json().await?;
             if !doc.is_object() {
                 return Err(ApiError::bad_request("Document must be a JSON object"));
             }
@@ -80,7 +80,7 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     }
     let db = open(state, name)?;
     r.require_json()?;
-    let body = r.json(state.config.max_request_size).await?;
+    let body = r.json().await?;
     let Some(docs) = body.get("docs").and_then(Value::as_array).cloned() else {
         return Err(ApiError::bad_request(
             "POST body must include `docs` parameter.",
@@ -132,7 +132,7 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     }
     let db = open(state, name)?;
     r.require_json()?;
-    let body = r.json(state.config.max_request_size).await?;
+    let body = r.json().await?;
     let Some(docs) = body.get("docs").and_then(Value::as_array) else {
         return Err(ApiError::bad_request("Missing JSON list of 'docs'."));
     };
@@ -175,7 +175,7 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     }
     let db = open(state, name)?;
     r.require_json()?;
-    let Value::Object(body) = r.json(state.config.max_request_size).await? else {
+    let Value::Object(body) = r.json().await? else {
         return Err(ApiError::bad_request("Request body must be a JSON object"));
     };
     Ok(ok(db.revs_diff(body)?))
@@ -188,7 +188,7 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
         Method::GET | Method::HEAD => {}
         Method::POST => {
             r.require_json()?;
-            let body = r.json(state.config.max_request_size).await?;
+            let body = r.json().await?;
             if let Some(k) = body.get("keys") {
                 body_keys = Some(k.clone());
             }
@@ -292,7 +292,7 @@ pub async fn security(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     match r.method {
         Method::GET | Method::HEAD => Ok(ok(db.security()?)),
         Method::PUT => {
-            let body = r.json(state.config.max_request_size).await?;
+            let body = r.json().await?;
             db.set_security(body).await?;
             Ok(ok(json!({"ok": true})))
         }
@@ -305,7 +305,7 @@ pub async fn revs_limit(state: &AppState, r: &mut Req, name: &str) -> ApiResult<
     match r.method {
         Method::GET | Method::HEAD => Ok(ok(json!(db.revs_limit()))),
         Method::PUT => {
-            let body = r.json(state.config.max_request_size).await?;
+            let body = r.json().await?;
             let n = body
                 .as_u64()
                 .ok_or_else(|| ApiError::bad_request("Rev limit has to be an integer"))?;

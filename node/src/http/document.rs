@@ -114,7 +114,7 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
         }
         Method::PUT => {
             let new_edits = r.query.bool_or("new_edits", true)?;
-            let mut doc = read_doc_body(state, r).await?;
+            let mut doc = read_doc_body(r).await?;
             doc.id = Some(id.to_string());
             crate::doc::parse::validate_doc_id(id).map_err(crate::db::DbError::from)?;
             if doc.rev.is_none() && !doc.bad_rev {
@@ -155,15 +155,15 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 None => Err(ApiError::new(500, "internal_server_error", "no result")),
             }
         }
-        m if m.as_str() == "COPY" => copy(state, r, &db, id).await,
+        m if m.as_str() == "COPY" => copy(r, &db, id).await,
         _ => Err(ApiError::method_not_allowed("COPY,DELETE,GET,HEAD,PUT")),
     }
 }
 
 /// Reads a PUT body: JSON, or multipart/related with attachment bodies after the JSON.
-async fn read_doc_body(state: &AppState, r: &mut Req) -> ApiResult<IncomingDoc> {
+async fn read_doc_body(r: &mut Req) -> ApiResult<IncomingDoc> {
     let ctype = r.content_type().to_string();
-    let bytes = r.bytes(state.config.max_request_size).await?;
+    let bytes = r.bytes().await?;
     if ctype.to_ascii_lowercase().starts_with("multipart/related") {
         let boundary = multipart::boundary(&ctype)
             .ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
@@ -266,7 +266,6 @@ fn open_revs_multipart(
 }
 
 async fn copy(
-    state: &AppState,
     r: &mut Req,
     db: &std::sync::Arc<crate::db::Database>,
     id: &str,
@@ -291,7 +290,6 @@ async fn copy(
         Some(rv) => src.insert("_rev".into(), json!(rv)),
         None => src.remove("_rev"),
     };
-    let _ = state;
     let mut res = db.bulk_docs(vec![Value::Object(src)], true).await?;
     match res.pop() {
         Some(Ok((id, rev))) => Ok(with_etag(
@@ -353,7 +351,7 @@ pub async fn attachment(
                 c => c.to_string(),
             };
             crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
-            let data = r.bytes(state.config.max_request_size).await?.to_vec();
+            let data = r.bytes().await?.to_vec();
             let new_rev = db.put_attachment(id, rev, name, &ctype, data).await?;
             Ok(with_etag(
                 status(201, json!({"ok": true, "id": id, "rev": new_rev})),
@@ -400,7 +398,7 @@ pub async fn local(
     match r.method.clone() {
         Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id)?)),
         Method::PUT => {
-            let json = r.json(state.config.max_request_size).await?;
+            let json = r.json().await?;
             let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
             doc.id = Some(format!("_local/{local_id}"));
             if doc.raw_rev.is_none() {

@@ -32,6 +32,8 @@ pub struct HttpConfig {
     /// Origins allowed by CORS; `*` allows any.
     pub cors_origins: Vec<String>,
     pub max_request_size: usize,
+    /// How long a client may take to send a request body.
+    pub body_timeout: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -55,10 +57,14 @@ pub struct Req {
     /// In a mutex only so that `&Req` is `Send` across awaits (Body is not `Sync`).
     pub body: std::sync::Mutex<Option<Body>>,
     pub principal: Principal,
+    max_body: usize,
+    body_timeout: std::time::Duration,
 }
 
 impl Req {
-    pub async fn bytes(&mut self, max: usize) -> ApiResult<Bytes> {
+    /// The request body, within the configured size limit and time.
+    pub async fn bytes(&mut self) -> ApiResult<Bytes> {
+        let max = self.max_body;
         if let Some(len) = self
             .headers
             .get(header::CONTENT_LENGTH)
@@ -75,9 +81,15 @@ impl Req {
             .ok()
             .and_then(Option::take)
             .unwrap_or_default();
-        axum::body::to_bytes(body, max)
-            .await
-            .map_err(|_| ApiError::too_large())
+        match tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, max)).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(_)) => Err(ApiError::too_large()),
+            Err(_) => Err(ApiError::new(
+                408,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )),
+        }
     }
 
     pub fn content_type(&self) -> &str {
@@ -100,8 +112,8 @@ impl Req {
         }
     }
 
-    pub async fn json(&mut self, max: usize) -> ApiResult<serde_json::Value> {
-        let b = self.bytes(max).await?;
+    pub async fn json(&mut self) -> ApiResult<serde_json::Value> {
+        let b = self.bytes().await?;
         serde_json::from_slice(&b).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))
     }
 
@@ -149,6 +161,8 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             headers: parts.headers,
             body: std::sync::Mutex::new(Some(body)),
             principal,
+            max_body: state.config.max_request_size,
+            body_timeout: state.config.body_timeout,
         };
         let head = r.method == Method::HEAD;
         let mut resp = match route(&state, r).await {

@@ -24,6 +24,7 @@ pub async fn serve(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     app: Router,
+    header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(config);
@@ -33,7 +34,7 @@ pub async fn serve(
                 Ok((tcp, addr)) => {
                     let (acceptor, app) = (acceptor.clone(), app.clone());
                     let span = tracing::debug_span!("peer_conn", %addr);
-                    tokio::spawn(connection(tcp, addr, acceptor, app).instrument(span));
+                    tokio::spawn(connection(tcp, addr, acceptor, app, header_timeout).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "peer accept failed");
@@ -50,6 +51,7 @@ async fn connection(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     app: Router,
+    header_timeout: Duration,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -78,7 +80,10 @@ async fn connection(
         let app = app.clone();
         async move { tower::ServiceExt::oneshot(app, req).await }
     });
+    // A peer that stops sending headers (or idles between requests) is dropped.
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(tls), svc)
         .await
     {
