@@ -35,6 +35,9 @@ pub struct ServeConfig {
     /// Seconds a client may take to send request headers or a request body (408 beyond).
     #[arg(long, default_value_t = 300)]
     pub request_timeout: u64,
+    /// Most concurrent connections on the peer listener; more are closed at once.
+    #[arg(long, default_value_t = 512)]
+    pub max_peer_connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +162,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                 tls.clone(),
                 app.clone(),
                 Duration::from_secs(cfg.request_timeout.max(1)),
+                cfg.max_peer_connections,
                 shutdown_tx.subscribe(),
             )));
         }

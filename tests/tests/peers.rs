@@ -486,3 +486,55 @@ fn two_nodes_replicate_over_httpkey_urls() {
     )
     .assert_error(403, "forbidden");
 }
+
+#[test]
+fn peer_connections_are_capped() {
+    let dir = TempDir::new("cap");
+    let port = free_port();
+    let _node = Node::start_with(
+        &dir.0,
+        &[
+            "--peer",
+            &format!("127.0.0.1:{port}"),
+            "--max-peer-connections",
+            "2",
+        ],
+    );
+    let key = *node_identity(&dir.0).public_key();
+    let id = Identity::generate().unwrap();
+    let client = PeerClient::new(&id, key, format!("127.0.0.1:{port}").parse().unwrap());
+    let open = || -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+        let name = rustls::pki_types::ServerName::try_from("thali.peer").unwrap();
+        let conn = rustls::ClientConnection::new(client.config.clone(), name).map_err(std::io::Error::other)?;
+        let tcp = std::net::TcpStream::connect(client.addr)?;
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(s)
+    };
+    let a = open().unwrap();
+    let b = open().unwrap();
+    // Give the server a moment to count both.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        open().is_err(),
+        "a third connection was accepted past the limit of 2"
+    );
+    drop(a);
+    // The freed slot is usable again.
+    let mut ok = false;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if client
+            .try_req("GET", "/", None)
+            .is_ok_and(|r| r.status == 200)
+        {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "no connection accepted after one was closed");
+    drop(b);
+}

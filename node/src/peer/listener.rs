@@ -25,16 +25,31 @@ pub async fn serve(
     config: Arc<rustls::ServerConfig>,
     app: Router,
     header_timeout: Duration,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(config);
+    // Each connection holds a permit; past the limit new connections are closed at once, so a
+    // flood of (possibly unauthenticated) peers cannot exhaust the node.
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, addr)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        tracing::warn!(%addr, max_connections, "peer connection refused: too many connections");
+                        drop(tcp);
+                        continue;
+                    };
                     let (acceptor, app) = (acceptor.clone(), app.clone());
                     let span = tracing::debug_span!("peer_conn", %addr);
-                    tokio::spawn(connection(tcp, addr, acceptor, app, header_timeout).instrument(span));
+                    tokio::spawn(
+                        async move {
+                            connection(tcp, addr, acceptor, app, header_timeout).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "peer accept failed");
