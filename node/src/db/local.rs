@@ -74,15 +74,11 @@ impl Database {
         local_id: &str,
         rev: Option<String>,
     ) -> DbResult<DocResult> {
+        // `0-N` is no `Rev`: only the raw form is set.
         let doc = IncomingDoc {
-            id: Some(format!("_local/{local_id}")),
-            rev: None,
             raw_rev: rev,
-            bad_rev: false,
-            revisions: None,
             deleted: true,
-            body: Default::default(),
-            atts: Default::default(),
+            ..IncomingDoc::edit(format!("_local/{local_id}"), None)
         };
         let mut r = self.write_docs(vec![Ok(doc)], true).await?;
         r.pop().ok_or_else(|| DbError::Internal("no result".into()))

@@ -105,10 +105,6 @@ impl Node {
         self.store.list_databases()
     }
 
-    pub fn size_on_disk(&self) -> u64 {
-        self.store.size_on_disk()
-    }
-
     /// Flushes every open database (at shutdown).
     pub fn flush(&self) -> DbResult<()> {
         let dbs: Vec<Arc<Database>> = self
@@ -242,11 +238,6 @@ impl Database {
 
     pub fn size_on_disk(&self) -> u64 {
         self.data().size_on_disk()
-    }
-
-    /// Flushes this database (`_ensure_full_commit`).
-    pub fn flush(&self) -> DbResult<()> {
-        Ok(self.data().flush_blocking()?)
     }
 
     pub fn name(&self) -> &str {

@@ -254,9 +254,10 @@ impl Database {
             bs.batch.del_seq(info.seq);
         }
         info.seq = st.update_seq;
-        let entry = SeqEntry::of(&id, &info.tree);
+        let leaves = info.tree.leaves();
+        let entry = SeqEntry::from_leaves(&id, &leaves);
         bs.batch.put_seq(info.seq, &entry);
-        let new_winner = info.tree.winner();
+        let new_winner = leaves.into_iter().next();
         match old_winner {
             None => {}
             Some(w) if w.deleted => st.doc_del_count = st.doc_del_count.saturating_sub(1),
@@ -383,16 +384,7 @@ impl Database {
 
     /// The document at `rev` as an edit that keeps its body and attachments (as stubs).
     fn doc_for_attachment_edit(&self, id: &str, rev: Option<Rev>) -> DbResult<IncomingDoc> {
-        let mut doc = IncomingDoc {
-            id: Some(id.to_string()),
-            rev: rev.clone(),
-            raw_rev: rev.as_ref().map(Rev::to_string),
-            bad_rev: false,
-            revisions: None,
-            deleted: false,
-            body: Default::default(),
-            atts: BTreeMap::new(),
-        };
+        let mut doc = IncomingDoc::edit(id.to_string(), rev.clone());
         let Some(rev) = rev else { return Ok(doc) };
         let data = self.data();
         let info = data.doc_info(id)?.unwrap_or_default();

@@ -36,7 +36,7 @@ pub struct IncomingAtt {
     pub encoding: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct IncomingDoc {
     pub id: Option<String>,
     pub rev: Option<Rev>,
@@ -50,6 +50,18 @@ pub struct IncomingDoc {
     /// The user's fields, without any `_` member.
     pub body: Map<String, Value>,
     pub atts: BTreeMap<String, IncomingAtt>,
+}
+
+impl IncomingDoc {
+    /// An empty edit of `id` on top of `rev` (attachment edits, deletions built by the node).
+    pub fn edit(id: String, rev: Option<Rev>) -> IncomingDoc {
+        IncomingDoc {
+            id: Some(id),
+            raw_rev: rev.as_ref().map(Rev::to_string),
+            rev,
+            ..Default::default()
+        }
+    }
 }
 
 /// Checks a document id. `_design/` and `_local/` are the only reserved prefixes.
@@ -78,16 +90,7 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
             "Document must be a JSON object".into(),
         ));
     };
-    let mut doc = IncomingDoc {
-        id: None,
-        rev: None,
-        raw_rev: None,
-        bad_rev: false,
-        revisions: None,
-        deleted: false,
-        body: Map::new(),
-        atts: BTreeMap::new(),
-    };
+    let mut doc = IncomingDoc::default();
     for (k, v) in map {
         if !k.starts_with('_') {
             doc.body.insert(k, v);

@@ -156,7 +156,7 @@ pub fn level_in(sec: &Value, key: &str) -> Option<Level> {
 }
 
 /// The principal's level on `db` (the local admin has every level).
-pub fn db_level(state: &AppState, principal: &Principal, db: &str) -> Option<Level> {
+fn db_level(state: &AppState, principal: &Principal, db: &str) -> Option<Level> {
     match principal {
         Principal::Admin => Some(Level::Admin),
         Principal::Anonymous => None,
@@ -168,11 +168,14 @@ pub fn db_level(state: &AppState, principal: &Principal, db: &str) -> Option<Lev
 }
 
 /// The single authorization point: every request passes here before its handler runs.
-pub fn authorize(state: &AppState, r: &Req) -> ApiResult<()> {
+/// Returns the principal's level on the route's database, for handlers that decide per document
+/// (`_bulk_docs` and design documents).
+pub fn authorize(state: &AppState, r: &Req) -> ApiResult<Option<Level>> {
     let need = classify(r);
     match (&r.principal, need) {
-        (Principal::Admin, _) | (_, Need::Open) => Ok(()),
-        (Principal::Anonymous, Need::LoopbackOpen) => Ok(()),
+        (Principal::Admin, _) => Ok(Some(Level::Admin)),
+        (_, Need::Open) => Ok(None),
+        (Principal::Anonymous, Need::LoopbackOpen) => Ok(None),
         (Principal::Anonymous, _) => Err(ApiError::unauthorized()),
         (Principal::Peer(_), Need::LoopbackOpen | Need::NodeAdmin) => Err(ApiError::new(
             403,
@@ -180,7 +183,7 @@ pub fn authorize(state: &AppState, r: &Req) -> ApiResult<()> {
             "Only the node's admin may do this.",
         )),
         (p @ Principal::Peer(key), Need::Db(db, need)) => match db_level(state, p, &db) {
-            Some(have) if have >= need => Ok(()),
+            Some(have) if have >= need => Ok(Some(have)),
             Some(_) => {
                 tracing::debug!(%key, %db, ?need, "peer lacks the permission");
                 Err(ApiError::new(

@@ -57,6 +57,8 @@ pub struct Req {
     /// In a mutex only so that `&Req` is `Send` across awaits (Body is not `Sync`).
     pub body: std::sync::Mutex<Option<Body>>,
     pub principal: Principal,
+    /// The principal's level on the route's database, set by the authorization point.
+    pub db_level: Option<Level>,
     max_body: usize,
     body_timeout: std::time::Duration,
 }
@@ -161,6 +163,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             headers: parts.headers,
             body: std::sync::Mutex::new(Some(body)),
             principal,
+            db_level: None,
             max_body: state.config.max_request_size,
             body_timeout: state.config.body_timeout,
         };
@@ -193,7 +196,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 }
 
 async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
-    auth::authorize(state, &r)?;
+    r.db_level = auth::authorize(state, &r)?;
     let segs = r.segments.clone();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     match segs.as_slice() {
@@ -216,7 +219,7 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         [db, "_bulk_get"] => database::bulk_get(state, &mut r, db).await,
         [db, "_revs_diff"] => database::revs_diff(state, &mut r, db).await,
         [db, "_changes"] => changes::changes(state, &mut r, db).await,
-        [db, "_ensure_full_commit"] => database::ensure_full_commit(state, &r, db).await,
+        [db, "_ensure_full_commit"] => database::ensure_full_commit(state, &r, db),
         [db, "_compact", ..] => database::compact(state, &r, db),
         [db, "_view_cleanup"] => database::view_cleanup(state, &r, db),
         [db, "_security"] => database::security(state, &mut r, db).await,

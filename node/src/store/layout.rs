@@ -33,7 +33,11 @@ pub struct SeqEntry {
 impl SeqEntry {
     /// The entry for a document with this revision tree.
     pub fn of(id: &str, tree: &RevTree) -> SeqEntry {
-        let leaves = tree.leaves();
+        Self::from_leaves(id, &tree.leaves())
+    }
+
+    /// The same from leaves already computed (winner first).
+    pub fn from_leaves(id: &str, leaves: &[crate::doc::Leaf]) -> SeqEntry {
         SeqEntry {
             id: id.to_string(),
             deleted: leaves.first().is_some_and(|w| w.deleted),

@@ -180,11 +180,6 @@ impl Store {
         std::fs::remove_dir_all(&dir)?;
         Ok(true)
     }
-
-    /// Bytes used on disk by all databases and the node metadata.
-    pub fn size_on_disk(&self) -> u64 {
-        dir_size(&self.inner.dbs_dir) + self.inner.node.size_on_disk().unwrap_or(0)
-    }
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -298,9 +293,6 @@ impl WriteBatch {
     }
     pub fn put_att(&mut self, digest: &str, data: &[u8]) {
         self.put(att_key(digest), data.to_vec());
-    }
-    pub fn del_att(&mut self, digest: &str) {
-        self.del(att_key(digest));
     }
     pub fn put_local(&mut self, id: &str, doc: &serde_json::Value) {
         self.put(local_key(id), encode(doc));
@@ -502,19 +494,6 @@ impl DbStore {
                 .map_err(|_| StoreError::Corrupt("local id".into()))?;
             Ok((id, decode(&v)?))
         })
-    }
-
-    /// Digests of all stored attachment blobs.
-    pub fn att_digests(&self) -> impl Iterator<Item = Result<String>> {
-        self.tree.scan_prefix([b'a']).keys().map(|r| {
-            let k = r?;
-            String::from_utf8(k[1..].to_vec()).map_err(|_| StoreError::Corrupt("att key".into()))
-        })
-    }
-
-    /// Every stored revision body (for compaction).
-    pub fn bodies(&self) -> impl Iterator<Item = Result<RevBody>> {
-        self.tree.scan_prefix([b'r']).values().map(|r| decode(&r?))
     }
 }
 
