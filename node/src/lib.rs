@@ -5,5 +5,6 @@ pub mod db;
 pub mod doc;
 pub mod http;
 pub mod peer;
+pub mod replicate;
 pub mod serve;
 pub mod store;

@@ -114,7 +114,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Identity(e.to_string()))?;
     tracing::info!(key = %identity.key_id(), "node identity");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let identity = Arc::new(identity);
+    let replicator = crate::replicate::Replicator::new(node.clone(), identity.clone());
+    let manager = tokio::spawn(crate::replicate::manager::run(
+        replicator.clone(),
+        shutdown_tx.subscribe(),
+    ));
     let state = AppState {
+        replicator: replicator.clone(),
         node: node.clone(),
         config: Arc::new(HttpConfig {
             admin_password: password,
@@ -174,6 +181,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let _ = std::fs::remove_file(&urls_file);
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
+    let _ = manager.await;
+    // Jobs stop after a last checkpoint, before the stores close.
+    replicator.shutdown().await;
     // Give open requests a moment; feeds end on the shutdown signal.
     let _ = tokio::time::timeout(
         Duration::from_secs(10),

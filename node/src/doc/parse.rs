@@ -121,6 +121,11 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
             "_revisions" => doc.revisions = Some(parse_revisions(&v)?),
             "_attachments" => doc.atts = parse_attachments(v)?,
             "_revs_info" | "_local_seq" | "_conflicts" | "_deleted_conflicts" => {}
+            // The replicator's state fields in `_replicator` documents (CouchDB reserves them
+            // there; accepting them everywhere keeps the parser free of database context).
+            k if k.starts_with("_replication_") => {
+                doc.body.insert(k.to_string(), v);
+            }
             _ => {
                 return Err(ParseError::DocValidation(format!(
                     "Bad special document member: {k}"

@@ -8,6 +8,7 @@ mod document;
 mod error;
 mod multipart;
 mod query;
+mod replicate;
 mod respond;
 mod server;
 
@@ -42,6 +43,7 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
     /// Flips to true on shutdown so endless feeds end.
     pub shutdown: watch::Receiver<bool>,
+    pub replicator: Arc<crate::replicate::Replicator>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -205,7 +207,9 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         ["_all_dbs"] => server::all_dbs(state, &r),
         ["_uuids"] => server::uuids(&r),
         ["_session"] => server::session(&r),
-        ["_active_tasks"] => server::active_tasks(&r),
+        ["_active_tasks"] => replicate::active_tasks(state, &r),
+        ["_replicate"] => replicate::replicate(state, &mut r).await,
+        ["_scheduler", "jobs"] => replicate::scheduler_jobs(state, &r),
         [name, ..] if name.starts_with('_') && !matches!(*name, "_replicator" | "_users") => {
             Err(ApiError::new(
                 400,
@@ -227,6 +231,7 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         [db, "_local_docs"] => database::local_docs(state, &r, db),
         [db, "_local", id] => document::local(state, &mut r, db, id).await,
         [_, "_local", ..] => Err(ApiError::bad_request("_local documents do not accept attachments.")),
+        [db, id] if id.starts_with("_design/") => document::doc(state, &mut r, db, id).await,
         [db, "_design", name] => document::doc(state, &mut r, db, &format!("_design/{name}")).await,
         [db, "_design", name, att @ ..] => {
             document::attachment(state, &mut r, db, &format!("_design/{name}"), &att.join("/")).await

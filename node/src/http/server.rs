@@ -1,4 +1,4 @@
-//! Server-level endpoints: `/`, `/_up`, `/_all_dbs`, `/_uuids`, `/_session`, `/_active_tasks`.
+//! Server-level endpoints: `/`, `/_up`, `/_all_dbs`, `/_uuids`, `/_session`.
 
 use super::error::{ApiError, ApiResult};
 use super::respond::ok;
@@ -64,9 +64,4 @@ pub fn session(r: &Req) -> ApiResult<Response> {
         }
         _ => Err(ApiError::not_found("missing")),
     }
-}
-
-pub fn active_tasks(r: &Req) -> ApiResult<Response> {
-    only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
-    Ok(ok(json!([])))
 }

@@ -1,0 +1,403 @@
+//! The HTTP client the replicator uses for remote endpoints: plain HTTP, HTTPS (web PKI roots)
+//! and httpkey (mutual TLS with the node's key, the server's key pinned). Keep-alive connections
+//! are pooled per endpoint. Requests that fail in transit or answer 5xx are retried with
+//! exponential backoff; every other answer goes back to the caller.
+
+use super::error::{ReplError, ReplResult};
+use crate::peer::{HttpKeyUrl, Identity};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{handshake, SendRequest};
+use hyper::http::{HeaderName, HeaderValue, Method, Request};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one request may take (longpoll requests add their own timeout to this).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+enum Transport {
+    Http,
+    Https(Arc<rustls::ClientConfig>, ServerName<'static>),
+    HttpKey(Arc<Identity>, HttpKeyUrl),
+}
+
+pub struct Remote {
+    addr: String,
+    host_header: HeaderValue,
+    /// The database's path on the server, percent-encoded, without a trailing slash.
+    base: String,
+    transport: Transport,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    pool: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    retries: u32,
+    display: String,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn json(&self) -> ReplResult<Value> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ReplError::Transient(format!(
+                "HTTP {} answer is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
+            ))
+        })
+    }
+
+    /// The peer's `{"error","reason"}` as one line.
+    pub fn describe(&self) -> String {
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(v) if v.get("error").is_some() => format!(
+                "HTTP {}: {}: {}",
+                self.status,
+                v["error"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            ),
+            _ => format!(
+                "HTTP {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
+            ),
+        }
+    }
+}
+
+fn split_authority(authority: &str, default_port: u16) -> ReplResult<(String, u16)> {
+    let bad = || ReplError::BadSpec(format!("invalid host in URL: {authority:?}"));
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']').ok_or_else(bad)?;
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if rest.is_empty() => default_port,
+            None => return Err(bad()),
+        };
+        return Ok((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Ok((h.to_string(), p.parse().map_err(|_| bad())?)),
+        None if !authority.is_empty() => Ok((authority.to_string(), default_port)),
+        None => Err(bad()),
+    }
+}
+
+impl Remote {
+    pub fn new(
+        url: &str,
+        headers: &Map<String, Value>,
+        identity: Arc<Identity>,
+        retries: u32,
+        display: String,
+    ) -> ReplResult<Remote> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| ReplError::BadSpec(format!("not a URL: {display}")))?;
+        let mut extra = Vec::new();
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ReplError::BadSpec(format!("bad header name {k:?}")))?;
+            let value = HeaderValue::from_str(v.as_str().unwrap_or(""))
+                .map_err(|_| ReplError::BadSpec(format!("bad value for header {k:?}")))?;
+            extra.push((name, value));
+        }
+        let (transport, host, port, base) = match scheme.to_ascii_lowercase().as_str() {
+            "httpkey" => {
+                let u = HttpKeyUrl::parse(url).map_err(ReplError::BadSpec)?;
+                if u.db().is_none() {
+                    return Err(ReplError::BadSpec(format!(
+                        "{display} names no database after the key"
+                    )));
+                }
+                let (host, port, base) = (u.host.clone(), u.port, u.path());
+                (Transport::HttpKey(identity, u), host, port, base)
+            }
+            s @ ("http" | "https") => {
+                if rest.contains('?') || rest.contains('#') {
+                    return Err(ReplError::BadSpec(format!(
+                        "{display}: query strings are not allowed in a database URL"
+                    )));
+                }
+                let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let (userinfo, hostport) = match authority.rsplit_once('@') {
+                    Some((u, h)) => (Some(u), h),
+                    None => (None, authority),
+                };
+                let (host, port) = split_authority(hostport, if s == "http" { 80 } else { 443 })?;
+                if let Some(u) = userinfo {
+                    let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+                    let dec = |s: &str| {
+                        percent_encoding::percent_decode_str(s)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    };
+                    let token = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{}:{}", dec(user), dec(pass)));
+                    extra.push((
+                        hyper::header::AUTHORIZATION,
+                        HeaderValue::from_str(&format!("Basic {token}"))
+                            .map_err(|_| ReplError::BadSpec("bad credentials".into()))?,
+                    ));
+                }
+                let path = path.trim_end_matches('/');
+                if path.is_empty() {
+                    return Err(ReplError::BadSpec(format!("{display} names no database")));
+                }
+                let transport = if s == "https" {
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                    let cfg = rustls::ClientConfig::builder_with_provider(
+                        crate::peer::tls::provider(),
+                    )
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| ReplError::BadSpec(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                    let name = ServerName::try_from(host.clone())
+                        .map_err(|_| ReplError::BadSpec(format!("bad host name {host:?}")))?;
+                    Transport::Https(Arc::new(cfg), name)
+                } else {
+                    Transport::Http
+                };
+                (transport, host, port, format!("/{path}"))
+            }
+            other => {
+                return Err(ReplError::BadSpec(format!(
+                    "unsupported URL scheme {other:?} (use http, https or httpkey)"
+                )))
+            }
+        };
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Remote {
+            host_header: HeaderValue::from_str(&addr)
+                .map_err(|_| ReplError::BadSpec(format!("bad host {addr:?}")))?,
+            addr,
+            base,
+            transport,
+            headers: extra,
+            pool: Mutex::new(Vec::new()),
+            retries,
+            display,
+        })
+    }
+
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let tcp = || async {
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| format!("connecting to {} timed out", self.addr))?
+                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+            let _ = s.set_nodelay(true);
+            Ok::<_, String>(s)
+        };
+        match &self.transport {
+            Transport::Http => start(tcp().await?).await,
+            Transport::Https(cfg, name) => {
+                let s = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name.clone(), tcp().await?),
+                )
+                .await
+                .map_err(|_| format!("TLS handshake with {} timed out", self.addr))?
+                .map_err(|e| format!("TLS handshake with {} failed: {e}", self.addr))?;
+                start(s).await
+            }
+            Transport::HttpKey(id, url) => {
+                let s = crate::peer::tls::connect(id, url, CONNECT_TIMEOUT).await?;
+                let _ = s.get_ref().0.set_nodelay(true);
+                start(s).await
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+        timeout: Duration,
+    ) -> Result<Response, String> {
+        let pooled = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(s) if !s.is_closed() => s,
+            _ => self.connect().await?,
+        };
+        match self.exchange(&mut sender, method, path, body, timeout).await {
+            Ok(r) => {
+                if !sender.is_closed() {
+                    if let Ok(mut p) = self.pool.lock() {
+                        p.push(sender);
+                    }
+                }
+                Ok(r)
+            }
+            // A kept-alive connection the server closed meanwhile: one fresh try, not counted.
+            Err(_) if reused => {
+                let mut sender = self.connect().await?;
+                let r = self.exchange(&mut sender, method, path, body, timeout).await?;
+                if let Ok(mut p) = self.pool.lock() {
+                    p.push(sender);
+                }
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        sender: &mut SendRequest<Full<Bytes>>,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+        timeout: Duration,
+    ) -> Result<Response, String> {
+        let work = async {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(hyper::header::HOST, self.host_header.clone())
+                .header(hyper::header::ACCEPT, "application/json")
+                .header(
+                    hyper::header::USER_AGENT,
+                    concat!("thali-replicator/", env!("CARGO_PKG_VERSION")),
+                );
+            if !body.is_empty() {
+                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            for (k, v) in &self.headers {
+                req = req.header(k, v);
+            }
+            let req = req
+                .body(Full::new(body.clone()))
+                .map_err(|e| e.to_string())?;
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok(Response { status, body })
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
+    }
+
+    /// `method` on the database path plus `rel` (`""`, `"/_changes?…"`), retried on transport
+    /// errors and 5xx answers.
+    pub async fn request(
+        &self,
+        method: Method,
+        rel: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> ReplResult<Response> {
+        let path = format!("{}{}", self.base, rel);
+        let body = body
+            .map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()))
+            .unwrap_or_default();
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 0;
+        loop {
+            let err = match self.send_once(&method, &path, &body, timeout).await {
+                Ok(r) if r.status >= 500 => r.describe(),
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let msg = format!("{method} {}{rel}: {err}", self.display);
+            if attempt >= self.retries {
+                return Err(ReplError::Transient(msg));
+            }
+            tracing::debug!(attempt, error = %msg, "request failed, retrying");
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+async fn start<T>(io: T) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Percent-encodes a document id for a URL path; `_design/` keeps its slash, as CouchDB prints it.
+pub fn encode_id(id: &str) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match id.strip_prefix("_design/") {
+        Some(rest) => format!("_design/{}", enc(rest)),
+        None => match id.strip_prefix("_local/") {
+            Some(rest) => format!("_local/{}", enc(rest)),
+            None => enc(id),
+        },
+    }
+}
+
+/// A query-string value.
+pub fn encode_query(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let id = Arc::new(Identity::generate().unwrap());
+        let r = Remote::new(
+            "http://u:p%40ss@[::1]:5984/a%2Fb/",
+            &Map::new(),
+            id.clone(),
+            0,
+            "x".into(),
+        )
+        .unwrap();
+        assert_eq!(r.addr, "[::1]:5984");
+        assert_eq!(r.base, "/a%2Fb");
+        let auth = r.headers.iter().find(|(k, _)| k == hyper::header::AUTHORIZATION).unwrap();
+        assert_eq!(
+            auth.1.to_str().unwrap(),
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p@ss"))
+        );
+        assert!(Remote::new("ftp://h/db", &Map::new(), id.clone(), 0, "x".into()).is_err());
+        assert!(Remote::new("http://h:port/db", &Map::new(), id.clone(), 0, "x".into()).is_err());
+        assert!(Remote::new("http://h:1/", &Map::new(), id, 0, "x".into()).is_err());
+        assert_eq!(encode_id("_design/a b"), "_design/a%20b");
+        assert_eq!(encode_id("a/b"), "a%2Fb");
+    }
+}
