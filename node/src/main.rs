@@ -32,6 +32,8 @@ enum Command {
         #[arg(long)]
         peer: Vec<String>,
     },
+    /// Replicate SOURCE to TARGET (through the running node, or in-process when none runs).
+    Replicate(thali_node::cli::ReplicateArgs),
     /// Manage which peer keys may use a database (edits its `_security` on the running node).
     Peer {
         #[command(subcommand)]
@@ -99,6 +101,7 @@ fn main() -> std::process::ExitCode {
             };
             thali_node::cli::peer(&data, node, action)
         }
+        Command::Replicate(args) => rt.block_on(thali_node::cli::replicate(args)),
         Command::Serve(cfg) => rt.block_on(run(cfg)).map_err(Into::into),
     };
     match res {

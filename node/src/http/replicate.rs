@@ -32,7 +32,9 @@ pub async fn replicate(state: &AppState, r: &mut Req) -> ApiResult<Response> {
         return if rep.cancel(&id) {
             Ok(ok(json!({"ok": true, "_local_id": id})))
         } else {
-            Err(ApiError::not_found(format!("replication {id} is not running")))
+            Err(ApiError::not_found(format!(
+                "replication {id} is not running"
+            )))
         };
     }
     let spec = Spec::parse(&body)?;

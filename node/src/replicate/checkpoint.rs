@@ -19,7 +19,11 @@ pub fn resume_seq(source: Option<&Value>, target: Option<&Value>) -> Option<Valu
         }
         _ => return None,
     };
-    let sid = |v: &Value| v.get("session_id").and_then(Value::as_str).map(str::to_string);
+    let sid = |v: &Value| {
+        v.get("session_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     if sid(s).is_some() && sid(s) == sid(t) {
         return s.get("source_last_seq").cloned();
     }
@@ -56,7 +60,10 @@ pub fn log_doc(
     source_checkpoint: bool,
 ) -> Value {
     let mut history = vec![entry];
-    if let Some(prev) = previous.and_then(|p| p.get("history")).and_then(Value::as_array) {
+    if let Some(prev) = previous
+        .and_then(|p| p.get("history"))
+        .and_then(Value::as_array)
+    {
         history.extend(
             prev.iter()
                 .filter(|e| e.get("session_id").and_then(Value::as_str) != Some(session_id))
@@ -121,8 +128,16 @@ mod tests {
     #[test]
     fn history_is_bounded_and_new_entry_first() {
         let mut prev = log("old", 1, &[]);
-        prev["history"] = json!((0..80).map(|i| json!({"session_id": format!("s{i}")})).collect::<Vec<_>>());
-        let doc = log_doc("new", &json!(5), json!({"session_id": "new"}), Some(&prev), true);
+        prev["history"] = json!((0..80)
+            .map(|i| json!({"session_id": format!("s{i}")}))
+            .collect::<Vec<_>>());
+        let doc = log_doc(
+            "new",
+            &json!(5),
+            json!({"session_id": "new"}),
+            Some(&prev),
+            true,
+        );
         let h = doc["history"].as_array().unwrap();
         assert_eq!(h.len(), MAX_HISTORY);
         assert_eq!(h[0]["session_id"], "new");

@@ -142,8 +142,11 @@ impl Remote {
                             .decode_utf8_lossy()
                             .into_owned()
                     };
-                    let token = base64::engine::general_purpose::STANDARD
-                        .encode(format!("{}:{}", dec(user), dec(pass)));
+                    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+                        "{}:{}",
+                        dec(user),
+                        dec(pass)
+                    ));
                     extra.push((
                         hyper::header::AUTHORIZATION,
                         HeaderValue::from_str(&format!("Basic {token}"))
@@ -157,13 +160,12 @@ impl Remote {
                 let transport = if s == "https" {
                     let mut roots = rustls::RootCertStore::empty();
                     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                    let cfg = rustls::ClientConfig::builder_with_provider(
-                        crate::peer::tls::provider(),
-                    )
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| ReplError::BadSpec(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+                    let cfg =
+                        rustls::ClientConfig::builder_with_provider(crate::peer::tls::provider())
+                            .with_safe_default_protocol_versions()
+                            .map_err(|e| ReplError::BadSpec(e.to_string()))?
+                            .with_root_certificates(roots)
+                            .with_no_client_auth();
                     let name = ServerName::try_from(host.clone())
                         .map_err(|_| ReplError::BadSpec(format!("bad host name {host:?}")))?;
                     Transport::Https(Arc::new(cfg), name)
@@ -214,7 +216,8 @@ impl Remote {
             Transport::Https(cfg, name) => {
                 let s = tokio::time::timeout(
                     CONNECT_TIMEOUT,
-                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name.clone(), tcp().await?),
+                    tokio_rustls::TlsConnector::from(cfg.clone())
+                        .connect(name.clone(), tcp().await?),
                 )
                 .await
                 .map_err(|_| format!("TLS handshake with {} timed out", self.addr))?
@@ -242,7 +245,10 @@ impl Remote {
             Some(s) if !s.is_closed() => s,
             _ => self.connect().await?,
         };
-        match self.exchange(&mut sender, method, path, body, timeout).await {
+        match self
+            .exchange(&mut sender, method, path, body, timeout)
+            .await
+        {
             Ok(r) => {
                 if !sender.is_closed() {
                     if let Ok(mut p) = self.pool.lock() {
@@ -254,7 +260,9 @@ impl Remote {
             // A kept-alive connection the server closed meanwhile: one fresh try, not counted.
             Err(_) if reused => {
                 let mut sender = self.connect().await?;
-                let r = self.exchange(&mut sender, method, path, body, timeout).await?;
+                let r = self
+                    .exchange(&mut sender, method, path, body, timeout)
+                    .await?;
                 if let Ok(mut p) = self.pool.lock() {
                     p.push(sender);
                 }
@@ -389,10 +397,17 @@ mod tests {
         .unwrap();
         assert_eq!(r.addr, "[::1]:5984");
         assert_eq!(r.base, "/a%2Fb");
-        let auth = r.headers.iter().find(|(k, _)| k == hyper::header::AUTHORIZATION).unwrap();
+        let auth = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == hyper::header::AUTHORIZATION)
+            .unwrap();
         assert_eq!(
             auth.1.to_str().unwrap(),
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p@ss"))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("u:p@ss")
+            )
         );
         assert!(Remote::new("ftp://h/db", &Map::new(), id.clone(), 0, "x".into()).is_err());
         assert!(Remote::new("http://h:port/db", &Map::new(), id.clone(), 0, "x".into()).is_err());

@@ -47,7 +47,10 @@ pub enum LocalPut {
 }
 
 pub enum Endpoint {
-    Local { node: Arc<Node>, name: String },
+    Local {
+        node: Arc<Node>,
+        name: String,
+    },
     Remote {
         remote: Remote,
         /// Cleared the first time `_bulk_get` fails; then revisions come through `open_revs`.
@@ -122,7 +125,9 @@ impl Endpoint {
                 Err(e) => Err(db_err(e)),
             },
             Endpoint::Remote { remote, .. } => {
-                let r = remote.request(Method::GET, "/", None, REQUEST_TIMEOUT).await?;
+                let r = remote
+                    .request(Method::GET, "/", None, REQUEST_TIMEOUT)
+                    .await?;
                 match r.status {
                     200 => {
                         let v = r.json()?;
@@ -148,7 +153,9 @@ impl Endpoint {
                 Err(e) => Err(db_err(e)),
             },
             Endpoint::Remote { remote, .. } => {
-                let r = remote.request(Method::PUT, "/", None, REQUEST_TIMEOUT).await?;
+                let r = remote
+                    .request(Method::PUT, "/", None, REQUEST_TIMEOUT)
+                    .await?;
                 match r.status {
                     200..=299 | 412 => Ok(()),
                     _ => Err(refused(&r, "to create the database", remote.display())),
@@ -166,7 +173,9 @@ impl Endpoint {
             },
             Endpoint::Remote { remote, .. } => {
                 let rel = format!("/_local/{}", encode_query(id));
-                let r = remote.request(Method::GET, &rel, None, REQUEST_TIMEOUT).await?;
+                let r = remote
+                    .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                    .await?;
                 match r.status {
                     200 => r.json().map(Some),
                     404 => Ok(None),
@@ -350,13 +359,18 @@ impl Endpoint {
         };
         match v {
             Value::Object(m) => Ok(m),
-            _ => Err(ReplError::Transient("_revs_diff answer is not an object".into())),
+            _ => Err(ReplError::Transient(
+                "_revs_diff answer is not an object".into(),
+            )),
         }
     }
 
     /// The revisions `(id, rev, atts_since)` with their `_revisions` and attachments (inline,
     /// except those already present at `atts_since`), with `latest`.
-    pub async fn fetch(&self, items: Vec<(String, String, Vec<String>)>) -> ReplResult<Vec<Fetched>> {
+    pub async fn fetch(
+        &self,
+        items: Vec<(String, String, Vec<String>)>,
+    ) -> ReplResult<Vec<Fetched>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -377,7 +391,8 @@ impl Endpoint {
                     atts: AttMode::Inline,
                     ..Default::default()
                 };
-                let v = tokio::task::block_in_place(|| db.bulk_get(items, &opts)).map_err(db_err)?;
+                let v =
+                    tokio::task::block_in_place(|| db.bulk_get(items, &opts)).map_err(db_err)?;
                 Ok(bulk_get_results(&v))
             }
             Endpoint::Remote { remote, bulk_get } => {
@@ -401,7 +416,11 @@ impl Endpoint {
                         200 => return Ok(bulk_get_results(&r.json()?)),
                         401 | 403 => return Err(refused(&r, "_bulk_get", remote.display())),
                         _ => {
-                            tracing::info!(peer = remote.display(), status = r.status, "no _bulk_get; falling back to open_revs");
+                            tracing::info!(
+                                peer = remote.display(),
+                                status = r.status,
+                                "no _bulk_get; falling back to open_revs"
+                            );
                             bulk_get.store(false, Ordering::Relaxed);
                         }
                     }
@@ -449,8 +468,18 @@ impl Endpoint {
 
 fn bulk_get_results(v: &Value) -> Vec<Fetched> {
     let mut out = Vec::new();
-    for r in v.get("results").and_then(Value::as_array).into_iter().flatten() {
-        for d in r.get("docs").and_then(Value::as_array).into_iter().flatten() {
+    for r in v
+        .get("results")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for d in r
+            .get("docs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             match (d.get("ok"), d.get("error")) {
                 (Some(doc), _) => out.push(Ok(doc.clone())),
                 (_, Some(e)) => out.push(Err(format!(
@@ -468,7 +497,10 @@ fn bulk_get_results(v: &Value) -> Vec<Fetched> {
 
 /// The fallback for peers without `_bulk_get`: one `open_revs` request per document, a few at
 /// a time.
-async fn open_revs(remote: &Remote, items: Vec<(String, String, Vec<String>)>) -> ReplResult<Vec<Fetched>> {
+async fn open_revs(
+    remote: &Remote,
+    items: Vec<(String, String, Vec<String>)>,
+) -> ReplResult<Vec<Fetched>> {
     let mut per_doc: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for (id, rev, since) in items {
         match per_doc.last_mut() {
@@ -487,9 +519,14 @@ async fn open_revs(remote: &Remote, items: Vec<(String, String, Vec<String>)>) -
                 encode_query(&json!(revs).to_string())
             );
             if !since.is_empty() {
-                rel.push_str(&format!("&atts_since={}", encode_query(&json!(since).to_string())));
+                rel.push_str(&format!(
+                    "&atts_since={}",
+                    encode_query(&json!(since).to_string())
+                ));
             }
-            let r = remote.request(Method::GET, &rel, None, REQUEST_TIMEOUT).await?;
+            let r = remote
+                .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                .await?;
             match r.status {
                 200 => Ok(r
                     .json()?

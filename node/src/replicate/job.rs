@@ -3,13 +3,13 @@
 //! `_revs_diff` → fetch → `_bulk_docs new_edits=false` — and the run checkpoints the highest
 //! sequence below which every batch is written, periodically and at the end.
 
+use super::cancelled;
 use super::checkpoint::{log_doc, resume_seq};
 use super::client::Remote;
 use super::endpoint::{Change, Endpoint, Filter, LocalPut};
 use super::error::{ReplError, ReplResult};
 use super::spec::{EndpointSpec, Spec};
 use super::stats::Stats;
-use super::cancelled;
 use crate::db::{random_hex, Node};
 use crate::peer::Identity;
 use serde_json::{json, Map, Value};
@@ -111,9 +111,14 @@ impl Job {
             s = open => s?,
             _ = cancelled(&mut cancel) => return Err(ReplError::Cancelled),
         };
-        let res = self.pipeline(&mut session, &mut cancel).instrument(span.clone()).await;
-        if let Err(e) = &res {
-            span.in_scope(|| tracing::warn!(error = %e, "replication attempt ended"));
+        let res = self
+            .pipeline(&mut session, &mut cancel)
+            .instrument(span.clone())
+            .await;
+        match &res {
+            Err(ReplError::Cancelled) => span.in_scope(|| tracing::info!("replication stopped")),
+            Err(e) => span.in_scope(|| tracing::warn!(error = %e, "replication attempt failed")),
+            Ok(_) => {}
         }
         res
     }
@@ -268,7 +273,11 @@ impl Job {
         }
     }
 
-    async fn read_changes(self: Arc<Self>, start: Value, tx: mpsc::Sender<Batch>) -> ReplResult<()> {
+    async fn read_changes(
+        self: Arc<Self>,
+        start: Value,
+        tx: mpsc::Sender<Batch>,
+    ) -> ReplResult<()> {
         let limit = self.spec.batch_size;
         let continuous = self.spec.continuous;
         let mut since = start;
@@ -277,7 +286,10 @@ impl Job {
         loop {
             let wait = (continuous && caught_up).then_some(LONGPOLL);
             let asked = Instant::now();
-            let b = self.source.changes(&since, limit, &self.filter, wait).await?;
+            let b = self
+                .source
+                .changes(&since, limit, &self.filter, wait)
+                .await?;
             if let Some(p) = b.pending {
                 self.stats.changes_pending.store(p, Relaxed);
             }

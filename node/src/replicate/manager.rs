@@ -53,7 +53,8 @@ pub async fn run(rep: Arc<Replicator>, mut shutdown: watch::Receiver<bool>) {
                     let Ok(v) = serde_json::from_str::<Value>(&row.json) else {
                         continue;
                     };
-                    let (Some(id), deleted) = (v["id"].as_str(), v["deleted"] == json!(true)) else {
+                    let (Some(id), deleted) = (v["id"].as_str(), v["deleted"] == json!(true))
+                    else {
                         continue;
                     };
                     handle_doc(&rep, &db, &mut known, id, deleted).await;

@@ -88,14 +88,23 @@ impl Replicator {
     }
 
     /// Starts a replication, or returns the job already running the same one.
-    pub fn start(self: &Arc<Self>, spec: Spec, doc_id: Option<String>) -> ReplResult<Arc<JobHandle>> {
+    pub fn start(
+        self: &Arc<Self>,
+        spec: Spec,
+        doc_id: Option<String>,
+    ) -> ReplResult<Arc<JobHandle>> {
         let rep_id = self.full_id(&spec);
         let mut jobs = self.jobs();
         if let Some(h) = jobs.iter().find(|h| h.rep_id == rep_id && !h.is_finished()) {
             return Ok(h.clone());
         }
         let stats = Arc::new(Stats::default());
-        let job = Arc::new(Job::new(spec.clone(), &self.node, &self.identity, stats.clone())?);
+        let job = Arc::new(Job::new(
+            spec.clone(),
+            &self.node,
+            &self.identity,
+            stats.clone(),
+        )?);
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (outcome_tx, outcome_rx) = watch::channel(None);
         let handle = Arc::new(JobHandle {
@@ -122,7 +131,10 @@ impl Replicator {
     pub fn cancel(&self, rep_id: &str) -> bool {
         let jobs = self.jobs();
         let mut found = false;
-        for h in jobs.iter().filter(|h| h.rep_id == rep_id || h.rep_id.starts_with(&format!("{rep_id}+"))) {
+        for h in jobs
+            .iter()
+            .filter(|h| h.rep_id == rep_id || h.rep_id.starts_with(&format!("{rep_id}+")))
+        {
             h.cancel();
             found = true;
         }
@@ -151,7 +163,10 @@ impl Replicator {
                     ("target", json!(h.spec.target.display())),
                     ("continuous", json!(h.spec.continuous)),
                     ("started_on", json!(h.stats.started_on)),
-                    ("checkpoint_interval", json!(h.spec.checkpoint_interval.as_millis() as u64)),
+                    (
+                        "checkpoint_interval",
+                        json!(h.spec.checkpoint_interval.as_millis() as u64),
+                    ),
                     ("state", json!(h.stats.state().0.as_str())),
                 ] {
                     o.insert(k.into(), v);

@@ -12,7 +12,10 @@ pub enum EndpointSpec {
     /// A database of this node, by name.
     Local(String),
     /// `http(s)://[user:pass@]host:port/db` or `httpkey://host:port/<key>/db`, plus headers to send.
-    Remote { url: String, headers: Map<String, Value> },
+    Remote {
+        url: String,
+        headers: Map<String, Value>,
+    },
 }
 
 impl EndpointSpec {
@@ -171,7 +174,11 @@ impl Spec {
         let query_params = match o.get("query_params") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(m)) => m.clone(),
-            Some(_) => return Err(ReplError::BadSpec("`query_params` must be an object".into())),
+            Some(_) => {
+                return Err(ReplError::BadSpec(
+                    "`query_params` must be an object".into(),
+                ))
+            }
         };
         let spec = Spec {
             source: EndpointSpec::parse(o.get("source").unwrap_or(&Value::Null), "source")?,
@@ -253,10 +260,16 @@ mod tests {
         assert_eq!(s.source, EndpointSpec::Local("a".into()));
         assert_eq!(s.target.display(), "http://u:*****@h:5984/b");
         let t = Spec::parse(&json!({"source": "a", "target": "http://u:other@h:5984/b"})).unwrap();
-        assert_eq!(s.base_id("n"), t.base_id("n"), "passwords do not change the id");
+        assert_eq!(
+            s.base_id("n"),
+            t.base_id("n"),
+            "passwords do not change the id"
+        );
         assert_ne!(s.base_id("n"), s.base_id("m"));
-        let c = Spec::parse(&json!({"source": "a", "target": "http://u:x@h:5984/b", "continuous": true}))
-            .unwrap();
+        let c = Spec::parse(
+            &json!({"source": "a", "target": "http://u:x@h:5984/b", "continuous": true}),
+        )
+        .unwrap();
         assert_eq!(c.base_id("n"), s.base_id("n"));
         assert!(c.full_id("n").ends_with("+continuous"));
         let f = Spec::parse(&json!({"source": "a", "target": "b", "doc_ids": ["x"]})).unwrap();
@@ -276,7 +289,10 @@ mod tests {
             json!({"source": "a", "target": "b", "selector": {}, "doc_ids": []}),
             json!({"source": {"url": "http://h/a", "headers": {"x": 1}}, "target": "b"}),
         ] {
-            assert!(matches!(Spec::parse(&bad), Err(ReplError::BadSpec(_))), "{bad}");
+            assert!(
+                matches!(Spec::parse(&bad), Err(ReplError::BadSpec(_))),
+                "{bad}"
+            );
         }
     }
 }

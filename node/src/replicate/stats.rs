@@ -90,7 +90,8 @@ impl Stats {
     pub fn set_state(&self, state: JobState, error: Option<String>) {
         self.with(|s| {
             if s.state != state {
-                s.history.insert(0, (unix_now(), state.as_str().to_string()));
+                s.history
+                    .insert(0, (unix_now(), state.as_str().to_string()));
                 s.history.truncate(20);
             }
             s.state = state;

@@ -1,5 +1,9 @@
-//! Command-line tools besides `serve`: `thali id` and `thali peer allow|deny|list`.
-//! `peer` talks to the running node's local HTTP API (sled allows one process per store).
+//! Command-line tools besides `serve`: `thali id`, `thali peer allow|deny|list` and
+//! `thali replicate`. `peer` talks to the running node's local HTTP API (sled allows one
+//! process per store); `replicate` does too when a node runs, and replicates in-process when not.
+
+mod replicate;
+pub use replicate::{replicate, ReplicateArgs};
 
 use crate::peer::{parse_key_id, Identity};
 use base64::Engine;
@@ -48,14 +52,9 @@ pub enum PeerCommand {
     },
 }
 
-const SECTIONS: [(&str, &str); 3] = [
-    ("admins", "admin"),
-    ("members", "write"),
-    ("readers", "read"),
-];
-
-pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
-    let password = std::env::var("THALI_ADMIN_PASSWORD")
+/// The running node's admin password: `THALI_ADMIN_PASSWORD`, else the generated one in `DIR`.
+fn admin_password(data: &Path) -> Result<String, &'static str> {
+    std::env::var("THALI_ADMIN_PASSWORD")
         .ok()
         .filter(|p| !p.is_empty())
         .or_else(|| {
@@ -65,7 +64,17 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
         })
         .ok_or(
             "no admin password: set THALI_ADMIN_PASSWORD or point --data at the node's directory",
-        )?;
+        )
+}
+
+const SECTIONS: [(&str, &str); 3] = [
+    ("admins", "admin"),
+    ("members", "write"),
+    ("readers", "read"),
+];
+
+pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
+    let password = admin_password(data)?;
     let db = match &cmd {
         PeerCommand::Allow { db, .. } | PeerCommand::Deny { db, .. } | PeerCommand::List { db } => {
             db.clone()
@@ -73,7 +82,8 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
     };
     crate::db::validate_db_name(&db).map_err(|e| e.reason())?;
     let path = format!("/{}/_security", db.replace('/', "%2F"));
-    let (status, mut sec) = request(node, &password, "GET", &path, None)?;
+    let (status, mut sec) =
+        request(node, &password, "GET", &path, None, TIMEOUT).map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("reading {path}: HTTP {status}: {sec}").into());
     }
@@ -115,7 +125,8 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
             println!("{key} may no longer use {db}");
         }
     }
-    let (status, body) = request(node, &password, "PUT", &path, Some(&sec))?;
+    let (status, body) =
+        request(node, &password, "PUT", &path, Some(&sec), TIMEOUT).map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("writing {path}: HTTP {status}: {body}").into());
     }
@@ -138,6 +149,8 @@ fn remove_key(sec: &mut Value, key: &str) -> bool {
     removed
 }
 
+const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
+
 /// A minimal HTTP/1.1 exchange with the local node (JSON in, JSON out).
 fn request(
     node: SocketAddr,
@@ -145,10 +158,11 @@ fn request(
     method: &str,
     path: &str,
     body: Option<&Value>,
-) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    timeout: Option<Duration>,
+) -> Result<(u16, Value), Box<dyn std::error::Error + Send + Sync>> {
     let mut s = TcpStream::connect_timeout(&node, Duration::from_secs(5))
         .map_err(|e| format!("cannot reach the node at {node} (is it running?): {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(timeout)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"));
     write!(

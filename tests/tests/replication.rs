@@ -1,0 +1,480 @@
+//! The replicator between real nodes on loopback, over httpkey URLs (mutual TLS): one-shot and
+//! continuous, push and pull, conflicts, deletions, attachments, resuming after restarts,
+//! `_replicator` jobs, errors, and a proxy that cuts connections at random.
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use thali_tests::{free_port, node_identity, Client, Node, TempDir};
+
+struct Peer {
+    _dir: TempDir,
+    node: Node,
+    port: u16,
+    key: String,
+}
+
+fn peer(tag: &str) -> Peer {
+    let dir = TempDir::new(tag);
+    let port = free_port();
+    let node = Node::start_with(&dir.0, &["--peer", &format!("127.0.0.1:{port}")]);
+    let key = node_identity(&dir.0).key_id();
+    Peer {
+        _dir: dir,
+        node,
+        port,
+        key,
+    }
+}
+
+impl Peer {
+    fn url(&self, db: &str) -> String {
+        self.url_via(self.port, db)
+    }
+    fn url_via(&self, port: u16, db: &str) -> String {
+        format!("httpkey://127.0.0.1:{port}/{}/{db}", self.key)
+    }
+    /// Creates `db` (if needed) and lets `other` write to it.
+    fn allow(&self, db: &str, other: &Peer) {
+        let _ = self.node.put(&format!("/{db}"), &json!({}));
+        let sec = json!({"members": {"names": [other.key], "roles": []}});
+        assert_eq!(self.node.put(&format!("/{db}/_security"), &sec).status, 200);
+    }
+}
+
+#[track_caller]
+fn replicate(node: &Node, body: Value) -> Value {
+    let r = node.post("/_replicate", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["ok"], true, "{v}");
+    v
+}
+
+fn written(result: &Value) -> u64 {
+    result["history"][0]["docs_written"].as_u64().unwrap_or(0)
+}
+
+fn read(result: &Value) -> u64 {
+    result["history"][0]["docs_read"].as_u64().unwrap_or(0)
+}
+
+#[track_caller]
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn put_docs(node: &Node, db: &str, prefix: &str, n: usize) {
+    let docs: Vec<Value> = (0..n)
+        .map(|i| json!({"_id": format!("{prefix}{i:05}"), "n": i, "text": "some small document"}))
+        .collect();
+    assert_eq!(
+        node.post(&format!("/{db}/_bulk_docs"), &json!({ "docs": docs }))
+            .status,
+        201
+    );
+}
+
+/// Every document's full revision tree (all leaves with their `_revisions` and bodies), its
+/// winner and `_conflicts`: what must be identical on every node after replication.
+fn state(node: &Node, db: &str) -> BTreeMap<String, Value> {
+    let changes = node.get(&format!("/{db}/_changes?style=all_docs")).json();
+    let mut out = BTreeMap::new();
+    for row in changes["results"].as_array().unwrap() {
+        let id = row["id"].as_str().unwrap();
+        let enc = id.replace('/', "%2F");
+        let r = node.raw(
+            "GET",
+            &format!("/{db}/{enc}?open_revs=all&revs=true"),
+            &[("Accept", "application/json")],
+            None,
+        );
+        let mut leaves: Vec<Value> = r.json().as_array().unwrap().clone();
+        leaves.sort_by_key(|l| l["ok"]["_rev"].as_str().unwrap_or("").to_string());
+        let winner = node.get(&format!("/{db}/{enc}?conflicts=true"));
+        let winner = if winner.status == 200 {
+            let w = winner.json();
+            json!({"rev": w["_rev"], "conflicts": w["_conflicts"]})
+        } else {
+            json!({"deleted": row["deleted"]})
+        };
+        out.insert(id.to_string(), json!({"leaves": leaves, "winner": winner}));
+    }
+    out
+}
+
+#[test]
+fn one_shot_push_and_pull_over_httpkey_with_deletions_and_attachments() {
+    let (a, b) = (peer("rep-a"), peer("rep-b"));
+    let n = &a.node;
+    n.put("/src", &json!({}));
+    put_docs(n, "src", "d", 120);
+    // An attachment, a deleted document and an edited one.
+    let att: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let r = n.raw(
+        "PUT",
+        "/src/withatt/blob.bin",
+        &[("Content-Type", "application/octet-stream")],
+        Some(&att),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let rev = n.get("/src/d00001").json()["_rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(n.delete(&format!("/src/d00001?rev={rev}")).status, 200);
+    let rev = n.get("/src/d00002").json()["_rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    n.put("/src/d00002", &json!({"_rev": rev, "edited": true}));
+    n.put("/src/_design/app", &json!({"views": {}}));
+
+    b.allow("dst", &a);
+    let res = replicate(n, json!({"source": "src", "target": b.url("dst")}));
+    assert_eq!(written(&res), 121, "{res}");
+    assert_eq!(
+        res["history"][0]["doc_write_failures"], 1,
+        "the design doc needs admin on B: {res}"
+    );
+    let sa = state(n, "src");
+    let mut sb = state(&b.node, "dst");
+    assert!(sb.remove("_design/app").is_none());
+    let mut sa_nodesign = sa.clone();
+    sa_nodesign.remove("_design/app");
+    assert_eq!(sa_nodesign, sb);
+    let got = b.node.raw("GET", "/dst/withatt/blob.bin", &[], None);
+    assert_eq!(got.body, att);
+    assert_eq!(b.node.get("/dst/d00001").status, 404);
+
+    // A second run finds its checkpoint and reads nothing.
+    let again = replicate(n, json!({"source": "src", "target": b.url("dst")}));
+    assert_eq!(again["no_changes"], true, "{again}");
+
+    // Pull back into a new database on A (create_target), edits on B included.
+    put_docs(&b.node, "dst", "fromb", 30);
+    let res = replicate(
+        n,
+        json!({"source": b.url("dst"), "target": "copy", "create_target": true}),
+    );
+    assert_eq!(written(&res), 151, "{res}");
+    assert_eq!(state(n, "copy"), state(&b.node, "dst"));
+    // The checkpoint is on both sides, in CouchDB's format.
+    let base = res["_local_id"].as_str().map(str::to_string);
+    assert!(base.is_none());
+    let locals = n.get("/copy/_local_docs").json();
+    let lid = locals["rows"][0]["id"].as_str().unwrap().to_string();
+    let log = n.get(&format!("/copy/{lid}")).json();
+    assert_eq!(log["replication_id_version"], 4);
+    assert_eq!(log["history"][0]["docs_written"], 151);
+    assert_eq!(log["session_id"], log["history"][0]["session_id"]);
+}
+
+#[test]
+fn conflicts_converge_on_three_nodes() {
+    let (a, b, c) = (peer("conf-a"), peer("conf-b"), peer("conf-c"));
+    for (p, others) in [(&a, [&b, &c]), (&b, [&a, &c]), (&c, [&a, &b])] {
+        p.node.put("/db", &json!({}));
+        let sec = json!({"members": {"names": [others[0].key, others[1].key], "roles": []}});
+        assert_eq!(p.node.put("/db/_security", &sec).status, 200);
+    }
+    put_docs(&a.node, "db", "doc", 20);
+    replicate(&a.node, json!({"source": "db", "target": b.url("db")}));
+    replicate(&a.node, json!({"source": "db", "target": c.url("db")}));
+    // Concurrent edits of the same documents on every node, a delete on one of them.
+    for (i, p) in [&a, &b, &c].iter().enumerate() {
+        for d in 0..5 {
+            let id = format!("doc{d:05}");
+            let cur = p.node.get(&format!("/db/{id}")).json();
+            let body = json!({"_rev": cur["_rev"], "by": i, "n": d});
+            assert_eq!(p.node.put(&format!("/db/{id}"), &body).status, 201);
+        }
+    }
+    let cur = c.node.get("/db/doc00009").json();
+    c.node.delete(&format!(
+        "/db/doc00009?rev={}",
+        cur["_rev"].as_str().unwrap()
+    ));
+    // Each node pulls from the others (A and B by POST, C by pushing).
+    replicate(&a.node, json!({"source": b.url("db"), "target": "db"}));
+    replicate(&a.node, json!({"source": c.url("db"), "target": "db"}));
+    replicate(&b.node, json!({"source": a.url("db"), "target": "db"}));
+    replicate(&c.node, json!({"source": "db", "target": b.url("db")}));
+    replicate(&c.node, json!({"source": a.url("db"), "target": "db"}));
+    let (sa, sb, sc) = (
+        state(&a.node, "db"),
+        state(&b.node, "db"),
+        state(&c.node, "db"),
+    );
+    assert_eq!(sa, sb);
+    assert_eq!(sa, sc);
+    let d0 = &sa["doc00000"];
+    assert_eq!(d0["leaves"].as_array().unwrap().len(), 3, "{d0}");
+    assert_eq!(
+        d0["winner"]["conflicts"].as_array().unwrap().len(),
+        2,
+        "{d0}"
+    );
+    assert_eq!(sa["doc00009"]["winner"]["deleted"], true);
+}
+
+#[test]
+fn continuous_push_and_pull_with_tasks_and_cancel() {
+    let (a, b) = (peer("cont-a"), peer("cont-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    let push = json!({"source": "a", "target": b.url("b"), "continuous": true});
+    let r = a.node.post("/_replicate", &push);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["_local_id"].as_str().unwrap().to_string();
+    assert!(id.ends_with("+continuous"));
+    let pull = json!({"source": b.url("b"), "target": "pulled", "continuous": true, "create_target": true});
+    assert_eq!(a.node.post("/_replicate", &pull).status, 202);
+
+    put_docs(&a.node, "a", "x", 50);
+    wait_until("50 docs on B", || {
+        b.node.get("/b").json()["doc_count"] == 50
+    });
+    wait_until("50 docs pulled back", || {
+        a.node.get("/pulled").json()["doc_count"] == 50
+    });
+    let rev = a.node.get("/a/x00003").json()["_rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.node.delete(&format!("/a/x00003?rev={rev}"));
+    wait_until("the deletion on B", || {
+        b.node.get("/b/x00003").status == 404
+    });
+    wait_until("the deletion pulled back", || {
+        a.node.get("/pulled/x00003").status == 404
+    });
+
+    let tasks = a.node.get("/_active_tasks").json();
+    let t = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["replication_id"] == json!(id))
+        .expect("push task listed");
+    assert_eq!(t["type"], "replication");
+    assert_eq!(t["continuous"], true);
+    assert_eq!(t["docs_written"], 51, "{t}");
+    let jobs = a.node.get("/_scheduler/jobs").json();
+    assert_eq!(jobs["total_rows"], 2, "{jobs}");
+    assert_eq!(jobs["jobs"][0]["state"], "running");
+
+    // Cancel the push: new documents stay on A.
+    let cancel = json!({"source": "a", "target": b.url("b"), "continuous": true, "cancel": true});
+    assert_eq!(a.node.post("/_replicate", &cancel).status, 200);
+    wait_until("the task to go", || {
+        a.node
+            .get("/_active_tasks")
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+    a.node.put("/a/late", &json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(b.node.get("/b/late").status, 404);
+    assert_eq!(a.node.post("/_replicate", &cancel).status, 404);
+}
+
+#[test]
+fn resumes_after_restarts_without_resending() {
+    let (mut a, mut b) = (peer("res-a"), peer("res-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    put_docs(&a.node, "a", "r", 300);
+    let body = json!({"source": "a", "target": b.url("b")});
+    assert_eq!(written(&replicate(&a.node, body.clone())), 300);
+    // Restart the target, add a few documents: only those travel.
+    b.node.restart();
+    put_docs(&a.node, "a", "s", 7);
+    let res = replicate(&a.node, body.clone());
+    assert_eq!((read(&res), written(&res)), (7, 7), "{res}");
+    // Restart the source (kill -9: the checkpoint is in its store): the same holds.
+    a.node.kill9();
+    a.node.restart();
+    put_docs(&a.node, "a", "t", 5);
+    let res = replicate(&a.node, body.clone());
+    assert_eq!((read(&res), written(&res)), (5, 5), "{res}");
+    assert_eq!(b.node.get("/b").json()["doc_count"], 312);
+
+    // Pull side: B pulls from A, A restarts, B pulls again and reads only the new ones.
+    a.allow("a", &b);
+    let pull = json!({"source": a.url("a"), "target": "mirror", "create_target": true});
+    assert_eq!(written(&replicate(&b.node, pull.clone())), 312);
+    a.node.restart();
+    put_docs(&a.node, "a", "u", 3);
+    let res = replicate(&b.node, pull);
+    assert_eq!((read(&res), written(&res)), (3, 3), "{res}");
+}
+
+fn replicator_doc(node: &Node, id: &str) -> Value {
+    node.get(&format!("/_replicator/{id}")).json()
+}
+
+#[test]
+fn replicator_documents_are_persistent_jobs() {
+    let (mut a, b) = (peer("jobs-a"), peer("jobs-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    put_docs(&a.node, "a", "j", 40);
+    let doc = json!({"source": "a", "target": b.url("b"), "continuous": true});
+    assert_eq!(a.node.put("/_replicator/push", &doc).status, 201);
+    wait_until("the job to run", || {
+        replicator_doc(&a.node, "push")["_replication_state"] == "running"
+    });
+    wait_until("40 docs on B", || {
+        b.node.get("/b").json()["doc_count"] == 40
+    });
+
+    // One-shot and broken documents end in completed / failed, with figures or a reason.
+    a.node.put(
+        "/_replicator/once",
+        &json!({"source": "a", "target": "a-copy", "create_target": true}),
+    );
+    a.node.put(
+        "/_replicator/broken",
+        &json!({"source": "nosuchdb", "target": "x"}),
+    );
+    a.node.put("/_replicator/bad", &json!({"source": "a"}));
+    wait_until("once to complete", || {
+        replicator_doc(&a.node, "once")["_replication_state"] == "completed"
+    });
+    assert_eq!(
+        replicator_doc(&a.node, "once")["_replication_stats"]["docs_written"],
+        40
+    );
+    wait_until("broken to fail", || {
+        replicator_doc(&a.node, "broken")["_replication_state"] == "failed"
+    });
+    let reason = replicator_doc(&a.node, "broken")["_replication_state_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("nosuchdb"), "{reason}");
+    wait_until("bad to fail", || {
+        replicator_doc(&a.node, "bad")["_replication_state"] == "failed"
+    });
+
+    // The continuous job comes back after a restart and goes on from its checkpoint.
+    a.node.restart();
+    put_docs(&a.node, "a", "k", 10);
+    wait_until("50 docs on B", || {
+        b.node.get("/b").json()["doc_count"] == 50
+    });
+    let tasks = a.node.get("/_active_tasks").json();
+    let t = &tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["doc_id"] == "push")
+        .expect("push runs")
+        .clone();
+    assert_eq!(
+        t["docs_written"], 10,
+        "resumed, not restarted from zero: {t}"
+    );
+    // The completed one-shot does not run again.
+    assert!(tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["doc_id"] != "once"));
+    assert_eq!(
+        replicator_doc(&a.node, "once")["_replication_state"],
+        "completed"
+    );
+
+    // Deleting the document stops the job.
+    let rev = replicator_doc(&a.node, "push")["_rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        a.node
+            .delete(&format!("/_replicator/push?rev={rev}"))
+            .status,
+        200
+    );
+    wait_until("the job to stop", || {
+        a.node
+            .get("/_active_tasks")
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    a.node.put("/a/after-delete", &json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(b.node.get("/b/after-delete").status, 404);
+}
+
+#[test]
+fn errors_are_couchdb_shaped_and_final() {
+    let (a, b) = (peer("err-a"), peer("err-b"));
+    a.node.put("/a", &json!({}));
+    a.node
+        .post("/_replicate", &json!({"source": "nosuch", "target": "a"}))
+        .assert_error(404, "db_not_found");
+    a.node
+        .post("/_replicate", &json!({"source": "a", "target": "nosuch"}))
+        .assert_error(404, "db_not_found");
+    a.node
+        .post("/_replicate", &json!({"source": "a"}))
+        .assert_error(400, "bad_request");
+    a.node
+        .post(
+            "/_replicate",
+            &json!({"source": "a", "target": "ftp://x/y"}),
+        )
+        .assert_error(400, "bad_request");
+    a.node
+        .post(
+            "/_replicate",
+            &json!({"source": "a", "target": "b", "worker_batch_size": -1}),
+        )
+        .assert_error(400, "bad_request");
+    // B does not know A's key: refused at once, no retries.
+    b.node.put("/b", &json!({}));
+    let t = Instant::now();
+    a.node
+        .post("/_replicate", &json!({"source": "a", "target": b.url("b")}))
+        .assert_error(401, "unauthorized");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // Nobody listens: retried, then a clear failure.
+    let dead = b.url_via(free_port(), "b");
+    let r = a.node.post(
+        "/_replicate",
+        &json!({"source": dead, "target": "a", "retries_per_request": 1, "max_attempts": 2}),
+    );
+    r.assert_error(500, "replication_error");
+    assert!(
+        r.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("connecting to"),
+        "{}",
+        r.text()
+    );
+    // Only the local admin may replicate.
+    let anon = thali_tests::request(
+        a.node.addr,
+        "POST",
+        "/_replicate",
+        &[("Content-Type".into(), "application/json".into())],
+        Some(b"{}"),
+    );
+    anon.assert_error(401, "unauthorized");
+}
