@@ -80,4 +80,40 @@ class ThaliNode {
   }
 }
 
-module.exports = { ThaliNode, tempDir, freePort, PASSWORD, BIN };
+// The real pouchdb-server (npm), LevelDB on disk, as a remote CouchDB-protocol peer.
+class PouchServer {
+  static async start(tag) {
+    const bin = path.join(__dirname, 'node_modules', 'pouchdb-server', 'bin', 'pouchdb-server');
+    if (!fs.existsSync(bin)) throw new Error('pouchdb-server missing: run `npm ci` in tests/interop');
+    const s = new PouchServer();
+    s.dataDir = tempDir(tag);
+    s.port = await freePort();
+    s.base = `http://127.0.0.1:${s.port}`;
+    s.proc = spawn(process.execPath, [bin, '-p', String(s.port), '-o', '127.0.0.1', '-n', '-d', s.dataDir,
+      '-c', path.join(s.dataDir, 'config.json')], { cwd: s.dataDir, stdio: ['ignore', 'ignore', 'ignore'] });
+    const deadline = Date.now() + 30000;
+    while (Date.now() < deadline) {
+      try {
+        const r = await fetch(`${s.base}/`);
+        if (r.ok) return s;
+      } catch (_) { /* not up yet */ }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error('pouchdb-server did not start');
+  }
+
+  url(db) {
+    return `${this.base}/${db}`;
+  }
+
+  async destroy() {
+    if (this.proc.exitCode === null) {
+      const gone = new Promise((r) => this.proc.on('exit', r));
+      this.proc.kill('SIGKILL');
+      await gone;
+    }
+    fs.rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+module.exports = { ThaliNode, PouchServer, tempDir, freePort, PASSWORD, BIN };

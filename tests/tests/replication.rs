@@ -478,3 +478,137 @@ fn errors_are_couchdb_shaped_and_final() {
     );
     anon.assert_error(401, "unauthorized");
 }
+
+/// A TCP proxy that misbehaves: it cuts every connection after a random number of
+/// bytes (2 KB .. 130 KB) (mid-request or mid-response, TLS or not), and with `fail_5xx` answers some new
+/// connections with a 503 instead of forwarding them. Runs until the test ends.
+struct FaultyProxy {
+    port: u16,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+impl FaultyProxy {
+    fn start(upstream: u16, fail_5xx: bool, seed: u64) -> FaultyProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let counter = cuts.clone();
+        std::thread::spawn(move || {
+            let mut rng = seed | 1;
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let roll = xorshift(&mut rng) % 6;
+                if fail_5xx && roll == 0 {
+                    let body = r#"{"error":"unavailable","reason":"injected by the test proxy"}"#;
+                    let mut buf = [0u8; 4096];
+                    let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = client.read(&mut buf);
+                    let _ = write!(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                // Every connection dies after 2 KB .. 130 KB have gone through.
+                let budget = 2048 + xorshift(&mut rng) % (128 << 10);
+                // Bytes in both directions count against the one budget.
+                let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    let (total, counter) = (total.clone(), counter.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n as u64,
+                            };
+                            let before = total.fetch_add(n, Ordering::Relaxed);
+                            let allowed = budget.saturating_sub(before).min(n) as usize;
+                            if to.write_all(&buf[..allowed]).is_err() {
+                                break;
+                            }
+                            if before + n >= budget {
+                                if before < budget {
+                                    counter.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(client, server);
+                pipe(s2, c2);
+            }
+        });
+        FaultyProxy { port, cuts }
+    }
+}
+
+#[test]
+fn replication_through_a_faulty_proxy_converges() {
+    let (a, b) = (peer("fault-a"), peer("fault-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    put_docs(&a.node, "a", "f", 1500);
+    let att: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    for i in 0..5 {
+        let r = a.node.raw(
+            "PUT",
+            &format!("/a/att{i}/data.bin"),
+            &[("Content-Type", "application/octet-stream")],
+            Some(&att),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("faulty proxy seed: {seed}");
+    // Push over mutual TLS through connection cuts.
+    let cut = FaultyProxy::start(b.port, false, seed);
+    let opts = json!({"worker_batch_size": 200, "max_attempts": 100});
+    let mut body = json!({"source": "a", "target": b.url_via(cut.port, "b")});
+    body.as_object_mut()
+        .unwrap()
+        .extend(opts.as_object().unwrap().clone());
+    let t = Instant::now();
+    replicate(&a.node, body);
+    eprintln!("push through the proxy took {:?}", t.elapsed());
+    let cuts = cut.cuts.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("connections cut during the push: {cuts}");
+    assert!(cuts > 0, "the proxy never cut anything");
+    assert_eq!(state(&a.node, "a"), state(&b.node, "b"));
+
+    // Pull over plain HTTP (B's loopback API with its admin password) through cuts and 503s.
+    b.node.put("/b/extra", &json!({"v": 1}));
+    let flaky = FaultyProxy::start(b.node.addr.port(), true, seed ^ 0x5555);
+    let src = format!(
+        "http://admin:{}@127.0.0.1:{}/b",
+        thali_tests::PASSWORD,
+        flaky.port
+    );
+    let mut body = json!({"source": src, "target": "pulled", "create_target": true});
+    body.as_object_mut()
+        .unwrap()
+        .extend(opts.as_object().unwrap().clone());
+    let t = Instant::now();
+    let res = replicate(&a.node, body);
+    eprintln!("pull through the flaky proxy took {:?}", t.elapsed());
+    assert_eq!(res["history"][0]["doc_write_failures"], 0);
+    assert_eq!(state(&a.node, "pulled"), state(&b.node, "b"));
+}
