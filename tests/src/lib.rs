@@ -1,6 +1,8 @@
 //! Test harness: builds and starts the real `thali` binary on free loopback ports, and a small
 //! HTTP/1.1 client that can send anything (malformed requests included).
 
+pub mod servers;
+
 use base64::Engine;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -284,8 +286,20 @@ pub fn try_request(
     headers: &[(String, String)],
     body: Option<&[u8]>,
 ) -> std::io::Result<Resp> {
+    try_request_within(addr, method, path, headers, body, Duration::from_secs(60))
+}
+
+/// `try_request` with a chosen read timeout (long-running calls such as `POST /_replicate`).
+pub fn try_request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<Resp> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(timeout))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

@@ -612,3 +612,48 @@ fn replication_through_a_faulty_proxy_converges() {
     assert_eq!(res["history"][0]["doc_write_failures"], 0);
     assert_eq!(state(&a.node, "pulled"), state(&b.node, "b"));
 }
+
+#[test]
+fn filtered_replication_by_doc_ids_and_selector() {
+    let (a, b) = (peer("filt-a"), peer("filt-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    let docs: Vec<Value> = (0..40)
+        .map(|i| json!({"_id": format!("f{i:02}"), "kind": if i % 4 == 0 { "keep" } else { "skip" }, "n": i}))
+        .collect();
+    a.node.post("/a/_bulk_docs", &json!({ "docs": docs }));
+    // doc_ids, pushed.
+    let res = replicate(
+        &a.node,
+        json!({"source": "a", "target": b.url("b"), "doc_ids": ["f01", "f02", "nope"]}),
+    );
+    assert_eq!(written(&res), 2, "{res}");
+    // A selector evaluated by the remote source (B's _changes?filter=_selector), pulled.
+    let sel = json!({"kind": "keep", "n": {"$gte": 8}});
+    b.node.post("/b/_bulk_docs", &json!({"docs": [{"_id": "g1", "kind": "keep", "n": 9}, {"_id": "g2", "kind": "keep", "n": 1}]}));
+    let res = replicate(
+        &a.node,
+        json!({"source": b.url("b"), "target": "sel-pull", "create_target": true, "selector": sel}),
+    );
+    assert_eq!(written(&res), 1, "only g1 matches on B: {res}");
+    // The same selector on a local source, pushed.
+    let res = replicate(
+        &a.node,
+        json!({"source": "a", "target": "sel-local", "create_target": true, "selector": sel}),
+    );
+    assert_eq!(written(&res), 8, "f08, f12, … f36: {res}");
+    let ids: Vec<String> = a.node.get("/sel-local/_all_docs").json()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.first().map(String::as_str), Some("f08"));
+    // A selector the node cannot evaluate is refused up front.
+    a.node
+        .post(
+            "/_replicate",
+            &json!({"source": "a", "target": "x", "selector": {"n": {"$regex": "1"}}}),
+        )
+        .assert_error(400, "bad_request");
+}

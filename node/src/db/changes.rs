@@ -3,6 +3,7 @@
 
 use super::read::{AttMode, DocOptions};
 use super::{Database, DbResult};
+use crate::doc::selector::Selector;
 use crate::doc::Rev;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -25,6 +26,8 @@ pub struct ChangesQuery {
     pub style: Style,
     pub doc_ids: Option<HashSet<String>>,
     pub design_only: bool,
+    /// `filter=_selector`: only documents whose winning revision matches.
+    pub selector: Option<Selector>,
 }
 
 pub struct ChangeRow {
@@ -34,6 +37,17 @@ pub struct ChangeRow {
 }
 
 impl Database {
+    fn winner_matches(&self, id: &str, winner: &str, sel: &Selector) -> DbResult<bool> {
+        let (Some(info), Some(w)) = (self.data().doc_info(id)?, Rev::parse(winner)) else {
+            return Ok(false);
+        };
+        let Some(body) = self.data().body_of(id, &info, winner)? else {
+            return Ok(false);
+        };
+        let doc = self.render(id, &info, &w, body, &DocOptions::default()).doc;
+        Ok(sel.matches(&Value::Object(doc)))
+    }
+
     /// Rows after `q.since` (up to `limit`), the `last_seq` to resume from, and how many
     /// changes remain after it.
     pub fn changes(&self, q: &ChangesQuery) -> DbResult<(Vec<ChangeRow>, u64, u64)> {
@@ -82,6 +96,11 @@ impl Database {
             let Some(winner) = entry.leaves.first() else {
                 continue;
             };
+            if let Some(sel) = &q.selector {
+                if !self.winner_matches(id, winner, sel)? {
+                    continue;
+                }
+            }
             let mut row = String::with_capacity(96);
             row.push_str("{\"seq\":");
             row.push_str(&seq.to_string());

@@ -2,6 +2,7 @@
 
 pub mod parse;
 pub mod rev;
+pub mod selector;
 pub mod tree;
 
 pub use rev::{hash_rev, Rev};

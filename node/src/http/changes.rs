@@ -4,6 +4,7 @@ use super::database::open;
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Req};
 use crate::db::{ChangesQuery, Database, Style};
+use crate::doc::selector::Selector;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method};
 use axum::response::Response;
@@ -76,6 +77,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         },
         doc_ids: None,
         design_only: false,
+        selector: None,
     };
     if let Some(s) = q.get("since").or_else(|| q.get("last-event-id")) {
         cq.since = parse_since(s, &db)?;
@@ -101,6 +103,12 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             );
         }
         Some("_design") => cq.design_only = true,
+        Some("_selector") => {
+            let sel = body.get("selector").ok_or_else(|| {
+                ApiError::bad_request("filter=_selector needs a \"selector\" in the body")
+            })?;
+            cq.selector = Some(Selector::parse(sel).map_err(ApiError::bad_request)?);
+        }
         Some(f) if f.starts_with('_') => {
             return Err(ApiError::bad_request(format!(
                 "filter `{f}` is not supported"

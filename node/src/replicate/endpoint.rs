@@ -4,6 +4,7 @@
 use super::client::{encode_id, encode_query, Remote, Response, REQUEST_TIMEOUT};
 use super::error::{ReplError, ReplResult};
 use crate::db::{AttMode, BulkGetItem, ChangesQuery, Database, DbError, DocOptions, Node, Style};
+use crate::doc::selector::Selector;
 use crate::doc::Rev;
 use futures_util::StreamExt;
 use hyper::http::Method;
@@ -52,7 +53,7 @@ pub enum Endpoint {
         name: String,
     },
     Remote {
-        remote: Remote,
+        remote: Box<Remote>,
         /// Cleared the first time `_bulk_get` fails; then revisions come through `open_revs`.
         bulk_get: AtomicBool,
     },
@@ -226,22 +227,26 @@ impl Endpoint {
         match self {
             Endpoint::Local { node, name } => {
                 let db = Self::local_db(node, name)?;
-                let doc_ids = match filter {
-                    Filter::None => None,
-                    Filter::DocIds(ids) => Some(ids.iter().cloned().collect::<HashSet<_>>()),
-                    Filter::Selector(_) | Filter::Function(..) => {
-                        return Err(ReplError::BadSpec(
-                            "selectors and filter functions on a local source arrive with the plugin host".into(),
-                        ))
-                    }
-                };
-                let q = ChangesQuery {
+                let mut q = ChangesQuery {
                     since: local_seq(since),
                     limit: Some(limit),
                     style: Style::AllDocs,
-                    doc_ids,
                     ..Default::default()
                 };
+                match filter {
+                    Filter::None => {}
+                    Filter::DocIds(ids) => {
+                        q.doc_ids = Some(ids.iter().cloned().collect::<HashSet<_>>())
+                    }
+                    Filter::Selector(s) => {
+                        q.selector = Some(Selector::parse(s).map_err(ReplError::BadSpec)?)
+                    }
+                    Filter::Function(..) => {
+                        return Err(ReplError::BadSpec(
+                            "filter functions on a local source arrive with the plugin host".into(),
+                        ))
+                    }
+                }
                 let mut updates = db.subscribe();
                 let mut res = tokio::task::block_in_place(|| db.changes(&q)).map_err(db_err)?;
                 if res.0.is_empty() {

@@ -64,7 +64,13 @@ fn endpoint(
             name: name.clone(),
         },
         EndpointSpec::Remote { url, headers } => Endpoint::Remote {
-            remote: Remote::new(url, headers, identity.clone(), retries, spec.display())?,
+            remote: Box::new(Remote::new(
+                url,
+                headers,
+                identity.clone(),
+                retries,
+                spec.display(),
+            )?),
             bulk_get: AtomicBool::new(true),
         },
     })

@@ -157,7 +157,11 @@ impl Spec {
         };
         let selector = match o.get("selector") {
             None | Some(Value::Null) => None,
-            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(v @ Value::Object(_)) => {
+                crate::doc::selector::Selector::parse(v)
+                    .map_err(|e| ReplError::BadSpec(format!("`selector`: {e}")))?;
+                Some(v.clone())
+            }
             Some(_) => return Err(ReplError::BadSpec("`selector` must be an object".into())),
         };
         let filter = match o.get("filter") {

@@ -10,27 +10,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+use thali_tests::servers::{start_pouchdb_server, start_thali, Target};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-struct Target {
-    name: &'static str,
-    base: String,
-    auth: Option<String>,
-    child: Child,
-    _dir: thali_tests::TempDir,
-    peer_port: u16,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn call(
     c: &HttpClient,
@@ -58,90 +43,6 @@ async fn call(
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     (status, bytes)
-}
-
-fn wait_up(base: &str) {
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    for _ in 0..600 {
-        if let Ok(r) = thali_tests::try_request(addr, "GET", "/", &[], None) {
-            if r.status == 200 {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{base} did not come up");
-}
-
-fn start_thali(root: &std::path::Path) -> Target {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "thali-node",
-            "--bin",
-            "thali",
-        ])
-        .current_dir(root)
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
-    let dir = thali_tests::TempDir::new("bench-thali");
-    let port = thali_tests::free_port();
-    let peer_port = thali_tests::free_port();
-    let child = Command::new(root.join("target/release/thali"))
-        .args(["serve", "--data"])
-        .arg(&dir.0)
-        .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{peer_port}")])
-        .env("THALI_ADMIN_PASSWORD", thali_tests::PASSWORD)
-        .env("THALI_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn thali");
-    let base = format!("http://127.0.0.1:{port}");
-    wait_up(&base);
-    Target {
-        name: "thali",
-        base,
-        auth: Some(thali_tests::admin_auth()),
-        child,
-        _dir: dir,
-        peer_port,
-    }
-}
-
-fn start_pouchdb_server(root: &std::path::Path) -> Target {
-    let bin = root.join("tests/interop/node_modules/pouchdb-server/bin/pouchdb-server");
-    assert!(
-        bin.exists(),
-        "pouchdb-server missing: run `npm ci` in tests/interop"
-    );
-    let dir = thali_tests::TempDir::new("bench-pouchdb-server");
-    let port = thali_tests::free_port();
-    let child = Command::new("node")
-        .arg(&bin)
-        .args(["-p", &port.to_string(), "-o", "127.0.0.1", "-n", "-d"])
-        .arg(&dir.0)
-        .arg("-c")
-        .arg(dir.0.join("config.json"))
-        .current_dir(&dir.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pouchdb-server");
-    let base = format!("http://127.0.0.1:{port}");
-    wait_up(&base);
-    Target {
-        name: "pouchdb-server",
-        base,
-        auth: None,
-        child,
-        _dir: dir,
-        peer_port: 0,
-    }
 }
 
 fn doc(i: usize) -> Value {

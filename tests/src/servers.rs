@@ -1,0 +1,105 @@
+//! Servers for the benchmarks: a release `thali` with a peer listener, and pouchdb-server
+//! (npm, from `tests/interop`).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Target {
+    pub name: &'static str,
+    pub base: String,
+    pub auth: Option<String>,
+    pub child: Child,
+    pub _dir: crate::TempDir,
+    pub peer_port: u16,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_up(base: &str) {
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    for _ in 0..600 {
+        if let Ok(r) = crate::try_request(addr, "GET", "/", &[], None) {
+            if r.status == 200 {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{base} did not come up");
+}
+
+pub fn start_thali(root: &std::path::Path) -> Target {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "thali-node",
+            "--bin",
+            "thali",
+        ])
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success());
+    let dir = crate::TempDir::new("bench-thali");
+    let port = crate::free_port();
+    let peer_port = crate::free_port();
+    let child = Command::new(root.join("target/release/thali"))
+        .args(["serve", "--data"])
+        .arg(&dir.0)
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .args(["--peer", &format!("127.0.0.1:{peer_port}")])
+        .env("THALI_ADMIN_PASSWORD", crate::PASSWORD)
+        .env("THALI_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn thali");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&base);
+    Target {
+        name: "thali",
+        base,
+        auth: Some(crate::admin_auth()),
+        child,
+        _dir: dir,
+        peer_port,
+    }
+}
+
+pub fn start_pouchdb_server(root: &std::path::Path) -> Target {
+    let bin = root.join("tests/interop/node_modules/pouchdb-server/bin/pouchdb-server");
+    assert!(
+        bin.exists(),
+        "pouchdb-server missing: run `npm ci` in tests/interop"
+    );
+    let dir = crate::TempDir::new("bench-pouchdb-server");
+    let port = crate::free_port();
+    let child = Command::new("node")
+        .arg(&bin)
+        .args(["-p", &port.to_string(), "-o", "127.0.0.1", "-n", "-d"])
+        .arg(&dir.0)
+        .arg("-c")
+        .arg(dir.0.join("config.json"))
+        .current_dir(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pouchdb-server");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&base);
+    Target {
+        name: "pouchdb-server",
+        base,
+        auth: None,
+        child,
+        _dir: dir,
+        peer_port: 0,
+    }
+}
