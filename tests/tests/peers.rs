@@ -91,6 +91,8 @@ fn permissions_per_key_and_database() {
     assert_eq!(mixed[1]["id"], "_design/x");
     cw.put("/shared/_design/x", &json!({}))
         .assert_error(403, "forbidden");
+    cw.put("/shared/_design%2Fx", &json!({}))
+        .assert_error(403, "forbidden");
     cw.put("/shared/_security", &json!({}))
         .assert_error(403, "forbidden");
     cw.req("DELETE", "/shared", None)

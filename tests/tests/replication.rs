@@ -657,3 +657,152 @@ fn filtered_replication_by_doc_ids_and_selector() {
         )
         .assert_error(400, "bad_request");
 }
+
+/// An HTTP proxy in front of a node's loopback API that plays an older CouchDB: it answers 404
+/// to `_bulk_get`, so the replicator must fetch through `open_revs`. One request per
+/// connection (it forwards with `Connection: close`).
+fn no_bulk_get_proxy(upstream: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = refused.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut head = String::new();
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if !line.to_ascii_lowercase().starts_with("connection:") {
+                        head.push_str(&line);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let mut client = client;
+                if head.lines().next().unwrap_or("").contains("/_bulk_get") {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let b = r#"{"error":"not_found","reason":"missing"}"#;
+                    let _ = write!(client, "HTTP/1.1 404 Object Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len());
+                    return;
+                }
+                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let _ = up.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
+                let _ = up.write_all(&body);
+                let _ = std::io::copy(&mut up, &mut client);
+            });
+        }
+    });
+    (port, refused)
+}
+
+#[test]
+fn peers_without_bulk_get_are_read_through_open_revs() {
+    let (a, b) = (peer("obg-a"), peer("obg-b"));
+    b.node.put("/old", &json!({}));
+    put_docs(&b.node, "old", "o", 30);
+    let att: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    let rev = b.node.get("/old/o00003").json()["_rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let put = b.node.raw(
+        "PUT",
+        &format!("/old/o00003/a.bin?rev={rev}"),
+        &[("Content-Type", "application/octet-stream")],
+        Some(&att),
+    );
+    assert_eq!(put.status, 201, "{}", put.text());
+    // A conflict: two branches of one document.
+    b.node.post(
+        "/old/_bulk_docs",
+        &json!({"new_edits": false, "docs": [
+        {"_id": "c", "_rev": "1-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "v": 1},
+        {"_id": "c", "_rev": "1-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "v": 2}]}),
+    );
+    let (port, refused) = no_bulk_get_proxy(b.node.addr.port());
+    let src = format!(
+        "http://admin:{}@127.0.0.1:{port}/old",
+        thali_tests::PASSWORD
+    );
+    let res = replicate(
+        &a.node,
+        json!({"source": src, "target": "new", "create_target": true}),
+    );
+    assert!(refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(written(&res), 32, "{res}");
+    assert_eq!(state(&a.node, "new"), state(&b.node, "old"));
+    assert_eq!(a.node.raw("GET", "/new/o00003/a.bin", &[], None).body, att);
+}
+
+#[test]
+fn the_command_line_replicates_with_a_summary() {
+    let (mut a, b) = (peer("cli-a"), peer("cli-b"));
+    a.node.put("/src", &json!({}));
+    put_docs(&a.node, "src", "c", 25);
+    b.allow("dst", &a);
+    let run = |node: &Node, args: &[&str]| {
+        let out = std::process::Command::new(thali_tests::thali_bin())
+            .arg("replicate")
+            .args(args)
+            .args([
+                "--data",
+                node.data.to_str().unwrap(),
+                "--node",
+                &node.addr.to_string(),
+            ])
+            .env("THALI_ADMIN_PASSWORD", thali_tests::PASSWORD)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Through the running node.
+    let (ok, out, err) = run(&a.node, &["src", &b.url("dst")]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("Replication completed: src -> httpkey://"),
+        "{out}"
+    );
+    assert!(
+        out.contains("docs read 25, written 25, write failures 0"),
+        "{out}"
+    );
+    // With the node stopped, in-process on its data directory (same identity, same checkpoint).
+    a.node.stop();
+    put_docs(&b.node, "dst", "fromb", 4);
+    let (ok, out, err) = run(&a.node, &[&b.url("dst"), "src"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("docs read 4, written 4"), "{out}");
+    // A failure says why and exits non-zero.
+    let (ok, out, _) = run(&a.node, &["nosuch", "src"]);
+    assert!(!ok);
+    assert!(
+        out.contains("Replication failed") && out.contains("nosuch"),
+        "{out}"
+    );
+    a.node.restart();
+    assert_eq!(a.node.get("/src").json()["doc_count"], 29);
+}

@@ -119,6 +119,8 @@ fn classify(r: &Req) -> Need {
         [_, "_bulk_docs"] => db(Level::Write),
         [_, "_design", ..] if read_method => db(Level::Read),
         [_, "_design", ..] => db(Level::Admin),
+        // `_design%2Fname` as one segment (CouchDB accepts it, so the router does too).
+        [_, id, ..] if id.starts_with("_design/") && !read_method => db(Level::Admin),
         [_, ..] if read_method => db(Level::Read),
         [_, ..] if m.as_str() == "COPY" => {
             let to_design = r
