@@ -39,7 +39,8 @@ fn server_endpoints_and_auth() {
         n.get("/_session").json()["userCtx"]["roles"],
         json!(["_admin"])
     );
-    assert_eq!(n.get("/_all_dbs").json(), json!([]));
+    // The node creates `_replicator` on start, as CouchDB does.
+    assert_eq!(n.get("/_all_dbs").json(), json!(["_replicator"]));
     let u = n.get("/_uuids?count=5").json();
     assert_eq!(u["uuids"].as_array().unwrap().len(), 5);
     n.get("/_uuids?count=5000").assert_error(400, "bad_request");
@@ -117,7 +118,10 @@ fn database_lifecycle() {
         201,
         "slashes are allowed, encoded"
     );
-    assert_eq!(n.get("/_all_dbs").json(), json!(["a/b", "db"]));
+    assert_eq!(
+        n.get("/_all_dbs").json(),
+        json!(["_replicator", "a/b", "db"])
+    );
     let info = n.get("/db/").json(); // trailing slash
     assert_eq!(info["db_name"], "db");
     assert_eq!(info["instance_start_time"], "0");

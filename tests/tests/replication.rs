@@ -479,7 +479,7 @@ fn errors_are_couchdb_shaped_and_final() {
     anon.assert_error(401, "unauthorized");
 }
 
-/// A TCP proxy that misbehaves: it cuts every connection after a random number of
+/// A TCP proxy that misbehaves: it is slow now and then, cuts every connection after a random number of
 /// bytes (2 KB .. 130 KB) (mid-request or mid-response, TLS or not), and with `fail_5xx` answers some new
 /// connections with a 503 instead of forwarding them. Runs until the test ends.
 struct FaultyProxy {
@@ -528,7 +528,12 @@ impl FaultyProxy {
                     let (total, counter) = (total.clone(), counter.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
+                        let mut rng = budget | 1;
                         loop {
+                            // A slow peer too: now and then a chunk waits.
+                            if xorshift(&mut rng) % 16 == 0 {
+                                std::thread::sleep(Duration::from_millis(30));
+                            }
                             let n = match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n as u64,
@@ -805,4 +810,34 @@ fn the_command_line_replicates_with_a_summary() {
     );
     a.node.restart();
     assert_eq!(a.node.get("/src").json()["doc_count"], 29);
+}
+
+#[test]
+fn continuous_job_rides_out_a_peer_outage() {
+    let (a, mut b) = (peer("out-a"), peer("out-b"));
+    a.node.put("/a", &json!({}));
+    b.allow("b", &a);
+    let body =
+        json!({"source": "a", "target": b.url("b"), "continuous": true, "retries_per_request": 1});
+    assert_eq!(a.node.post("/_replicate", &body).status, 202);
+    put_docs(&a.node, "a", "before", 10);
+    wait_until("10 docs on B", || {
+        b.node.get("/b").json()["doc_count"] == 10
+    });
+    // B disappears; A keeps writing; the job reports it is crashing and retries.
+    b.node.kill9();
+    put_docs(&a.node, "a", "during", 20);
+    wait_until("the job to report the outage", || {
+        let jobs = a.node.get("/_scheduler/jobs").json();
+        jobs["jobs"][0]["state"] == "crashing" && jobs["jobs"][0]["info"]["error"].is_string()
+    });
+    // B comes back on the same address: everything arrives, nothing twice.
+    b.node.restart();
+    wait_until("30 docs on B", || {
+        b.node.get("/b").json()["doc_count"] == 30
+    });
+    wait_until("the job to run again", || {
+        a.node.get("/_scheduler/jobs").json()["jobs"][0]["state"] == "running"
+    });
+    assert_eq!(state(&a.node, "a"), state(&b.node, "b"));
 }
