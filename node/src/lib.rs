@@ -5,6 +5,7 @@ pub mod db;
 pub mod doc;
 pub mod http;
 pub mod peer;
+pub mod plugins;
 pub mod replicate;
 pub mod serve;
 pub mod store;

@@ -38,6 +38,19 @@ pub struct ServeConfig {
     /// Most concurrent connections on the peer listener; more are closed at once.
     #[arg(long, default_value_t = 512)]
     pub max_peer_connections: usize,
+    /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions.
+    #[arg(long, default_value_t = 50_000_000)]
+    pub plugin_cpu: u64,
+    /// Memory of one plugin instance (WASM store or Lua state), in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub plugin_memory: usize,
+    /// Wall-clock limit of one plugin call, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub plugin_timeout_ms: u64,
+    /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
+    /// every save.
+    #[arg(long, value_name = "DIR")]
+    pub dev: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +120,12 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         &cfg.data,
         Limits {
             max_doc_size: cfg.max_doc_size,
+            plugins: crate::plugins::Limits {
+                cpu: cfg.plugin_cpu,
+                memory: cfg.plugin_memory,
+                timeout: Duration::from_millis(cfg.plugin_timeout_ms.max(1)),
+                ..Default::default()
+            },
         },
     )
     .map_err(|e| ServeError::Store(e.to_string()))?;

@@ -27,6 +27,12 @@ pub enum DbError {
     Forbidden(String),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// A design document's code does not compile (400).
+    #[error("compilation_error: {0}")]
+    Compilation(String),
+    /// A plugin call failed (trap, limit, bad output): this one operation fails.
+    #[error("plugin_error: {0}")]
+    Plugin(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -46,6 +52,8 @@ impl DbError {
             DbError::DocTooLarge(_) => "document_too_large",
             DbError::Forbidden(_) => "forbidden",
             DbError::Unauthorized(_) => "unauthorized",
+            DbError::Compilation(_) => "compilation_error",
+            DbError::Plugin(_) => "plugin_error",
             DbError::Internal(_) => "internal_server_error",
         }
     }
@@ -66,6 +74,8 @@ impl DbError {
             | DbError::DocTooLarge(r)
             | DbError::Forbidden(r)
             | DbError::Unauthorized(r)
+            | DbError::Compilation(r)
+            | DbError::Plugin(r)
             | DbError::Internal(r) => r.clone(),
         }
     }
@@ -77,12 +87,13 @@ impl DbError {
             DbError::BadRequest(_)
             | DbError::DocValidation(_)
             | DbError::IllegalDocId(_)
-            | DbError::IllegalDbName(_) => 400,
+            | DbError::IllegalDbName(_)
+            | DbError::Compilation(_) => 400,
             DbError::MissingStub(_) | DbError::FileExists => 412,
             DbError::DocTooLarge(_) => 413,
             DbError::Forbidden(_) => 403,
             DbError::Unauthorized(_) => 401,
-            DbError::Internal(_) => 500,
+            DbError::Plugin(_) | DbError::Internal(_) => 500,
         }
     }
 

@@ -80,7 +80,9 @@ impl Database {
             deleted: true,
             ..IncomingDoc::edit(format!("_local/{local_id}"), None)
         };
-        let mut r = self.write_docs(vec![Ok(doc)], true).await?;
+        let mut r = self
+            .write_docs(vec![Ok(doc)], true, &super::admin_ctx(&self.name))
+            .await?;
         r.pop().ok_or_else(|| DbError::Internal("no result".into()))
     }
 

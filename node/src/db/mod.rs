@@ -5,13 +5,14 @@ mod changes;
 mod compact;
 mod error;
 mod local;
+mod plugins;
 mod read;
 mod write;
 
 pub use changes::{ChangeRow, ChangesQuery, Style};
 pub use error::{DbError, DbResult};
 pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
-pub use write::{doc_input, DocInput, DocResult};
+pub use write::{admin_ctx, doc_input, DocInput, DocResult};
 
 use crate::store::{DbStore, Store};
 use rand::RngCore;
@@ -30,12 +31,15 @@ pub const DEFAULT_REVS_LIMIT: u64 = 1000;
 pub struct Limits {
     /// Largest JSON body of one document, in bytes (CouchDB's `max_document_size`).
     pub max_doc_size: usize,
+    /// Sandbox limits of design-document plugins.
+    pub plugins: crate::plugins::Limits,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_doc_size: 8_000_000,
+            plugins: crate::plugins::Limits::default(),
         }
     }
 }
@@ -48,6 +52,7 @@ pub struct Node {
     limits: Limits,
     /// Serialises create/delete so a name is never half created.
     admin_lock: Mutex<()>,
+    host: Arc<crate::plugins::Host>,
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -88,12 +93,15 @@ impl Node {
                 u
             }
         };
+        let host = crate::plugins::Host::new(limits.plugins.clone())
+            .map_err(|e| DbError::Internal(e.to_string()))?;
         Ok(Arc::new(Node {
             store,
             dbs: RwLock::new(HashMap::new()),
             uuid,
             limits,
             admin_lock: Mutex::new(()),
+            host,
         }))
     }
 
@@ -133,7 +141,7 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        let db = Arc::new(Database::load(name, data, self.limits.clone())?);
+        let db = Arc::new(Database::load(name, data, self.limits.clone(), self.host.clone())?);
         self.dbs
             .write()
             .map_err(poisoned)?
@@ -151,7 +159,7 @@ impl Node {
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = Arc::new(Database::load(name, data, self.limits.clone())?);
+        let db = Arc::new(Database::load(name, data, self.limits.clone(), self.host.clone())?);
         self.dbs
             .write()
             .map_err(poisoned)?
@@ -201,10 +209,18 @@ pub struct Database {
     compact_running: AtomicBool,
     deleted: AtomicBool,
     limits: Limits,
+    host: Arc<crate::plugins::Host>,
+    /// The compiled design documents, replaced as a whole when one changes.
+    plugins: RwLock<Arc<crate::plugins::DbPlugins>>,
 }
 
 impl Database {
-    fn load(name: &str, data: DbStore, limits: Limits) -> DbResult<Database> {
+    fn load(
+        name: &str,
+        data: DbStore,
+        limits: Limits,
+        host: Arc<crate::plugins::Host>,
+    ) -> DbResult<Database> {
         let update_seq: u64 = data.meta("update_seq")?.unwrap_or(0);
         let doc_count: u64 = data.meta("doc_count")?.unwrap_or(0);
         let doc_del_count: u64 = data.meta("doc_del_count")?.unwrap_or(0);
@@ -225,7 +241,10 @@ impl Database {
             compact_running: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
             limits,
-        })
+            host,
+            plugins: RwLock::new(Arc::default()),
+        }
+        .with_plugins())
     }
 
     /// The database's store (its current generation).

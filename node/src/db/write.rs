@@ -32,6 +32,59 @@ pub(super) struct BatchState {
     bodies: HashMap<(String, String), RevBody>,
     pub(super) locals: HashMap<String, Option<Value>>,
     changed: bool,
+    /// Bytes of attachments written to design documents in this batch (not yet readable from
+    /// the store), for compiling WASM modules.
+    fresh: HashMap<String, Vec<u8>>,
+    ddoc_written: bool,
+}
+
+/// Who writes, and what validators see: `userCtx`, `secObj` and the design documents in force.
+struct WriteCtx {
+    user_ctx: Value,
+    sec_obj: Value,
+    plugins: Arc<crate::plugins::DbPlugins>,
+}
+
+/// `userCtx` of the node's own writes (replicator, `_replicator` manager, dev folder).
+pub fn admin_ctx(db: &str) -> Value {
+    serde_json::json!({"db": db, "name": null, "roles": ["_admin"]})
+}
+
+/// A revision as validators see it: body plus `_id`, `_rev`, `_revisions`, `_deleted` and
+/// attachment stubs.
+fn doc_json(
+    id: &str,
+    rev: &Rev,
+    ancestry: &[String],
+    deleted: bool,
+    body: &serde_json::Map<String, Value>,
+    atts: &BTreeMap<String, AttMeta>,
+) -> Value {
+    let mut m = body.clone();
+    m.insert("_id".into(), Value::String(id.to_string()));
+    m.insert("_rev".into(), Value::String(rev.to_string()));
+    if !ancestry.is_empty() {
+        m.insert(
+            "_revisions".into(),
+            serde_json::json!({"start": rev.pos, "ids": ancestry}),
+        );
+    }
+    if deleted {
+        m.insert("_deleted".into(), Value::Bool(true));
+    }
+    if !atts.is_empty() {
+        let stubs: serde_json::Map<String, Value> = atts
+            .iter()
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    serde_json::json!({"content_type": a.content_type, "digest": a.digest, "length": a.length, "revpos": a.revpos, "stub": true}),
+                )
+            })
+            .collect();
+        m.insert("_attachments".into(), Value::Object(stubs));
+    }
+    Value::Object(m)
 }
 
 /// A document to write, or why it was refused before reaching the store (with its id).
@@ -49,33 +102,53 @@ impl Database {
         self: &Arc<Self>,
         docs: Vec<Value>,
         new_edits: bool,
+        user_ctx: &Value,
     ) -> DbResult<Vec<DocResult>> {
         let parsed = docs.into_iter().map(doc_input).collect();
-        self.write_docs(parsed, new_edits).await
+        self.write_docs(parsed, new_edits, user_ctx).await
     }
 
     /// Writes already parsed documents (multipart bodies arrive this way).
+    /// `user_ctx` is what validators see as `userCtx`.
     pub async fn write_docs(
         self: &Arc<Self>,
         docs: Vec<DocInput>,
         new_edits: bool,
+        user_ctx: &Value,
     ) -> DbResult<Vec<DocResult>> {
         self.check_alive()?;
+        let plugins = self.plugins();
+        let sec_obj = if plugins.has_validators() {
+            self.security()?
+        } else {
+            Value::Null
+        };
+        let ctx = WriteCtx {
+            user_ctx: user_ctx.clone(),
+            sec_obj,
+            plugins,
+        };
         let this = self.clone();
-        let (results, ticket, seq, data) =
-            tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits))
+        let (results, ticket, seq, data, ddoc_written) =
+            tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits, &ctx))
                 .await
                 .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
         data.durable(ticket).await?;
+        if ddoc_written {
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.reload_plugins()).await;
+        }
         self.updates.send_modify(|s| *s = (*s).max(seq));
         Ok(results)
     }
 
+    #[allow(clippy::type_complexity)]
     fn write_blocking(
         &self,
         docs: Vec<DocInput>,
         new_edits: bool,
-    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64, DbStore)> {
+        ctx: &WriteCtx,
+    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64, DbStore, bool)> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
         let mut bs = BatchState {
@@ -85,6 +158,8 @@ impl Database {
             bodies: HashMap::new(),
             locals: HashMap::new(),
             changed: false,
+            fresh: HashMap::new(),
+            ddoc_written: false,
         };
         let mut results = Vec::with_capacity(docs.len());
         for doc in docs {
@@ -93,7 +168,7 @@ impl Database {
                 Ok(doc) => {
                     let id = doc.id.clone();
                     let rev = doc.raw_rev.clone();
-                    self.write_one(doc, new_edits, &mut st, &mut bs)
+                    self.write_one(doc, new_edits, ctx, &mut st, &mut bs)
                         .map_err(|e| (id, rev, e))
                 }
             };
@@ -113,7 +188,7 @@ impl Database {
             self.doc_del_count.store(st.doc_del_count, Ordering::SeqCst);
         }
         let ticket = bs.data.apply(bs.batch)?;
-        Ok((results, ticket, st.update_seq, bs.data))
+        Ok((results, ticket, st.update_seq, bs.data, bs.ddoc_written))
     }
 
     fn load_info(&self, id: &str, bs: &BatchState) -> DbResult<DocInfo> {
@@ -141,6 +216,7 @@ impl Database {
         &self,
         doc: IncomingDoc,
         new_edits: bool,
+        ctx: &WriteCtx,
         st: &mut WriteState,
         bs: &mut BatchState,
     ) -> DbResult<(String, String)> {
@@ -227,6 +303,27 @@ impl Database {
             (new_rev, ids, atts)
         };
 
+        // An existing revision is a no-op or a conflict (the merge below decides): nothing to
+        // compile or validate.
+        if info.tree.get(&new_rev).is_none() {
+            if id.starts_with("_design/") {
+                if !doc.deleted {
+                    self.check_design_doc(&id, &doc.body, &atts, &bs.fresh)?;
+                }
+                bs.ddoc_written = true;
+            }
+            if ctx.plugins.has_validators() {
+                let new_doc = doc_json(&id, &new_rev, &path, doc.deleted, &doc.body, &atts);
+                let old_doc = match &old_winner {
+                    Some(w) if !w.deleted => match self.load_body(&id, &info, &w.rev, bs)? {
+                        Some(b) => doc_json(&id, &w.rev, &[], false, &b.body, &b.atts),
+                        None => Value::Null,
+                    },
+                    _ => Value::Null,
+                };
+                self.validate(&ctx.plugins, &new_doc, &old_doc, &ctx.user_ctx, &ctx.sec_obj)?;
+            }
+        }
         match info.tree.merge_path(new_rev.pos, &path, doc.deleted) {
             MergeOutcome::Existing if new_edits => return Err(DbError::Conflict),
             MergeOutcome::Existing => return Ok((id, new_rev.to_string())),
@@ -294,6 +391,9 @@ impl Database {
                     };
                     let digest = att_digest(&bytes);
                     bs.batch.put_att(&digest, &bytes);
+                    if id.starts_with("_design/") {
+                        bs.fresh.insert(digest.clone(), bytes.clone());
+                    }
                     AttMeta {
                         content_type: att.content_type,
                         digest,
@@ -341,6 +441,7 @@ impl Database {
         name: &str,
         content_type: &str,
         data: Vec<u8>,
+        user_ctx: &Value,
     ) -> DbResult<String> {
         let mut doc = self.doc_for_attachment_edit(id, rev)?;
         doc.atts.insert(
@@ -354,7 +455,7 @@ impl Database {
                 encoding: None,
             },
         );
-        self.single_write(doc).await
+        self.single_write(doc, user_ctx).await
     }
 
     pub async fn delete_attachment(
@@ -362,6 +463,7 @@ impl Database {
         id: &str,
         rev: Option<Rev>,
         name: &str,
+        user_ctx: &Value,
     ) -> DbResult<String> {
         if rev.is_none() {
             return Err(DbError::Conflict);
@@ -370,11 +472,11 @@ impl Database {
         if doc.atts.remove(name).is_none() {
             return Err(DbError::NotFound("Document is missing attachment".into()));
         }
-        self.single_write(doc).await
+        self.single_write(doc, user_ctx).await
     }
 
-    async fn single_write(self: &Arc<Self>, doc: IncomingDoc) -> DbResult<String> {
-        let mut res = self.write_docs(vec![Ok(doc)], true).await?;
+    async fn single_write(self: &Arc<Self>, doc: IncomingDoc, user_ctx: &Value) -> DbResult<String> {
+        let mut res = self.write_docs(vec![Ok(doc)], true, user_ctx).await?;
         match res.pop() {
             Some(Ok((_, rev))) => Ok(rev),
             Some(Err((_, _, e))) => Err(e),

@@ -47,7 +47,8 @@ pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             if !doc.is_object() {
                 return Err(ApiError::bad_request("Document must be a JSON object"));
             }
-            let mut res = db.bulk_docs(vec![doc], true).await?;
+            let ctx = r.principal.user_ctx(Some(name));
+            let mut res = db.bulk_docs(vec![doc], true, &ctx).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(super::respond::with_etag(
                     status(201, json!({"ok": true, "id": id, "rev": rev})),
@@ -117,7 +118,8 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
             }
         })
         .collect();
-    let results = db.write_docs(inputs, new_edits).await?;
+    let ctx = r.principal.user_ctx(Some(name));
+    let results = db.write_docs(inputs, new_edits, &ctx).await?;
     let out: Vec<Value> = results
         .iter()
         .filter(|r| new_edits || r.is_err())

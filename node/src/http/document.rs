@@ -123,7 +123,8 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     doc.rev = Some(rev);
                 }
             }
-            let mut res = db.write_docs(vec![Ok(doc)], new_edits).await?;
+            let ctx = r.principal.user_ctx(Some(db_name));
+            let mut res = db.write_docs(vec![Ok(doc)], new_edits, &ctx).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => {
                     let code = if r.query.get("batch") == Some("ok") {
@@ -145,7 +146,8 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 return Err(crate::db::DbError::Conflict.into());
             };
             let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
-            let mut res = db.bulk_docs(vec![doc], true).await?;
+            let ctx = r.principal.user_ctx(Some(db_name));
+            let mut res = db.bulk_docs(vec![doc], true, &ctx).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(with_etag(
                     ok(json!({"ok": true, "id": id, "rev": rev})),
@@ -290,7 +292,8 @@ async fn copy(
         Some(rv) => src.insert("_rev".into(), json!(rv)),
         None => src.remove("_rev"),
     };
-    let mut res = db.bulk_docs(vec![Value::Object(src)], true).await?;
+    let ctx = r.principal.user_ctx(Some(db.name()));
+    let mut res = db.bulk_docs(vec![Value::Object(src)], true, &ctx).await?;
     match res.pop() {
         Some(Ok((id, rev))) => Ok(with_etag(
             status(201, json!({"ok": true, "id": id, "rev": rev})),
@@ -352,7 +355,8 @@ pub async fn attachment(
             };
             crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
             let data = r.bytes().await?.to_vec();
-            let new_rev = db.put_attachment(id, rev, name, &ctype, data).await?;
+            let ctx = r.principal.user_ctx(Some(db_name));
+            let new_rev = db.put_attachment(id, rev, name, &ctype, data, &ctx).await?;
             Ok(with_etag(
                 status(201, json!({"ok": true, "id": id, "rev": new_rev})),
                 &new_rev,
@@ -360,7 +364,8 @@ pub async fn attachment(
         }
         Method::DELETE => {
             let rev = requested_rev(r)?;
-            let new_rev = db.delete_attachment(id, rev, name).await?;
+            let ctx = r.principal.user_ctx(Some(db_name));
+            let new_rev = db.delete_attachment(id, rev, name, &ctx).await?;
             Ok(with_etag(
                 ok(json!({"ok": true, "id": id, "rev": new_rev})),
                 &new_rev,
@@ -404,7 +409,8 @@ pub async fn local(
             if doc.raw_rev.is_none() {
                 doc.raw_rev = r.query.get("rev").map(str::to_string);
             }
-            let mut res = db.write_docs(vec![Ok(doc)], true).await?;
+            let ctx = r.principal.user_ctx(Some(db_name));
+            let mut res = db.write_docs(vec![Ok(doc)], true, &ctx).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(status(201, json!({"ok": true, "id": id, "rev": rev}))),
                 Some(Err((_, _, e))) => Err(e.into()),

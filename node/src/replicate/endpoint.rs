@@ -191,7 +191,8 @@ impl Endpoint {
             Endpoint::Local { node, name } => {
                 doc["_id"] = json!(format!("_local/{id}"));
                 let db = Self::local_db(node, name)?;
-                let mut res = db.bulk_docs(vec![doc], true).await.map_err(db_err)?;
+                let ctx = crate::db::admin_ctx(name);
+                let mut res = db.bulk_docs(vec![doc], true, &ctx).await.map_err(db_err)?;
                 match res.pop() {
                     Some(Ok((_, rev))) => Ok(LocalPut::Ok(rev)),
                     Some(Err((_, _, DbError::Conflict))) => Ok(LocalPut::Conflict),
@@ -443,7 +444,8 @@ impl Endpoint {
         match self {
             Endpoint::Local { node, name } => {
                 let db = Self::local_db(node, name)?;
-                let res = db.bulk_docs(docs, false).await.map_err(db_err)?;
+                let ctx = crate::db::admin_ctx(name);
+                let res = db.bulk_docs(docs, false, &ctx).await.map_err(db_err)?;
                 Ok(res
                     .into_iter()
                     .filter_map(|r| r.err())

@@ -192,7 +192,10 @@ async fn write_state(
             Some(ref s) => d.insert("_replication_stats".into(), s.clone()),
             None => d.remove("_replication_stats"),
         };
-        match db.bulk_docs(vec![Value::Object(d)], true).await {
+        match db
+            .bulk_docs(vec![Value::Object(d)], true, &crate::db::admin_ctx(DB))
+            .await
+        {
             Ok(mut r) => match r.pop() {
                 Some(Ok(_)) => return,
                 Some(Err((_, _, DbError::Conflict))) => continue,

@@ -1,0 +1,1 @@
+//! Development hot reload (filled in below).

@@ -1,0 +1,235 @@
+//! Lua 5.4 design documents (mlua, vendored). One Lua state per design document, holding all its
+//! functions; calls to it are serialised. The state gets only the `string`, `table`, `math` and
+//! `utf8` libraries, without `load`, file loading, `collectgarbage` or randomness; a memory
+//! limit; and an instruction hook that ends a call past its CPU budget or wall-clock deadline.
+//!
+//! A function is either an expression (`function(newDoc, oldDoc, userCtx, secObj) … end`) or a
+//! chunk that returns one. Validators reject by returning or throwing (`error{forbidden = "…"}`)
+//! a table, as CouchDB's JavaScript ones do.
+
+use super::design::{DesignFns, Source};
+use super::{Func, Limits, PluginError, PluginFn};
+use mlua::serde::{DeserializeOptions, SerializeOptions};
+use mlua::{HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, VmState};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Instructions between two hook checks.
+const HOOK_EVERY: u32 = 1000;
+
+struct Budget {
+    used: u64,
+    limit: u64,
+    deadline: Instant,
+    timeout: std::time::Duration,
+}
+
+struct State {
+    lua: Lua,
+    /// `pcall` wrapper that returns thrown tables instead of raising them.
+    protect: mlua::Function,
+    budget: Arc<Mutex<Budget>>,
+    /// One call at a time: the budget belongs to the call that holds this.
+    calls: Mutex<()>,
+    limits: Limits,
+    id: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    fn new(id: &str, limits: &Limits) -> Result<State, PluginError> {
+        let err = |e: mlua::Error| PluginError::Compile(format!("{id}: cannot start Lua: {e}"));
+        let lua = Lua::new_with(
+            StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+            LuaOptions::default(),
+        )
+        .map_err(err)?;
+        let g = lua.globals();
+        for name in ["dofile", "loadfile", "load", "require", "collectgarbage", "print"] {
+            g.set(name, mlua::Nil).map_err(err)?;
+        }
+        if let Ok(math) = g.get::<mlua::Table>("math") {
+            math.set("random", mlua::Nil).map_err(err)?;
+            math.set("randomseed", mlua::Nil).map_err(err)?;
+        }
+        let ddoc = id.to_string();
+        let log = lua
+            .create_function(move |_, msg: String| {
+                tracing::info!(ddoc = %ddoc, "{msg}");
+                Ok(())
+            })
+            .map_err(err)?;
+        g.set("log", log).map_err(err)?;
+        let protect: mlua::Function = lua
+            .load(
+                "local pcall, type, error = pcall, type, error
+                 return function(f, ...)
+                   local ok, r = pcall(f, ...)
+                   if ok then return true, r end
+                   if type(r) == 'table' then return false, r end
+                   error(r, 0)
+                 end",
+            )
+            .set_name("=thali")
+            .eval()
+            .map_err(err)?;
+        lua.set_memory_limit(limits.memory).map_err(err)?;
+        let budget = Arc::new(Mutex::new(Budget {
+            used: 0,
+            limit: limits.cpu,
+            deadline: Instant::now() + limits.timeout,
+            timeout: limits.timeout,
+        }));
+        let b = budget.clone();
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+            move |_, _| {
+                let mut b = lock(&b);
+                b.used += HOOK_EVERY as u64;
+                if b.used > b.limit {
+                    Err(mlua::Error::runtime(format!("CPU limit exceeded ({} instructions)", b.limit)))
+                } else if Instant::now() > b.deadline {
+                    Err(mlua::Error::runtime(format!("time limit exceeded ({:?})", b.timeout)))
+                } else {
+                    Ok(VmState::Continue)
+                }
+            },
+        )
+        .map_err(err)?;
+        Ok(State {
+            lua,
+            protect,
+            budget,
+            calls: Mutex::new(()),
+            limits: limits.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    fn reset_budget(&self) {
+        let mut b = lock(&self.budget);
+        b.used = 0;
+        b.deadline = Instant::now() + b.timeout;
+    }
+
+    fn function(self: &Arc<Self>, field: &str, code: &str) -> Result<Func, PluginError> {
+        let _g = lock(&self.calls);
+        self.reset_budget();
+        let name = format!("={}/{field}", self.id);
+        // An expression first (`function(...) ... end`), else a chunk that returns a function.
+        let f = match self
+            .lua
+            .load(format!("return {code}"))
+            .set_name(&name)
+            .eval::<mlua::Function>()
+        {
+            Ok(f) => f,
+            Err(first) => match self.lua.load(code).set_name(&name).eval::<mlua::Function>() {
+                Ok(f) => f,
+                Err(second) => {
+                    let e = if code.trim_start().starts_with("function") {
+                        first
+                    } else {
+                        second
+                    };
+                    return Err(PluginError::Compile(format!("{}: {field}: {}", self.id, clean(&e))));
+                }
+            },
+        };
+        Ok(Arc::new(LuaFn {
+            state: self.clone(),
+            func: f,
+            name: field.to_string(),
+        }))
+    }
+}
+
+/// mlua errors carry tracebacks and wrappers; keep the first line, which has `name:line: what`.
+fn clean(e: &mlua::Error) -> String {
+    let s = match e {
+        mlua::Error::CallbackError { cause, .. } => return clean(cause),
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        e => e.to_string(),
+    };
+    s.lines().next().unwrap_or("").to_string()
+}
+
+struct LuaFn {
+    state: Arc<State>,
+    func: mlua::Function,
+    name: String,
+}
+
+impl PluginFn for LuaFn {
+    fn call(&self, args: &[Value]) -> Result<Value, PluginError> {
+        let st = &self.state;
+        let fail = |m: String| {
+            tracing::warn!(ddoc = %st.id, function = %self.name, error = %m, "plugin call failed");
+            PluginError::Call(format!("{} {}: {m}", st.id, self.name))
+        };
+        let _g = lock(&st.calls);
+        st.reset_budget();
+        let lua = &st.lua;
+        let ser = SerializeOptions::new().set_array_metatable(true);
+        let mut largs = mlua::MultiValue::new();
+        largs.push_back(mlua::Value::Function(self.func.clone()));
+        for a in args {
+            largs.push_back(lua.to_value_with(a, ser).map_err(|e| fail(clean(&e)))?);
+        }
+        let (ok, out): (bool, mlua::Value) =
+            st.protect.call(largs).map_err(|e| fail(clean(&e)))?;
+        let de = DeserializeOptions::new()
+            .deny_unsupported_types(true)
+            .deny_recursive_tables(true);
+        let v: Value = lua
+            .from_value_with(out, de)
+            .map_err(|e| fail(format!("returned something that is not JSON: {}", clean(&e))))?;
+        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > st.limits.max_output {
+            return Err(fail(format!("output of {size} bytes is over the {} byte limit", st.limits.max_output)));
+        }
+        if ok {
+            Ok(v)
+        } else {
+            Err(PluginError::Thrown(v))
+        }
+    }
+}
+
+pub fn compile(src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> {
+    let st = Arc::new(State::new(&src.id, limits)?);
+    let validate = match &src.validate {
+        Some(code) => Some(st.function("validate_doc_update", code)?),
+        None => None,
+    };
+    let mut filters = HashMap::new();
+    for (name, code) in &src.filters {
+        filters.insert(name.clone(), st.function(&format!("filters.{name}"), code)?);
+    }
+    let mut views = HashMap::new();
+    for (name, (map, reduce)) in &src.views {
+        let m = st.function(&format!("views.{name}.map"), map)?;
+        let r = match reduce {
+            Some(r) if !r.starts_with('_') => Some(st.function(&format!("views.{name}.reduce"), r)?),
+            _ => None,
+        };
+        views.insert(name.clone(), (m, r));
+    }
+    let resolve_conflict = match &src.resolve_conflict {
+        Some(code) => Some(st.function("resolve_conflict", code)?),
+        None => None,
+    };
+    Ok(DesignFns {
+        id: src.id.clone(),
+        validate,
+        filters,
+        views,
+        resolve_conflict,
+        code_hash: src.hash(),
+    })
+}

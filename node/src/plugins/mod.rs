@@ -1,0 +1,111 @@
+//! The plugin host: design documents whose functions are Lua source (`"language": "lua"`) or
+//! exports of a WebAssembly module attached to the design document (`"language": "wasm"`).
+//!
+//! Plugins see JSON and return JSON, never internal types. Every call runs in a sandbox with a
+//! CPU budget and a memory limit; a plugin that fails costs that one call a clear
+//! `PluginError`, never the node. Compiled design documents are cached by a hash of their code
+//! and each database holds an immutable set of them that is swapped as a whole when a design
+//! document changes.
+
+pub mod design;
+pub mod dev;
+mod lua;
+mod wasm;
+
+pub use design::{DbPlugins, DesignFns};
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Sandbox limits, the same for every call.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// CPU per call: wasmtime fuel units, and Lua VM instructions.
+    pub cpu: u64,
+    /// Memory of one plugin instance (a WASM store or a Lua state), in bytes.
+    pub memory: usize,
+    /// Wall-clock backstop per call.
+    pub timeout: Duration,
+    /// Largest JSON output a call may return, in bytes.
+    pub max_output: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu: 50_000_000,
+            memory: 64 << 20,
+            timeout: Duration::from_millis(500),
+            max_output: 8 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The design document cannot be compiled or lacks something it names (400 at write time).
+    #[error("{0}")]
+    Compile(String),
+    /// A call failed: trap, limit, error raised, malformed output.
+    #[error("{0}")]
+    Call(String),
+    /// A Lua function threw a table (`error{forbidden = "…"}`): a validator's verdict.
+    #[error("the plugin threw {0}")]
+    Thrown(Value),
+}
+
+/// One callable plugin function. Arguments and result are JSON; the arguments are CouchDB's,
+/// in CouchDB's order (e.g. `newDoc, oldDoc, userCtx, secObj`).
+pub trait PluginFn: Send + Sync {
+    fn call(&self, args: &[Value]) -> Result<Value, PluginError>;
+}
+
+pub type Func = Arc<dyn PluginFn>;
+
+/// Compiles design documents and caches them by code hash.
+pub struct Host {
+    pub limits: Limits,
+    wasm: wasm::Runtime,
+    cache: Mutex<HashMap<String, Arc<DesignFns>>>,
+}
+
+impl Host {
+    pub fn new(limits: Limits) -> Result<Arc<Host>, PluginError> {
+        Ok(Arc::new(Host {
+            wasm: wasm::Runtime::new(&limits)?,
+            limits,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Compiles a design document (`attachment` gives the bytes of an attachment by name), or
+    /// returns the cached compilation of identical code. `Ok(None)`: it holds no functions.
+    pub fn compile(
+        &self,
+        id: &str,
+        doc: &serde_json::Map<String, Value>,
+        attachment: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Option<Arc<DesignFns>>, PluginError> {
+        let Some(src) = design::Source::parse(id, doc, attachment)? else {
+            return Ok(None);
+        };
+        let key = src.hash();
+        if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(Some(hit));
+        }
+        let fns = Arc::new(match src.language {
+            design::Language::Lua => lua::compile(&src, &self.limits)?,
+            design::Language::Wasm => self.wasm.compile(&src, &self.limits)?,
+        });
+        if let Ok(mut c) = self.cache.lock() {
+            // Old versions are dropped lazily: a bounded cache is enough for development loops.
+            if c.len() > 256 {
+                c.clear();
+            }
+            c.insert(key, fns.clone());
+        }
+        Ok(Some(fns))
+    }
+}

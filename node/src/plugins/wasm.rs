@@ -1,0 +1,293 @@
+//! WebAssembly design documents (wasmtime, ABI v1 — `plugin-api/README.md` is the contract).
+//!
+//! The module is a core module exporting `memory`, `alloc(len) -> ptr`,
+//! `thali_abi_version() -> 1`, and one `(ptr, len) -> i64` export per function. The input is
+//! the JSON array of the call's arguments written into the guest's memory; the result is
+//! `(out_ptr << 32) | out_len`, pointing at JSON. The only import is `thali.log(level, ptr, len)`.
+//!
+//! Every call gets a fresh instance (plugins are pure, and nothing leaks between documents)
+//! with a fuel budget, an epoch deadline as a wall-clock backstop, a memory limit that traps on
+//! growth past it, and a bounded stack.
+
+use super::design::{DesignFns, Source};
+use super::{Func, Limits, PluginError, PluginFn};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::{
+    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits,
+    StoreLimitsBuilder, ValType,
+};
+
+pub const ABI_VERSION: i32 = 1;
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+struct StoreData {
+    limits: StoreLimits,
+    id: Arc<str>,
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreData>,
+}
+
+fn compile_err(id: &str, m: impl std::fmt::Display) -> PluginError {
+    PluginError::Compile(format!("{id}: {m}"))
+}
+
+impl Runtime {
+    pub fn new(_limits: &Limits) -> Result<Runtime, PluginError> {
+        let mut cfg = Config::new();
+        cfg.consume_fuel(true);
+        cfg.epoch_interruption(true);
+        cfg.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&cfg)
+            .map_err(|e| PluginError::Compile(format!("cannot start wasmtime: {e}")))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Compile(format!("cannot start the epoch ticker: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        linker
+            .func_wrap(
+                "thali",
+                "log",
+                |mut caller: Caller<'_, StoreData>, level: i32, ptr: i32, len: i32| {
+                    let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; (len.max(0) as usize).min(4096)];
+                    if mem.read(&caller, ptr as u32 as usize, &mut buf).is_ok() {
+                        let msg = String::from_utf8_lossy(&buf);
+                        let id = caller.data().id.clone();
+                        match level {
+                            0 => tracing::error!(ddoc = %id, "{msg}"),
+                            1 => tracing::warn!(ddoc = %id, "{msg}"),
+                            2 => tracing::info!(ddoc = %id, "{msg}"),
+                            _ => tracing::debug!(ddoc = %id, "{msg}"),
+                        }
+                    }
+                },
+            )
+            .map_err(|e| PluginError::Compile(format!("cannot link thali.log: {e}")))?;
+        Ok(Runtime { engine, linker })
+    }
+
+    pub fn compile(&self, src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> {
+        let id = &src.id;
+        let bytes = src
+            .module
+            .as_ref()
+            .ok_or_else(|| compile_err(id, "no module"))?;
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| compile_err(id, format!("the module does not compile: {e}")))?;
+        for imp in module.imports() {
+            if (imp.module(), imp.name()) != ("thali", "log") {
+                return Err(compile_err(
+                    id,
+                    format!(
+                        "the module imports {}.{}; plugins may only import thali.log",
+                        imp.module(),
+                        imp.name()
+                    ),
+                ));
+            }
+        }
+        let exports: HashMap<String, ExternType> = module
+            .exports()
+            .map(|e| (e.name().to_string(), e.ty()))
+            .collect();
+        let func_sig = |name: &str, params: &[ValType], results: &[ValType]| -> Result<(), PluginError> {
+            match exports.get(name) {
+                Some(ExternType::Func(f))
+                    if f.params().map(|p| p.to_string()).eq(params.iter().map(|p| p.to_string()))
+                        && f.results().map(|p| p.to_string()).eq(results.iter().map(|p| p.to_string())) =>
+                {
+                    Ok(())
+                }
+                Some(_) => Err(compile_err(id, format!("export {name:?} has the wrong type"))),
+                None => Err(compile_err(id, format!("the module has no export {name:?}"))),
+            }
+        };
+        if !matches!(exports.get("memory"), Some(ExternType::Memory(_))) {
+            return Err(compile_err(id, "the module does not export its memory"));
+        }
+        func_sig("alloc", &[ValType::I32], &[ValType::I32])?;
+        func_sig("thali_abi_version", &[], &[ValType::I32])?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| compile_err(id, e))?;
+        let compiled = Arc::new(Compiled {
+            engine: self.engine.clone(),
+            pre,
+            limits: limits.clone(),
+            id: Arc::from(id.as_str()),
+        });
+        let version = compiled
+            .abi_version()
+            .map_err(|e| compile_err(id, format!("thali_abi_version failed: {e}")))?;
+        if version != ABI_VERSION {
+            return Err(compile_err(
+                id,
+                format!("the module speaks plugin ABI {version}; this node speaks {ABI_VERSION}"),
+            ));
+        }
+        let export = |field: &str, name: &str| -> Result<Func, PluginError> {
+            func_sig(name, &[ValType::I32, ValType::I32], &[ValType::I64])
+                .map_err(|e| compile_err(id, format!("{field}: {e}")))?;
+            Ok(Arc::new(WasmFn {
+                module: compiled.clone(),
+                export: name.to_string(),
+                field: field.to_string(),
+            }))
+        };
+        let validate = match &src.validate {
+            Some(name) => Some(export("validate_doc_update", name)?),
+            None => None,
+        };
+        let mut filters = HashMap::new();
+        for (name, exp) in &src.filters {
+            filters.insert(name.clone(), export(&format!("filters.{name}"), exp)?);
+        }
+        let mut views = HashMap::new();
+        for (name, (map, reduce)) in &src.views {
+            let m = export(&format!("views.{name}.map"), map)?;
+            let r = match reduce {
+                Some(r) if !r.starts_with('_') => Some(export(&format!("views.{name}.reduce"), r)?),
+                _ => None,
+            };
+            views.insert(name.clone(), (m, r));
+        }
+        let resolve_conflict = match &src.resolve_conflict {
+            Some(name) => Some(export("resolve_conflict", name)?),
+            None => None,
+        };
+        Ok(DesignFns {
+            id: id.clone(),
+            validate,
+            filters,
+            views,
+            resolve_conflict,
+            code_hash: src.hash(),
+        })
+    }
+}
+
+struct Compiled {
+    engine: Engine,
+    pre: InstancePre<StoreData>,
+    limits: Limits,
+    id: Arc<str>,
+}
+
+impl Compiled {
+    fn store(&self) -> Result<Store<StoreData>, String> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            StoreData {
+                limits,
+                id: self.id.clone(),
+            },
+        );
+        store.limiter(|d| &mut d.limits);
+        store.set_fuel(self.limits.cpu).map_err(|e| e.to_string())?;
+        store.set_epoch_deadline((self.limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64);
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+
+    fn abi_version(&self) -> Result<i32, String> {
+        let mut store = self.store()?;
+        let inst = self.pre.instantiate(&mut store).map_err(|e| describe(&e))?;
+        let f = inst
+            .get_typed_func::<(), i32>(&mut store, "thali_abi_version")
+            .map_err(|e| e.to_string())?;
+        f.call(&mut store, ()).map_err(|e| describe(&e))
+    }
+
+    fn call(&self, export: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        let mut store = self.store()?;
+        let inst = self.pre.instantiate(&mut store).map_err(|e| describe(&e))?;
+        let mem = inst
+            .get_memory(&mut store, "memory")
+            .ok_or("no memory export")?;
+        let alloc = inst
+            .get_typed_func::<i32, i32>(&mut store, "alloc")
+            .map_err(|e| e.to_string())?;
+        let f = inst
+            .get_typed_func::<(i32, i32), i64>(&mut store, export)
+            .map_err(|e| e.to_string())?;
+        let len = i32::try_from(input.len()).map_err(|_| "input too large")?;
+        let ptr = alloc.call(&mut store, len).map_err(|e| describe(&e))?;
+        mem.write(&mut store, ptr as u32 as usize, input)
+            .map_err(|_| format!("alloc returned {ptr}, outside the module's memory"))?;
+        let packed = f.call(&mut store, (ptr, len)).map_err(|e| describe(&e))? as u64;
+        let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+        if out_len > self.limits.max_output {
+            return Err(format!(
+                "output of {out_len} bytes is over the {} byte limit",
+                self.limits.max_output
+            ));
+        }
+        let mut out = vec![0u8; out_len];
+        mem.read(&store, out_ptr, &mut out)
+            .map_err(|_| format!("output ({out_ptr}, {out_len}) lies outside the module's memory"))?;
+        Ok(out)
+    }
+}
+
+/// A trap or error as one line that says what limit or fault it was.
+fn describe(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => "CPU limit exceeded (out of fuel)".into(),
+        Some(wasmtime::Trap::Interrupt) => "time limit exceeded".into(),
+        Some(wasmtime::Trap::StackOverflow) => "stack overflow".into(),
+        Some(t) => format!("trap: {t}"),
+        None => {
+            let s = format!("{e:#}");
+            if s.contains("memory") && s.contains("limit") || s.contains("forcing trap when growing memory") {
+                "memory limit exceeded".into()
+            } else {
+                s.lines().next().unwrap_or("").to_string()
+            }
+        }
+    }
+}
+
+struct WasmFn {
+    module: Arc<Compiled>,
+    export: String,
+    field: String,
+}
+
+impl PluginFn for WasmFn {
+    fn call(&self, args: &[Value]) -> Result<Value, PluginError> {
+        let input = serde_json::to_vec(args).unwrap_or_default();
+        let res = self.module.call(&self.export, &input).and_then(|out| {
+            serde_json::from_slice::<Value>(&out).map_err(|e| {
+                format!(
+                    "returned output that is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out[..out.len().min(80)])
+                )
+            })
+        });
+        res.map_err(|m| {
+            tracing::warn!(ddoc = %self.module.id, function = %self.field, error = %m, "plugin call failed");
+            PluginError::Call(format!("{} {}: {m}", self.module.id, self.field))
+        })
+    }
+}
