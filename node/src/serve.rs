@@ -139,6 +139,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         replicator.clone(),
         shutdown_tx.subscribe(),
     ));
+    let dev = cfg.dev.clone().map(|dir| {
+        tokio::spawn(crate::dev::run(node.clone(), dir, shutdown_tx.subscribe()))
+    });
     let state = AppState {
         replicator: replicator.clone(),
         node: node.clone(),
@@ -201,6 +204,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = manager.await;
+    if let Some(dev) = dev {
+        let _ = dev.await;
+    }
     // Jobs stop after a last checkpoint, before the stores close.
     replicator.shutdown().await;
     // Give open requests a moment; feeds end on the shutdown signal.

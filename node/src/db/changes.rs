@@ -2,7 +2,7 @@
 //! Feeds only show durable writes: rows above the durable `update_seq` are not listed yet.
 
 use super::read::{AttMode, DocOptions};
-use super::{Database, DbResult};
+use super::{Database, DbError, DbResult};
 use crate::doc::selector::Selector;
 use crate::doc::Rev;
 use serde_json::Value;
@@ -28,6 +28,22 @@ pub struct ChangesQuery {
     pub design_only: bool,
     /// `filter=_selector`: only documents whose winning revision matches.
     pub selector: Option<Selector>,
+    /// `filter=ddoc/name`: only documents the filter function accepts.
+    pub filter: Option<FilterFn>,
+}
+
+/// A design document filter with the `req` it is called with.
+#[derive(Clone)]
+pub struct FilterFn {
+    pub name: String,
+    pub func: crate::plugins::Func,
+    pub req: Value,
+}
+
+impl std::fmt::Debug for FilterFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FilterFn({})", self.name)
+    }
 }
 
 pub struct ChangeRow {
@@ -37,15 +53,38 @@ pub struct ChangeRow {
 }
 
 impl Database {
-    fn winner_matches(&self, id: &str, winner: &str, sel: &Selector) -> DbResult<bool> {
+    /// The winning revision as JSON, for selectors and filter functions.
+    fn winner_doc(&self, id: &str, winner: &str) -> DbResult<Option<Value>> {
         let (Some(info), Some(w)) = (self.data().doc_info(id)?, Rev::parse(winner)) else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(body) = self.data().body_of(id, &info, winner)? else {
-            return Ok(false);
+            return Ok(None);
         };
         let doc = self.render(id, &info, &w, body, &DocOptions::default()).doc;
-        Ok(sel.matches(&Value::Object(doc)))
+        Ok(Some(Value::Object(doc)))
+    }
+
+    fn passes(&self, q: &ChangesQuery, id: &str, winner: &str) -> DbResult<bool> {
+        if q.selector.is_none() && q.filter.is_none() {
+            return Ok(true);
+        }
+        let Some(doc) = self.winner_doc(id, winner)? else {
+            return Ok(false);
+        };
+        if let Some(sel) = &q.selector {
+            if !sel.matches(&doc) {
+                return Ok(false);
+            }
+        }
+        if let Some(f) = &q.filter {
+            let out = f
+                .func
+                .call(&[doc, f.req.clone()])
+                .map_err(|e| DbError::Plugin(format!("filter {}: {e}", f.name)))?;
+            return Ok(!matches!(out, Value::Null | Value::Bool(false)));
+        }
+        Ok(true)
     }
 
     /// Rows after `q.since` (up to `limit`), the `last_seq` to resume from, and how many
@@ -96,10 +135,8 @@ impl Database {
             let Some(winner) = entry.leaves.first() else {
                 continue;
             };
-            if let Some(sel) = &q.selector {
-                if !self.winner_matches(id, winner, sel)? {
-                    continue;
-                }
+            if !self.passes(q, id, winner)? {
+                continue;
             }
             let mut row = String::with_capacity(96);
             row.push_str("{\"seq\":");

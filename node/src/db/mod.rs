@@ -9,7 +9,7 @@ mod plugins;
 mod read;
 mod write;
 
-pub use changes::{ChangeRow, ChangesQuery, Style};
+pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
 pub use error::{DbError, DbResult};
 pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
 pub use write::{admin_ctx, doc_input, DocInput, DocResult};

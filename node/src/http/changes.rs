@@ -3,7 +3,7 @@
 use super::database::open;
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Req};
-use crate::db::{ChangesQuery, Database, Style};
+use crate::db::{ChangesQuery, Database, FilterFn, Style};
 use crate::doc::selector::Selector;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Method};
@@ -78,6 +78,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         doc_ids: None,
         design_only: false,
         selector: None,
+        filter: None,
     };
     if let Some(s) = q.get("since").or_else(|| q.get("last-event-id")) {
         cq.since = parse_since(s, &db)?;
@@ -115,9 +116,27 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             )));
         }
         Some(f) => {
-            return Err(ApiError::not_found(format!(
-                "filter `{f}`: filter functions need the plugin host, which this node does not have yet"
-            )));
+            let plugins = db.plugins();
+            let Some((_, func)) = plugins.filter(f) else {
+                return Err(ApiError::not_found(format!(
+                    "filter `{f}` is not defined (a design document with \"language\": \"lua\" or \"wasm\" and filters.NAME)"
+                )));
+            };
+            let query: serde_json::Map<String, Value> = q
+                .all()
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            cq.filter = Some(FilterFn {
+                name: f.to_string(),
+                func: func.clone(),
+                req: json!({
+                    "method": r.method.as_str(),
+                    "query": query,
+                    "body": body,
+                    "userCtx": r.principal.user_ctx(Some(name)),
+                }),
+            });
         }
     }
     let heartbeat = match q.get("heartbeat") {

@@ -8,7 +8,6 @@
 //! document changes.
 
 pub mod design;
-pub mod dev;
 mod lua;
 mod wasm;
 

@@ -3,7 +3,9 @@
 
 use super::client::{encode_id, encode_query, Remote, Response, REQUEST_TIMEOUT};
 use super::error::{ReplError, ReplResult};
-use crate::db::{AttMode, BulkGetItem, ChangesQuery, Database, DbError, DocOptions, Node, Style};
+use crate::db::{
+    AttMode, BulkGetItem, ChangesQuery, Database, DbError, DocOptions, FilterFn, Node, Style,
+};
 use crate::doc::selector::Selector;
 use crate::doc::Rev;
 use futures_util::StreamExt;
@@ -242,10 +244,16 @@ impl Endpoint {
                     Filter::Selector(s) => {
                         q.selector = Some(Selector::parse(s).map_err(ReplError::BadSpec)?)
                     }
-                    Filter::Function(..) => {
-                        return Err(ReplError::BadSpec(
-                            "filter functions on a local source arrive with the plugin host".into(),
-                        ))
+                    Filter::Function(fname, params) => {
+                        let plugins = db.plugins();
+                        let (_, f) = plugins.filter(fname).ok_or_else(|| {
+                            ReplError::BadSpec(format!("filter {fname} is not defined in {name}"))
+                        })?;
+                        q.filter = Some(FilterFn {
+                            name: fname.clone(),
+                            func: f.clone(),
+                            req: json!({"method": "GET", "query": params, "body": null, "userCtx": crate::db::admin_ctx(name)}),
+                        });
                     }
                 }
                 let mut updates = db.subscribe();
@@ -453,6 +461,38 @@ impl Endpoint {
                     .collect())
             }
             Endpoint::Remote { remote, .. } => Box::pin(write_remote(remote, docs)).await,
+        }
+    }
+
+    /// What identifies a filter function's code (it is part of the checkpoint id, as in
+    /// CouchDB: changing the filter starts a new checkpoint lineage).
+    pub async fn filter_code(&self, spec: &str) -> ReplResult<String> {
+        let missing = || ReplError::BadSpec(format!("filter {spec} is not defined in {}", self.display()));
+        let (ddoc, fname) = spec.split_once('/').ok_or_else(missing)?;
+        match self {
+            Endpoint::Local { node, name } => {
+                let plugins = Self::local_db(node, name)?.plugins();
+                let (d, _) = plugins.filter(spec).ok_or_else(missing)?;
+                Ok(format!("{}/{fname}", d.code_hash))
+            }
+            Endpoint::Remote { remote, .. } => {
+                let rel = format!("/_design/{}", encode_query(ddoc));
+                let r = remote.request(Method::GET, &rel, None, REQUEST_TIMEOUT).await?;
+                if r.status == 404 {
+                    return Err(missing());
+                }
+                if r.status != 200 {
+                    return Err(refused(&r, "reading the filter's design document", remote.display()));
+                }
+                let d = r.json()?;
+                let code = d.get("filters").and_then(|f| f.get(fname)).ok_or_else(missing)?;
+                let digests: Vec<&Value> = d
+                    .get("_attachments")
+                    .and_then(Value::as_object)
+                    .map(|a| a.values().filter_map(|v| v.get("digest")).collect())
+                    .unwrap_or_default();
+                Ok(json!([d.get("language"), code, digests]).to_string())
+            }
         }
     }
 

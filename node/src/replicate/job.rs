@@ -11,6 +11,7 @@ use super::error::{ReplError, ReplResult};
 use super::spec::{EndpointSpec, Spec};
 use super::stats::Stats;
 use crate::db::{random_hex, Node};
+use md5::Digest;
 use crate::peer::Identity;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -41,6 +42,8 @@ struct Batch {
 /// What the checkpointer carries between checkpoints of one session.
 struct Session {
     id: String,
+    /// `_local/<this>` on both sides: the replication id, mixed with the filter's code.
+    log_id: String,
     start_time: String,
     start_seq: Value,
     src_log: Option<Value>,
@@ -145,8 +148,15 @@ impl Job {
             }
         }
         self.stats.set_source_seq(src_info["update_seq"].clone());
-        let src_log = self.source.get_local(&self.base_id).await?;
-        let tgt_log = self.target.get_local(&self.base_id).await?;
+        let log_id = match &self.filter {
+            Filter::Function(name, _) => {
+                let code = self.source.filter_code(name).await?;
+                hex::encode(md5::Md5::digest(format!("{}{code}", self.base_id).as_bytes()))
+            }
+            _ => self.base_id.clone(),
+        };
+        let src_log = self.source.get_local(&log_id).await?;
+        let tgt_log = self.target.get_local(&log_id).await?;
         let resumed = resume_seq(src_log.as_ref(), tgt_log.as_ref());
         let start_seq = resumed
             .clone()
@@ -161,6 +171,7 @@ impl Job {
         };
         Ok(Session {
             id: random_hex(16),
+            log_id,
             start_time: now_rfc3339(),
             src_rev: rev(&src_log),
             tgt_rev: rev(&tgt_log),
@@ -418,7 +429,7 @@ impl Job {
         let entry = self.history_entry(s, seq);
         if s.source_ok {
             let doc = log_doc(&s.id, seq, entry.clone(), s.src_log.as_ref(), true);
-            match self.put_log(&self.source, doc, &mut s.src_rev).await? {
+            match self.put_log(&self.source, &s.log_id, doc, &mut s.src_rev).await? {
                 None => {}
                 Some(reason) => {
                     tracing::warn!(%reason, "source refused the checkpoint; the target's log decides from now on");
@@ -427,7 +438,7 @@ impl Job {
             }
         }
         let doc = log_doc(&s.id, seq, entry, s.tgt_log.as_ref(), s.source_ok);
-        if let Some(reason) = self.put_log(&self.target, doc, &mut s.tgt_rev).await? {
+        if let Some(reason) = self.put_log(&self.target, &s.log_id, doc, &mut s.tgt_rev).await? {
             return Err(ReplError::Transient(format!(
                 "{} refused the checkpoint: {reason}",
                 self.target.display()
@@ -443,6 +454,7 @@ impl Job {
     async fn put_log(
         &self,
         ep: &Endpoint,
+        log_id: &str,
         doc: Value,
         rev: &mut Option<String>,
     ) -> ReplResult<Option<String>> {
@@ -451,7 +463,7 @@ impl Job {
             if let Some(r) = rev.as_ref() {
                 d["_rev"] = json!(r);
             }
-            match ep.put_local(&self.base_id, d).await? {
+            match ep.put_local(log_id, d).await? {
                 LocalPut::Ok(r) => {
                     *rev = Some(r);
                     return Ok(None);
@@ -459,7 +471,7 @@ impl Job {
                 LocalPut::Refused(reason) => return Ok(Some(reason)),
                 LocalPut::Conflict => {
                     *rev = ep
-                        .get_local(&self.base_id)
+                        .get_local(log_id)
                         .await?
                         .and_then(|l| l.get("_rev").and_then(Value::as_str).map(str::to_string));
                 }

@@ -1,1 +1,0 @@
-//! Development hot reload (filled in below).
