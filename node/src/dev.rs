@@ -106,7 +106,9 @@ fn folders(dir: &Path) -> Vec<(String, String)> {
 /// The `(db, ddoc)` folder a changed path belongs to.
 fn owner(dir: &Path, p: &Path) -> Option<(String, String)> {
     let rel = p.strip_prefix(dir).ok()?;
-    let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let mut parts = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned());
     let db = parts.next()?;
     let ddoc = parts.next()?;
     Some((db, ddoc))
@@ -121,7 +123,8 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
     let mut d = Map::new();
     d.insert("_id".into(), json!(format!("_design/{ddoc}")));
     if let Some(manifest) = read(&folder.join("manifest.json")) {
-        let m: Value = serde_json::from_str(&manifest).map_err(|e| format!("manifest.json: {e}"))?;
+        let m: Value =
+            serde_json::from_str(&manifest).map_err(|e| format!("manifest.json: {e}"))?;
         let Value::Object(m) = m else {
             return Err("manifest.json must be an object".into());
         };
@@ -152,7 +155,11 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
         }
     }
     let mut filters = Map::new();
-    for e in std::fs::read_dir(folder.join("filters")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(folder.join("filters"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "lua") {
             if let (Some(stem), Some(src)) = (p.file_stem(), read(&p)) {
@@ -164,16 +171,27 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
         d.insert("filters".into(), Value::Object(filters));
     }
     let mut views = Map::new();
-    for e in std::fs::read_dir(folder.join("views")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(folder.join("views"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Some(map) = read(&e.path().join("map.lua")) {
             let mut v = Map::new();
             v.insert("map".into(), json!(map));
             if let Some(r) = read(&e.path().join("reduce.lua")) {
                 // A built-in reduce is its name alone (`_count`, `_sum`, …).
-                let r = if r.trim().starts_with('_') { r.trim().to_string() } else { r };
+                let r = if r.trim().starts_with('_') {
+                    r.trim().to_string()
+                } else {
+                    r
+                };
                 v.insert("reduce".into(), json!(r));
             }
-            views.insert(e.file_name().to_string_lossy().into_owned(), Value::Object(v));
+            views.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                Value::Object(v),
+            );
         }
     }
     if !views.is_empty() {
@@ -192,9 +210,18 @@ fn fingerprint(d: &Map<String, Value>) -> String {
             let digest = match a.get("data").and_then(Value::as_str) {
                 Some(b64) => base64::engine::general_purpose::STANDARD
                     .decode(b64)
-                    .map(|b| format!("md5-{}", base64::engine::general_purpose::STANDARD.encode(Md5::digest(&b))))
+                    .map(|b| {
+                        format!(
+                            "md5-{}",
+                            base64::engine::general_purpose::STANDARD.encode(Md5::digest(&b))
+                        )
+                    })
                     .unwrap_or_default(),
-                None => a.get("digest").and_then(Value::as_str).unwrap_or("").to_string(),
+                None => a
+                    .get("digest")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
             };
             *a = json!(digest);
         }
@@ -233,10 +260,17 @@ async fn sync(node: &Arc<Node>, dir: &Path, db_name: &str, ddoc: &str) {
             doc.insert("_rev".into(), rev.clone());
         }
     }
-    match db.bulk_docs(vec![Value::Object(doc)], true, &admin_ctx(db_name)).await {
+    match db
+        .bulk_docs(vec![Value::Object(doc)], true, &admin_ctx(db_name))
+        .await
+    {
         Ok(mut r) => match r.pop() {
-            Some(Ok((_, rev))) => tracing::info!(db = db_name, ddoc = %id, %rev, "dev folder: design document updated"),
-            Some(Err((_, _, e))) => tracing::error!(db = db_name, ddoc = %id, error = %e.reason(), "dev folder: design document refused; the previous version keeps running"),
+            Some(Ok((_, rev))) => {
+                tracing::info!(db = db_name, ddoc = %id, %rev, "dev folder: design document updated")
+            }
+            Some(Err((_, _, e))) => {
+                tracing::error!(db = db_name, ddoc = %id, error = %e.reason(), "dev folder: design document refused; the previous version keeps running")
+            }
             None => {}
         },
         Err(e) => tracing::error!(db = db_name, ddoc = %id, error = %e, "dev folder: write failed"),

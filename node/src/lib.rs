@@ -1,8 +1,8 @@
 //! thali-node: a CouchDB-protocol document node. See ARCHITECTURE.md for the code map.
 
 pub mod cli;
-pub mod dev;
 pub mod db;
+pub mod dev;
 pub mod doc;
 pub mod http;
 pub mod peer;

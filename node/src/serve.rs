@@ -139,9 +139,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         replicator.clone(),
         shutdown_tx.subscribe(),
     ));
-    let dev = cfg.dev.clone().map(|dir| {
-        tokio::spawn(crate::dev::run(node.clone(), dir, shutdown_tx.subscribe()))
-    });
+    let dev = cfg
+        .dev
+        .clone()
+        .map(|dir| tokio::spawn(crate::dev::run(node.clone(), dir, shutdown_tx.subscribe())));
     let state = AppState {
         replicator: replicator.clone(),
         node: node.clone(),

@@ -531,7 +531,7 @@ impl FaultyProxy {
                         let mut rng = budget | 1;
                         loop {
                             // A slow peer too: now and then a chunk waits.
-                            if xorshift(&mut rng) % 16 == 0 {
+                            if xorshift(&mut rng).is_multiple_of(16) {
                                 std::thread::sleep(Duration::from_millis(30));
                             }
                             let n = match from.read(&mut buf) {

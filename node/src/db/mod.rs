@@ -141,7 +141,12 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        let db = Arc::new(Database::load(name, data, self.limits.clone(), self.host.clone())?);
+        let db = Arc::new(Database::load(
+            name,
+            data,
+            self.limits.clone(),
+            self.host.clone(),
+        )?);
         self.dbs
             .write()
             .map_err(poisoned)?
@@ -159,7 +164,12 @@ impl Node {
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = Arc::new(Database::load(name, data, self.limits.clone(), self.host.clone())?);
+        let db = Arc::new(Database::load(
+            name,
+            data,
+            self.limits.clone(),
+            self.host.clone(),
+        )?);
         self.dbs
             .write()
             .map_err(poisoned)?

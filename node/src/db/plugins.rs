@@ -36,8 +36,13 @@ impl Database {
         };
         let mut ddocs = Vec::new();
         let rows = self.all_docs(&q).ok();
-        for row in rows.iter().flat_map(|v| v["rows"].as_array().cloned().unwrap_or_default()) {
-            let Some(id) = row["id"].as_str() else { continue };
+        for row in rows
+            .iter()
+            .flat_map(|v| v["rows"].as_array().cloned().unwrap_or_default())
+        {
+            let Some(id) = row["id"].as_str() else {
+                continue;
+            };
             let Ok(out) = self.get_doc(id, None, &DocOptions::default()) else {
                 continue;
             };
@@ -49,7 +54,9 @@ impl Database {
             match self.host.compile(id, &out.doc, &fetch) {
                 Ok(Some(fns)) => ddocs.push(fns),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(db = %self.name, ddoc = id, error = %e, "design document does not compile; its functions are off"),
+                Err(e) => {
+                    tracing::warn!(db = %self.name, ddoc = id, error = %e, "design document does not compile; its functions are off")
+                }
             }
         }
         let set = Arc::new(DbPlugins { ddocs });
@@ -90,7 +97,12 @@ impl Database {
         user_ctx: &Value,
         sec_obj: &Value,
     ) -> DbResult<()> {
-        let args = [new_doc.clone(), old_doc.clone(), user_ctx.clone(), sec_obj.clone()];
+        let args = [
+            new_doc.clone(),
+            old_doc.clone(),
+            user_ctx.clone(),
+            sec_obj.clone(),
+        ];
         for (ddoc, f) in plugins.validators() {
             let out = match f.call(&args) {
                 Ok(v) => v,

@@ -321,7 +321,13 @@ impl Database {
                     },
                     _ => Value::Null,
                 };
-                self.validate(&ctx.plugins, &new_doc, &old_doc, &ctx.user_ctx, &ctx.sec_obj)?;
+                self.validate(
+                    &ctx.plugins,
+                    &new_doc,
+                    &old_doc,
+                    &ctx.user_ctx,
+                    &ctx.sec_obj,
+                )?;
             }
         }
         match info.tree.merge_path(new_rev.pos, &path, doc.deleted) {
@@ -475,7 +481,11 @@ impl Database {
         self.single_write(doc, user_ctx).await
     }
 
-    async fn single_write(self: &Arc<Self>, doc: IncomingDoc, user_ctx: &Value) -> DbResult<String> {
+    async fn single_write(
+        self: &Arc<Self>,
+        doc: IncomingDoc,
+        user_ctx: &Value,
+    ) -> DbResult<String> {
         let mut res = self.write_docs(vec![Ok(doc)], true, user_ctx).await?;
         match res.pop() {
             Some(Ok((_, rev))) => Ok(rev),

@@ -103,7 +103,10 @@ impl Source {
                 Some(v) => string("module", v)?,
             };
             src.module = Some(attachment(&name).ok_or_else(|| {
-                bad(id, format!("the WASM module attachment {name:?} is missing"))
+                bad(
+                    id,
+                    format!("the WASM module attachment {name:?} is missing"),
+                )
             })?);
         }
         Ok(Some(src))
@@ -178,7 +181,10 @@ pub fn verdict(v: &Value) -> Result<Verdict, String> {
 pub fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 120 {
-        format!("{}…", &s[..s.char_indices().nth(120).map_or(s.len(), |(i, _)| i)])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(120).map_or(s.len(), |(i, _)| i)]
+        )
     } else {
         s
     }
@@ -222,8 +228,14 @@ mod tests {
         assert_eq!(verdict(&json!(null)), Ok(Verdict::Accept));
         assert_eq!(verdict(&json!(true)), Ok(Verdict::Accept));
         assert_eq!(verdict(&json!({})), Ok(Verdict::Accept));
-        assert_eq!(verdict(&json!({"forbidden": "no"})), Ok(Verdict::Forbidden("no".into())));
-        assert_eq!(verdict(&json!({"unauthorized": "who"})), Ok(Verdict::Unauthorized("who".into())));
+        assert_eq!(
+            verdict(&json!({"forbidden": "no"})),
+            Ok(Verdict::Forbidden("no".into()))
+        );
+        assert_eq!(
+            verdict(&json!({"unauthorized": "who"})),
+            Ok(Verdict::Unauthorized("who".into()))
+        );
         assert!(verdict(&json!(42)).is_err());
         assert!(verdict(&json!({"x": 1})).is_err());
         assert!(verdict(&json!("x".repeat(1000))).unwrap_err().len() < 300);

@@ -50,7 +50,14 @@ impl State {
         )
         .map_err(err)?;
         let g = lua.globals();
-        for name in ["dofile", "loadfile", "load", "require", "collectgarbage", "print"] {
+        for name in [
+            "dofile",
+            "loadfile",
+            "load",
+            "require",
+            "collectgarbage",
+            "print",
+        ] {
             g.set(name, mlua::Nil).map_err(err)?;
         }
         if let Ok(math) = g.get::<mlua::Table>("math") {
@@ -92,9 +99,15 @@ impl State {
                 let mut b = lock(&b);
                 b.used += HOOK_EVERY as u64;
                 if b.used > b.limit {
-                    Err(mlua::Error::runtime(format!("CPU limit exceeded ({} instructions)", b.limit)))
+                    Err(mlua::Error::runtime(format!(
+                        "CPU limit exceeded ({} instructions)",
+                        b.limit
+                    )))
                 } else if Instant::now() > b.deadline {
-                    Err(mlua::Error::runtime(format!("time limit exceeded ({:?})", b.timeout)))
+                    Err(mlua::Error::runtime(format!(
+                        "time limit exceeded ({:?})",
+                        b.timeout
+                    )))
                 } else {
                     Ok(VmState::Continue)
                 }
@@ -137,7 +150,11 @@ impl State {
                     } else {
                         second
                     };
-                    return Err(PluginError::Compile(format!("{}: {field}: {}", self.id, clean(&e))));
+                    return Err(PluginError::Compile(format!(
+                        "{}: {field}: {}",
+                        self.id,
+                        clean(&e)
+                    )));
                 }
             },
         };
@@ -179,19 +196,32 @@ impl PluginFn for LuaFn {
         let mut largs = mlua::MultiValue::new();
         largs.push_back(mlua::Value::Function(self.func.clone()));
         for a in args {
-            largs.push_back(lua.to_value_with(a, ser).map_err(|e| fail(clean(&e)))?);
+            // A missing argument (`oldDoc` of a new document) is `nil`, as Lua code expects;
+            // nulls inside documents stay the `null` sentinel, since tables cannot hold nil.
+            let v = match a {
+                Value::Null => mlua::Value::Nil,
+                a => lua.to_value_with(a, ser).map_err(|e| fail(clean(&e)))?,
+            };
+            largs.push_back(v);
         }
-        let (ok, out): (bool, mlua::Value) =
-            st.protect.call(largs).map_err(|e| fail(clean(&e)))?;
+        let (ok, out): (bool, mlua::Value) = st.protect.call(largs).map_err(|e| fail(clean(&e)))?;
         let de = DeserializeOptions::new()
             .deny_unsupported_types(true)
             .deny_recursive_tables(true);
-        let v: Value = lua
-            .from_value_with(out, de)
-            .map_err(|e| fail(format!("returned something that is not JSON: {}", clean(&e))))?;
-        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
+        let v: Value = lua.from_value_with(out, de).map_err(|e| {
+            fail(format!(
+                "returned something that is not JSON: {}",
+                clean(&e)
+            ))
+        })?;
+        let size = serde_json::to_vec(&v)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
         if size > st.limits.max_output {
-            return Err(fail(format!("output of {size} bytes is over the {} byte limit", st.limits.max_output)));
+            return Err(fail(format!(
+                "output of {size} bytes is over the {} byte limit",
+                st.limits.max_output
+            )));
         }
         if ok {
             Ok(v)
@@ -215,7 +245,9 @@ pub fn compile(src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> 
     for (name, (map, reduce)) in &src.views {
         let m = st.function(&format!("views.{name}.map"), map)?;
         let r = match reduce {
-            Some(r) if !r.starts_with('_') => Some(st.function(&format!("views.{name}.reduce"), r)?),
+            Some(r) if !r.starts_with('_') => {
+                Some(st.function(&format!("views.{name}.reduce"), r)?)
+            }
             _ => None,
         };
         views.insert(name.clone(), (m, r));
@@ -232,4 +264,42 @@ pub fn compile(src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> 
         resolve_conflict,
         code_hash: src.hash(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(code: &str, limits: Limits) -> Result<Value, PluginError> {
+        let st = Arc::new(State::new("_design/t", &limits).unwrap());
+        st.function("f", code)
+            .unwrap()
+            .call(&[json!({"a": 1}), Value::Null])
+    }
+
+    #[test]
+    fn memory_limit_stops_a_memory_bomb() {
+        let limits = Limits {
+            timeout: std::time::Duration::from_secs(30),
+            cpu: u64::MAX,
+            ..Limits::default()
+        };
+        let e = one(
+            "function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end end",
+            limits,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn null_arguments_are_nil_and_thrown_tables_come_back() {
+        let out = one(
+            "function(doc, old) if old == nil then error({forbidden = doc.a}) end end",
+            Limits::default(),
+        );
+        assert!(matches!(out, Err(PluginError::Thrown(v)) if v == json!({"forbidden": 1})));
+    }
 }

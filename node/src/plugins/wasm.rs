@@ -62,7 +62,8 @@ impl Runtime {
                 "thali",
                 "log",
                 |mut caller: Caller<'_, StoreData>, level: i32, ptr: i32, len: i32| {
-                    let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                    let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory())
+                    else {
                         return;
                     };
                     let mut buf = vec![0u8; (len.max(0) as usize).min(4096)];
@@ -106,18 +107,29 @@ impl Runtime {
             .exports()
             .map(|e| (e.name().to_string(), e.ty()))
             .collect();
-        let func_sig = |name: &str, params: &[ValType], results: &[ValType]| -> Result<(), PluginError> {
-            match exports.get(name) {
-                Some(ExternType::Func(f))
-                    if f.params().map(|p| p.to_string()).eq(params.iter().map(|p| p.to_string()))
-                        && f.results().map(|p| p.to_string()).eq(results.iter().map(|p| p.to_string())) =>
-                {
-                    Ok(())
+        let func_sig =
+            |name: &str, params: &[ValType], results: &[ValType]| -> Result<(), PluginError> {
+                match exports.get(name) {
+                    Some(ExternType::Func(f))
+                        if f.params()
+                            .map(|p| p.to_string())
+                            .eq(params.iter().map(|p| p.to_string()))
+                            && f.results()
+                                .map(|p| p.to_string())
+                                .eq(results.iter().map(|p| p.to_string())) =>
+                    {
+                        Ok(())
+                    }
+                    Some(_) => Err(compile_err(
+                        id,
+                        format!("export {name:?} has the wrong type"),
+                    )),
+                    None => Err(compile_err(
+                        id,
+                        format!("the module has no export {name:?}"),
+                    )),
                 }
-                Some(_) => Err(compile_err(id, format!("export {name:?} has the wrong type"))),
-                None => Err(compile_err(id, format!("the module has no export {name:?}"))),
-            }
-        };
+            };
         if !matches!(exports.get("memory"), Some(ExternType::Memory(_))) {
             return Err(compile_err(id, "the module does not export its memory"));
         }
@@ -205,7 +217,9 @@ impl Compiled {
         );
         store.limiter(|d| &mut d.limits);
         store.set_fuel(self.limits.cpu).map_err(|e| e.to_string())?;
-        store.set_epoch_deadline((self.limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64);
+        store.set_epoch_deadline(
+            (self.limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64,
+        );
         store.epoch_deadline_trap();
         Ok(store)
     }
@@ -244,8 +258,9 @@ impl Compiled {
             ));
         }
         let mut out = vec![0u8; out_len];
-        mem.read(&store, out_ptr, &mut out)
-            .map_err(|_| format!("output ({out_ptr}, {out_len}) lies outside the module's memory"))?;
+        mem.read(&store, out_ptr, &mut out).map_err(|_| {
+            format!("output ({out_ptr}, {out_len}) lies outside the module's memory")
+        })?;
         Ok(out)
     }
 }
@@ -259,7 +274,9 @@ fn describe(e: &wasmtime::Error) -> String {
         Some(t) => format!("trap: {t}"),
         None => {
             let s = format!("{e:#}");
-            if s.contains("memory") && s.contains("limit") || s.contains("forcing trap when growing memory") {
+            if s.contains("memory") && s.contains("limit")
+                || s.contains("forcing trap when growing memory")
+            {
                 "memory limit exceeded".into()
             } else {
                 s.lines().next().unwrap_or("").to_string()

@@ -467,7 +467,12 @@ impl Endpoint {
     /// What identifies a filter function's code (it is part of the checkpoint id, as in
     /// CouchDB: changing the filter starts a new checkpoint lineage).
     pub async fn filter_code(&self, spec: &str) -> ReplResult<String> {
-        let missing = || ReplError::BadSpec(format!("filter {spec} is not defined in {}", self.display()));
+        let missing = || {
+            ReplError::BadSpec(format!(
+                "filter {spec} is not defined in {}",
+                self.display()
+            ))
+        };
         let (ddoc, fname) = spec.split_once('/').ok_or_else(missing)?;
         match self {
             Endpoint::Local { node, name } => {
@@ -477,15 +482,24 @@ impl Endpoint {
             }
             Endpoint::Remote { remote, .. } => {
                 let rel = format!("/_design/{}", encode_query(ddoc));
-                let r = remote.request(Method::GET, &rel, None, REQUEST_TIMEOUT).await?;
+                let r = remote
+                    .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                    .await?;
                 if r.status == 404 {
                     return Err(missing());
                 }
                 if r.status != 200 {
-                    return Err(refused(&r, "reading the filter's design document", remote.display()));
+                    return Err(refused(
+                        &r,
+                        "reading the filter's design document",
+                        remote.display(),
+                    ));
                 }
                 let d = r.json()?;
-                let code = d.get("filters").and_then(|f| f.get(fname)).ok_or_else(missing)?;
+                let code = d
+                    .get("filters")
+                    .and_then(|f| f.get(fname))
+                    .ok_or_else(missing)?;
                 let digests: Vec<&Value> = d
                     .get("_attachments")
                     .and_then(Value::as_object)

@@ -11,8 +11,8 @@ use super::error::{ReplError, ReplResult};
 use super::spec::{EndpointSpec, Spec};
 use super::stats::Stats;
 use crate::db::{random_hex, Node};
-use md5::Digest;
 use crate::peer::Identity;
+use md5::Digest;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -151,7 +151,9 @@ impl Job {
         let log_id = match &self.filter {
             Filter::Function(name, _) => {
                 let code = self.source.filter_code(name).await?;
-                hex::encode(md5::Md5::digest(format!("{}{code}", self.base_id).as_bytes()))
+                hex::encode(md5::Md5::digest(
+                    format!("{}{code}", self.base_id).as_bytes(),
+                ))
             }
             _ => self.base_id.clone(),
         };
@@ -429,7 +431,10 @@ impl Job {
         let entry = self.history_entry(s, seq);
         if s.source_ok {
             let doc = log_doc(&s.id, seq, entry.clone(), s.src_log.as_ref(), true);
-            match self.put_log(&self.source, &s.log_id, doc, &mut s.src_rev).await? {
+            match self
+                .put_log(&self.source, &s.log_id, doc, &mut s.src_rev)
+                .await?
+            {
                 None => {}
                 Some(reason) => {
                     tracing::warn!(%reason, "source refused the checkpoint; the target's log decides from now on");
@@ -438,7 +443,10 @@ impl Job {
             }
         }
         let doc = log_doc(&s.id, seq, entry, s.tgt_log.as_ref(), s.source_ok);
-        if let Some(reason) = self.put_log(&self.target, &s.log_id, doc, &mut s.tgt_rev).await? {
+        if let Some(reason) = self
+            .put_log(&self.target, &s.log_id, doc, &mut s.tgt_rev)
+            .await?
+        {
             return Err(ReplError::Transient(format!(
                 "{} refused the checkpoint: {reason}",
                 self.target.display()
