@@ -16,11 +16,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::{
-    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits,
-    StoreLimitsBuilder, ValType,
+    Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, ValType,
 };
 
 pub const ABI_VERSION: i32 = 1;
+/// Concurrent WASM plugin instances.
+const POOL_SLOTS: u32 = 256;
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 struct StoreData {
@@ -38,11 +40,21 @@ fn compile_err(id: &str, m: impl std::fmt::Display) -> PluginError {
 }
 
 impl Runtime {
-    pub fn new(_limits: &Limits) -> Result<Runtime, PluginError> {
+    pub fn new(limits: &Limits) -> Result<Runtime, PluginError> {
         let mut cfg = Config::new();
         cfg.consume_fuel(true);
         cfg.epoch_interruption(true);
         cfg.max_wasm_stack(512 * 1024);
+        // A fresh instance per call is only affordable from a pool: slots (memory reservations
+        // included) are reused instead of mapped and unmapped every call. More concurrent calls
+        // than slots fail that call with a clear error.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .max_memory_size(limits.memory.max(1 << 20))
+            .linear_memory_keep_resident(1 << 20);
+        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg)
             .map_err(|e| PluginError::Compile(format!("cannot start wasmtime: {e}")))?;
         let weak = engine.weak();
