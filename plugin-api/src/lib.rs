@@ -12,8 +12,8 @@
 //! filter!(by_type, |doc, req| doc["type"] == req["query"]["type"]);
 //! ```
 //!
-//! Each call runs in a fresh instance, so memory handed out by `alloc` and the output buffer
-//! are never freed: the instance is dropped after the call.
+//! Memory handed out by `alloc` and the output buffers are never freed: the host recycles an
+//! instance once its memory passes 8 MiB, and after any trap.
 
 pub use serde_json::{self, json, Value};
 
