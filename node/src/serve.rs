@@ -156,6 +156,27 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     };
     let app = router(state);
     let mut servers = Vec::new();
+    // Peer listeners first: once the HTTP API answers, every listener is up.
+    let mut peer_urls = Vec::new();
+    if !cfg.peer.is_empty() {
+        let tls = crate::peer::tls::server_config(&identity)
+            .map_err(|e| ServeError::Identity(e.to_string()))?;
+        for addr in &cfg.peer {
+            let (listener, local) = bind(addr).await?;
+            let url = format!("httpkey://{local}/{}/", identity.key_id());
+            tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
+            println!("thali peers reach this node at {url}");
+            peer_urls.push(url);
+            servers.push(tokio::spawn(crate::peer::listener::serve(
+                listener,
+                tls.clone(),
+                app.clone(),
+                Duration::from_secs(cfg.request_timeout.max(1)),
+                cfg.max_peer_connections,
+                shutdown_tx.subscribe(),
+            )));
+        }
+    }
     for addr in &cfg.http {
         let (listener, local) = bind(addr).await?;
         tracing::info!(addr = %local, "HTTP API listening");
@@ -176,26 +197,6 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                 tracing::error!(error = %e, "server error");
             }
         }));
-    }
-    let mut peer_urls = Vec::new();
-    if !cfg.peer.is_empty() {
-        let tls = crate::peer::tls::server_config(&identity)
-            .map_err(|e| ServeError::Identity(e.to_string()))?;
-        for addr in &cfg.peer {
-            let (listener, local) = bind(addr).await?;
-            let url = format!("httpkey://{local}/{}/", identity.key_id());
-            tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
-            println!("thali peers reach this node at {url}");
-            peer_urls.push(url);
-            servers.push(tokio::spawn(crate::peer::listener::serve(
-                listener,
-                tls.clone(),
-                app.clone(),
-                Duration::from_secs(cfg.request_timeout.max(1)),
-                cfg.max_peer_connections,
-                shutdown_tx.subscribe(),
-            )));
-        }
     }
     // `thali id` prints these while the node runs.
     let urls_file = cfg.data.join("peer-urls");

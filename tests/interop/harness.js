@@ -116,4 +116,16 @@ class PouchServer {
   }
 }
 
-module.exports = { ThaliNode, PouchServer, tempDir, freePort, PASSWORD, BIN };
+// Polls `fn` (errors count as "not yet") until it is truthy or `ms` pass.
+async function waitFor(what, fn, ms = 30000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      if (await fn()) return;
+    } catch (_) { /* keep waiting */ }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+module.exports = { ThaliNode, PouchServer, tempDir, freePort, waitFor, PASSWORD, BIN };

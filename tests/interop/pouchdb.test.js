@@ -5,7 +5,7 @@ const assert = require('node:assert/strict');
 const path = require('node:path');
 const crypto = require('node:crypto');
 const PouchDB = require('pouchdb');
-const { ThaliNode, tempDir } = require('./harness');
+const { ThaliNode, tempDir, waitFor } = require('./harness');
 
 let node;
 let dir;
@@ -21,16 +21,6 @@ async function replicate(src, dst, opts = {}) {
   const res = await PouchDB.replicate(src, dst, opts);
   assert.equal(res.ok, true, JSON.stringify(res));
   return res;
-}
-async function waitFor(what, fn, ms = 15000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      if (await fn()) return;
-    } catch (_) { /* keep waiting */ }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 // Every leaf with its full body, for comparing revision trees across databases.
 async function leaves(db, id) {

@@ -6,7 +6,7 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const PouchDB = require('pouchdb');
-const { ThaliNode, PouchServer } = require('./harness');
+const { ThaliNode, PouchServer, waitFor } = require('./harness');
 
 let node;
 let server;
@@ -19,16 +19,6 @@ async function replicate(body) {
   });
   const json = await r.json();
   return { status: r.status, json };
-}
-async function waitFor(what, fn, ms = 30000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      if (await fn()) return;
-    } catch (_) { /* keep waiting */ }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 // Every document's leaves (bodies with _revisions) and its winner with _conflicts.
 async function snapshot(db) {

@@ -435,3 +435,57 @@ impl Client for PeerClient {
 pub fn node_identity(data: &Path) -> thali_node::peer::Identity {
     thali_node::peer::Identity::load_or_create(data).unwrap()
 }
+
+/// A node with a mutual-TLS peer listener, and what other parties need to reach it.
+pub struct PeerNode {
+    pub dir: TempDir,
+    pub node: Node,
+    /// The peer listener's port.
+    pub port: u16,
+    /// The node's public key.
+    pub key: [u8; 32],
+}
+
+impl PeerNode {
+    pub fn start(tag: &str) -> PeerNode {
+        let dir = TempDir::new(tag);
+        let port = free_port();
+        let node = Node::start_with(&dir.0, &["--peer", &format!("127.0.0.1:{port}")]);
+        let key = *node_identity(&dir.0).public_key();
+        PeerNode {
+            dir,
+            node,
+            port,
+            key,
+        }
+    }
+
+    pub fn key_id(&self) -> String {
+        thali_node::peer::key_id(&self.key)
+    }
+
+    /// A client with identity `id`, pinning this node's key.
+    pub fn client(&self, id: &thali_node::peer::Identity) -> PeerClient {
+        PeerClient::new(
+            id,
+            self.key,
+            format!("127.0.0.1:{}", self.port).parse().unwrap(),
+        )
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        self.url_via(self.port, db)
+    }
+
+    /// This node's URL for `db` through another port (a proxy in front of it).
+    pub fn url_via(&self, port: u16, db: &str) -> String {
+        format!("httpkey://127.0.0.1:{port}/{}/{db}", self.key_id())
+    }
+
+    /// Creates `db` (if needed) and lets `other` write to it.
+    pub fn allow(&self, db: &str, other: &PeerNode) {
+        let _ = self.node.put(&format!("/{db}"), &serde_json::json!({}));
+        let sec = serde_json::json!({"members": {"names": [other.key_id()], "roles": []}});
+        assert_eq!(self.node.put(&format!("/{db}/_security"), &sec).status, 200);
+    }
+}

@@ -103,3 +103,50 @@ pub fn start_pouchdb_server(root: &std::path::Path) -> Target {
         peer_port: 0,
     }
 }
+
+impl Target {
+    /// A JSON request with this server's credentials (long timeout: replications run in it).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let addr: std::net::SocketAddr = self.base.trim_start_matches("http://").parse().unwrap();
+        let mut h = vec![("Content-Type".to_string(), "application/json".to_string())];
+        if let Some(a) = &self.auth {
+            h.push(("Authorization".into(), a.clone()));
+        }
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        let r = crate::try_request_within(
+            addr,
+            method,
+            path,
+            &h,
+            body.as_deref(),
+            Duration::from_secs(3600),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+/// PouchDB (npm) replicating `src` to `dst` (`tests/interop/bench-replicate.js`): its answer,
+/// with `docs_written` and `ms`.
+pub fn pouchdb_replicate(root: &std::path::Path, src: &str, dst: &str) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(root.join("tests/interop/bench-replicate.js"))
+        .arg(src)
+        .arg(dst)
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("replication result")
+}

@@ -2,44 +2,7 @@
 
 use serde_json::{json, Value};
 use thali_node::peer::Identity;
-use thali_tests::{free_port, node_identity, Client, Node, PeerClient, TempDir};
-
-struct Peered {
-    _dir: TempDir,
-    node: Node,
-    port: u16,
-    key: [u8; 32],
-}
-
-fn peered(tag: &str) -> Peered {
-    let dir = TempDir::new(tag);
-    let port = free_port();
-    let node = Node::start_with(&dir.0, &["--peer", &format!("127.0.0.1:{port}")]);
-    let key = *node_identity(&dir.0).public_key();
-    Peered {
-        _dir: dir,
-        node,
-        port,
-        key,
-    }
-}
-
-impl Peered {
-    fn client(&self, id: &Identity) -> PeerClient {
-        PeerClient::new(
-            id,
-            self.key,
-            format!("127.0.0.1:{}", self.port).parse().unwrap(),
-        )
-    }
-    fn url(&self, db: &str) -> String {
-        format!(
-            "httpkey://127.0.0.1:{}/{}/{db}",
-            self.port,
-            thali_node::peer::key_id(&self.key)
-        )
-    }
-}
+use thali_tests::{free_port, node_identity, Client, Node, PeerClient, PeerNode, TempDir};
 
 fn status(r: &thali_tests::Resp) -> u16 {
     r.status
@@ -47,7 +10,7 @@ fn status(r: &thali_tests::Resp) -> u16 {
 
 #[test]
 fn permissions_per_key_and_database() {
-    let p = peered("perm");
+    let p = PeerNode::start("perm");
     let n = &p.node;
     n.put("/shared", &json!({}));
     n.put("/other", &json!({}));
@@ -216,7 +179,7 @@ fn pinning(
 
 #[test]
 fn handshake_refusals() {
-    let p = peered("hs");
+    let p = PeerNode::start("hs");
     let id = Identity::generate().unwrap();
     // A correct client completes the handshake.
     assert_eq!(p.client(&id).get("/").status, 200);
@@ -298,7 +261,7 @@ fn handshake_refusals() {
 
 #[test]
 fn identity_survives_restart_and_cli_manages_peers() {
-    let mut p = peered("cli");
+    let mut p = PeerNode::start("cli");
     let data = p.node.data.clone();
     let out = std::process::Command::new(thali_tests::thali_bin())
         .args(["id", "--data"])
@@ -445,7 +408,7 @@ fn replicate(id: &Identity, src_url: &str, dst_url: &str) -> usize {
 
 #[test]
 fn two_nodes_replicate_over_httpkey_urls() {
-    let (a, b) = (peered("ra"), peered("rb"));
+    let (a, b) = (PeerNode::start("ra"), PeerNode::start("rb"));
     let repl = Identity::generate().unwrap();
     for (p, db) in [(&a, "left"), (&b, "right")] {
         p.node.put(&format!("/{db}"), &json!({}));

@@ -7,7 +7,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use thali_node::peer::Identity;
-use thali_tests::{free_port, node_identity, Client, Node, PeerClient, TempDir};
+use thali_tests::{Client, Node, PeerNode, TempDir};
 
 fn script(rel: &str) -> String {
     let p = thali_tests::workspace_root().join("scripts").join(rel);
@@ -53,46 +53,9 @@ fn wasm_typed() -> Value {
     )
 }
 
-struct Peered {
-    _dir: TempDir,
-    node: Node,
-    port: u16,
-    key: [u8; 32],
-}
-
-fn peered(tag: &str) -> Peered {
-    let dir = TempDir::new(tag);
-    let port = free_port();
-    let node = Node::start_with(&dir.0, &["--peer", &format!("127.0.0.1:{port}")]);
-    let key = *node_identity(&dir.0).public_key();
-    Peered {
-        _dir: dir,
-        node,
-        port,
-        key,
-    }
-}
-
-impl Peered {
-    fn client(&self, id: &Identity) -> PeerClient {
-        PeerClient::new(
-            id,
-            self.key,
-            format!("127.0.0.1:{}", self.port).parse().unwrap(),
-        )
-    }
-    fn url(&self, db: &str) -> String {
-        format!(
-            "httpkey://127.0.0.1:{}/{}/{db}",
-            self.port,
-            thali_node::peer::key_id(&self.key)
-        )
-    }
-}
-
 /// The typed rules, checked the same way for both languages.
 fn check_typed_rules(lang: &str, ddoc: Value) {
-    let p = peered(&format!("typed-{lang}"));
+    let p = PeerNode::start(&format!("typed-{lang}"));
     let n = &p.node;
     n.put("/app", &json!({}));
     let member = Identity::generate().unwrap();
@@ -436,7 +399,7 @@ fn hostile_lua_plugins_fail_one_call() {
 
 #[test]
 fn filters_in_replication_and_design_documents_replicate_and_enforce() {
-    let (a, b) = (peered("prep-a"), peered("prep-b"));
+    let (a, b) = (PeerNode::start("prep-a"), PeerNode::start("prep-b"));
     a.node.put("/app", &json!({}));
     a.node.put("/app/_design/typed", &lua_typed());
     a.node.put("/app/_design/wtyped", &wasm_typed());
@@ -465,7 +428,7 @@ fn filters_in_replication_and_design_documents_replicate_and_enforce() {
     }
     // B's admin level for A's key: the design documents replicate to B and enforce there.
     b.node.put("/app", &json!({}));
-    let sec = json!({"admins": {"names": [node_identity(&a._dir.0).key_id()], "roles": []}});
+    let sec = json!({"admins": {"names": [a.key_id()], "roles": []}});
     assert_eq!(b.node.put("/app/_security", &sec).status, 200);
     let r = a.node.post(
         "/_replicate",

@@ -5,42 +5,7 @@
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use thali_tests::{free_port, node_identity, Client, Node, TempDir};
-
-struct Peer {
-    _dir: TempDir,
-    node: Node,
-    port: u16,
-    key: String,
-}
-
-fn peer(tag: &str) -> Peer {
-    let dir = TempDir::new(tag);
-    let port = free_port();
-    let node = Node::start_with(&dir.0, &["--peer", &format!("127.0.0.1:{port}")]);
-    let key = node_identity(&dir.0).key_id();
-    Peer {
-        _dir: dir,
-        node,
-        port,
-        key,
-    }
-}
-
-impl Peer {
-    fn url(&self, db: &str) -> String {
-        self.url_via(self.port, db)
-    }
-    fn url_via(&self, port: u16, db: &str) -> String {
-        format!("httpkey://127.0.0.1:{port}/{}/{db}", self.key)
-    }
-    /// Creates `db` (if needed) and lets `other` write to it.
-    fn allow(&self, db: &str, other: &Peer) {
-        let _ = self.node.put(&format!("/{db}"), &json!({}));
-        let sec = json!({"members": {"names": [other.key], "roles": []}});
-        assert_eq!(self.node.put(&format!("/{db}/_security"), &sec).status, 200);
-    }
-}
+use thali_tests::{free_port, Client, Node, PeerNode};
 
 #[track_caller]
 fn replicate(node: &Node, body: Value) -> Value {
@@ -112,7 +77,7 @@ fn state(node: &Node, db: &str) -> BTreeMap<String, Value> {
 
 #[test]
 fn one_shot_push_and_pull_over_httpkey_with_deletions_and_attachments() {
-    let (a, b) = (peer("rep-a"), peer("rep-b"));
+    let (a, b) = (PeerNode::start("rep-a"), PeerNode::start("rep-b"));
     let n = &a.node;
     n.put("/src", &json!({}));
     put_docs(n, "src", "d", 120);
@@ -179,10 +144,15 @@ fn one_shot_push_and_pull_over_httpkey_with_deletions_and_attachments() {
 
 #[test]
 fn conflicts_converge_on_three_nodes() {
-    let (a, b, c) = (peer("conf-a"), peer("conf-b"), peer("conf-c"));
+    let (a, b, c) = (
+        PeerNode::start("conf-a"),
+        PeerNode::start("conf-b"),
+        PeerNode::start("conf-c"),
+    );
     for (p, others) in [(&a, [&b, &c]), (&b, [&a, &c]), (&c, [&a, &b])] {
         p.node.put("/db", &json!({}));
-        let sec = json!({"members": {"names": [others[0].key, others[1].key], "roles": []}});
+        let sec =
+            json!({"members": {"names": [others[0].key_id(), others[1].key_id()], "roles": []}});
         assert_eq!(p.node.put("/db/_security", &sec).status, 200);
     }
     put_docs(&a.node, "db", "doc", 20);
@@ -227,7 +197,7 @@ fn conflicts_converge_on_three_nodes() {
 
 #[test]
 fn continuous_push_and_pull_with_tasks_and_cancel() {
-    let (a, b) = (peer("cont-a"), peer("cont-b"));
+    let (a, b) = (PeerNode::start("cont-a"), PeerNode::start("cont-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     let push = json!({"source": "a", "target": b.url("b"), "continuous": true});
@@ -291,7 +261,7 @@ fn continuous_push_and_pull_with_tasks_and_cancel() {
 
 #[test]
 fn resumes_after_restarts_without_resending() {
-    let (mut a, mut b) = (peer("res-a"), peer("res-b"));
+    let (mut a, mut b) = (PeerNode::start("res-a"), PeerNode::start("res-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     put_docs(&a.node, "a", "r", 300);
@@ -326,7 +296,7 @@ fn replicator_doc(node: &Node, id: &str) -> Value {
 
 #[test]
 fn replicator_documents_are_persistent_jobs() {
-    let (mut a, b) = (peer("jobs-a"), peer("jobs-b"));
+    let (mut a, b) = (PeerNode::start("jobs-a"), PeerNode::start("jobs-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     put_docs(&a.node, "a", "j", 40);
@@ -423,7 +393,7 @@ fn replicator_documents_are_persistent_jobs() {
 
 #[test]
 fn errors_are_couchdb_shaped_and_final() {
-    let (a, b) = (peer("err-a"), peer("err-b"));
+    let (a, b) = (PeerNode::start("err-a"), PeerNode::start("err-b"));
     a.node.put("/a", &json!({}));
     a.node
         .post("/_replicate", &json!({"source": "nosuch", "target": "a"}))
@@ -565,7 +535,7 @@ impl FaultyProxy {
 
 #[test]
 fn replication_through_a_faulty_proxy_converges() {
-    let (a, b) = (peer("fault-a"), peer("fault-b"));
+    let (a, b) = (PeerNode::start("fault-a"), PeerNode::start("fault-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     put_docs(&a.node, "a", "f", 1500);
@@ -620,7 +590,7 @@ fn replication_through_a_faulty_proxy_converges() {
 
 #[test]
 fn filtered_replication_by_doc_ids_and_selector() {
-    let (a, b) = (peer("filt-a"), peer("filt-b"));
+    let (a, b) = (PeerNode::start("filt-a"), PeerNode::start("filt-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     let docs: Vec<Value> = (0..40)
@@ -722,7 +692,7 @@ fn no_bulk_get_proxy(upstream: u16) -> (u16, std::sync::Arc<std::sync::atomic::A
 
 #[test]
 fn peers_without_bulk_get_are_read_through_open_revs() {
-    let (a, b) = (peer("obg-a"), peer("obg-b"));
+    let (a, b) = (PeerNode::start("obg-a"), PeerNode::start("obg-b"));
     b.node.put("/old", &json!({}));
     put_docs(&b.node, "old", "o", 30);
     let att: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
@@ -761,7 +731,7 @@ fn peers_without_bulk_get_are_read_through_open_revs() {
 
 #[test]
 fn the_command_line_replicates_with_a_summary() {
-    let (mut a, b) = (peer("cli-a"), peer("cli-b"));
+    let (mut a, b) = (PeerNode::start("cli-a"), PeerNode::start("cli-b"));
     a.node.put("/src", &json!({}));
     put_docs(&a.node, "src", "c", 25);
     b.allow("dst", &a);
@@ -814,7 +784,7 @@ fn the_command_line_replicates_with_a_summary() {
 
 #[test]
 fn continuous_job_rides_out_a_peer_outage() {
-    let (a, mut b) = (peer("out-a"), peer("out-b"));
+    let (a, mut b) = (PeerNode::start("out-a"), PeerNode::start("out-b"));
     a.node.put("/a", &json!({}));
     b.allow("b", &a);
     let body =

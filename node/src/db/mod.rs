@@ -141,6 +141,11 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
+        self.register(name, data)
+    }
+
+    /// Loads an opened store as a database and enters it in the registry.
+    fn register(&self, name: &str, data: DbStore) -> DbResult<Arc<Database>> {
         let db = Arc::new(Database::load(
             name,
             data,
@@ -164,16 +169,7 @@ impl Node {
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = Arc::new(Database::load(
-            name,
-            data,
-            self.limits.clone(),
-            self.host.clone(),
-        )?);
-        self.dbs
-            .write()
-            .map_err(poisoned)?
-            .insert(name.to_string(), db.clone());
+        let db = self.register(name, data)?;
         tracing::info!(db = name, "database created");
         Ok(db)
     }

@@ -10,10 +10,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
-use thali_tests::servers::{start_pouchdb_server, start_thali, Target};
+use thali_tests::servers::{pouchdb_replicate, start_pouchdb_server, start_thali, Target};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -194,18 +193,11 @@ async fn run(
         String::new()
     };
     let host = t.base.trim_start_matches("http://");
-    let out = Command::new("node")
-        .arg(root.join("tests/interop/bench-replicate.js"))
-        .arg(format!("http://{auth}{host}/bench"))
-        .arg(format!("http://{auth}{host}/bench_copy"))
-        .output()
-        .expect("node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = pouchdb_replicate(
+        root,
+        &format!("http://{auth}{host}/bench"),
+        &format!("http://{auth}{host}/bench_copy"),
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("replication result");
     assert_eq!(r["docs_written"].as_u64().unwrap() as usize, n_docs);
     fig.repl_docs_per_s = n_docs as f64 / (r["ms"].as_f64().unwrap() / 1000.0);
     fig

@@ -9,31 +9,8 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use thali_tests::servers::{start_thali, Target};
-
-fn call(t: &Target, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let addr: SocketAddr = t.base.trim_start_matches("http://").parse().unwrap();
-    let mut h = vec![("Content-Type".to_string(), "application/json".to_string())];
-    if let Some(a) = &t.auth {
-        h.push(("Authorization".into(), a.clone()));
-    }
-    let body = body.map(|b| serde_json::to_vec(b).unwrap());
-    let r = thali_tests::try_request_within(
-        addr,
-        method,
-        path,
-        &h,
-        body.as_deref(),
-        Duration::from_secs(600),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (
-        r.status,
-        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-    )
-}
 
 fn insert(t: &Target, db: &str, n: usize) -> f64 {
     let batches: Vec<Value> = (0..n)
@@ -46,7 +23,7 @@ fn insert(t: &Target, db: &str, n: usize) -> f64 {
         for half in batches.chunks(batches.len().div_ceil(2)) {
             s.spawn(move || {
                 for b in half {
-                    let (st, v) = call(t, "POST", &format!("/{db}/_bulk_docs"), Some(b));
+                    let (st, v) = t.call("POST", &format!("/{db}/_bulk_docs"), Some(b));
                     assert_eq!(st, 201, "{v}");
                     assert!(
                         v.as_array().unwrap().iter().all(|r| r["ok"] == true),
@@ -61,7 +38,7 @@ fn insert(t: &Target, db: &str, n: usize) -> f64 {
 
 fn feed(t: &Target, db: &str, filter: &str, n: usize) -> f64 {
     let t0 = Instant::now();
-    let (st, v) = call(t, "GET", &format!("/{db}/_changes?{filter}"), None);
+    let (st, v) = t.call("GET", &format!("/{db}/_changes?{filter}"), None);
     assert_eq!(st, 200, "{v}");
     let rows = v["results"].as_array().unwrap().len();
     assert!(rows >= n / 2, "{db} {filter}: {rows} rows");
@@ -100,9 +77,9 @@ fn main() {
     println!("workload: {n} docs via _bulk_docs (batches of 500, 2 clients), then the full _changes feed");
     let mut rows = Vec::new();
     for (db, ddoc) in &ddocs {
-        assert!(call(&t, "PUT", &format!("/{db}"), None).0 < 300);
+        assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
         if let Some(d) = ddoc {
-            let (s, v) = call(&t, "PUT", &format!("/{db}/_design/typed"), Some(d));
+            let (s, v) = t.call("PUT", &format!("/{db}/_design/typed"), Some(d));
             assert_eq!(s, 201, "{v}");
         }
         let ins = insert(&t, db, n);

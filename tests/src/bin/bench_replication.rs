@@ -6,44 +6,16 @@
 //! (needs `npm ci` in tests/interop).
 
 use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::process::Command;
-use std::time::{Duration, Instant};
-use thali_tests::servers::{start_pouchdb_server, start_thali, Target};
-
-fn addr(t: &Target) -> SocketAddr {
-    t.base.trim_start_matches("http://").parse().unwrap()
-}
-
-fn call(t: &Target, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut h = vec![("Content-Type".to_string(), "application/json".to_string())];
-    if let Some(a) = &t.auth {
-        h.push(("Authorization".into(), a.clone()));
-    }
-    let body = body.map(|b| serde_json::to_vec(b).unwrap());
-    let r = thali_tests::try_request_within(
-        addr(t),
-        method,
-        path,
-        &h,
-        body.as_deref(),
-        Duration::from_secs(3600),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (
-        r.status,
-        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-    )
-}
+use std::time::Instant;
+use thali_tests::servers::{pouchdb_replicate, start_pouchdb_server, start_thali, Target};
 
 fn load(t: &Target, db: &str, n: usize) {
-    assert!(call(t, "PUT", &format!("/{db}"), None).0 < 300);
+    assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
     for start in (0..n).step_by(1000) {
         let docs: Vec<Value> = (start..(start + 1000).min(n))
             .map(|i| json!({"_id": format!("doc{i:08}"), "type": "reading", "n": i, "value": i as f64 * 0.5, "tags": ["a", "b"]}))
             .collect();
-        let (s, v) = call(
-            t,
+        let (s, v) = t.call(
             "POST",
             &format!("/{db}/_bulk_docs"),
             Some(&json!({ "docs": docs })),
@@ -61,10 +33,10 @@ fn httpkey(t: &Target, db: &str) -> String {
 }
 
 fn allow(t: &Target, db: &str, other: &Target) {
-    let _ = call(t, "PUT", &format!("/{db}"), None);
+    let _ = t.call("PUT", &format!("/{db}"), None);
     let sec = json!({"members": {"names": [key(other)], "roles": []}});
     assert_eq!(
-        call(t, "PUT", &format!("/{db}/_security"), Some(&sec)).0,
+        t.call("PUT", &format!("/{db}/_security"), Some(&sec)).0,
         200
     );
 }
@@ -72,7 +44,7 @@ fn allow(t: &Target, db: &str, other: &Target) {
 /// Runs one replication on `on` and returns docs/s.
 fn replicate(on: &Target, body: Value, n: usize) -> f64 {
     let t = Instant::now();
-    let (s, v) = call(on, "POST", "/_replicate", Some(&body));
+    let (s, v) = on.call("POST", "/_replicate", Some(&body));
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(s, 200, "{v}");
     assert_eq!(
@@ -115,18 +87,11 @@ fn main() {
     let p = start_pouchdb_server(&root);
     load(&p, "src", n);
     let t = Instant::now();
-    let out = Command::new("node")
-        .arg(root.join("tests/interop/bench-replicate.js"))
-        .arg(format!("{}/src", p.base))
-        .arg(format!("{}/dst", p.base))
-        .output()
-        .expect("node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = pouchdb_replicate(
+        &root,
+        &format!("{}/src", p.base),
+        &format!("{}/dst", p.base),
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("replication result");
     assert_eq!(r["docs_written"].as_u64(), Some(n as u64), "{r}");
     let pouch = n as f64 / (r["ms"].as_f64().unwrap() / 1000.0);
     println!(
