@@ -150,3 +150,16 @@ pub fn pouchdb_replicate(root: &std::path::Path, src: &str, dst: &str) -> serde_
     );
     serde_json::from_slice(&out.stdout).expect("replication result")
 }
+
+/// The number after `--name` on the command line, or `default`.
+pub fn arg_usize(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} needs a number"))
+        })
+        .unwrap_or(default)
+}

@@ -10,7 +10,7 @@
 use base64::Engine;
 use serde_json::{json, Value};
 use std::time::Instant;
-use thali_tests::servers::{start_thali, Target};
+use thali_tests::servers::{arg_usize, start_thali, Target};
 
 fn insert(t: &Target, db: &str, n: usize) -> f64 {
     let batches: Vec<Value> = (0..n)
@@ -46,13 +46,7 @@ fn feed(t: &Target, db: &str, filter: &str, n: usize) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args
-        .iter()
-        .position(|a| a == "--docs")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("--docs N"))
-        .unwrap_or(20_000);
+    let n = arg_usize("--docs", 20_000);
     let root = thali_tests::workspace_root();
     let wasm = std::fs::read(root.join("plugins/target/wasm32-unknown-unknown/release/typed.wasm"))
         .expect("build plugins/ for wasm32 first (see the usage line)");

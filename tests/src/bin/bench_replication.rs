@@ -7,7 +7,9 @@
 
 use serde_json::{json, Value};
 use std::time::Instant;
-use thali_tests::servers::{pouchdb_replicate, start_pouchdb_server, start_thali, Target};
+use thali_tests::servers::{
+    arg_usize, pouchdb_replicate, start_pouchdb_server, start_thali, Target,
+};
 
 fn load(t: &Target, db: &str, n: usize) {
     assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
@@ -56,13 +58,7 @@ fn replicate(on: &Target, body: Value, n: usize) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args
-        .iter()
-        .position(|a| a == "--docs")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("--docs N"))
-        .unwrap_or(100_000);
+    let n = arg_usize("--docs", 100_000);
     let root = thali_tests::workspace_root();
     println!("workload: {n} small documents (~120 B), replicated once");
 
