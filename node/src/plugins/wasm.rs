@@ -383,68 +383,50 @@ mod tests {
     use crate::plugins::design::Language;
     use serde_json::json;
 
-    /// Per-call cost of the example plugin (run by hand: `cargo test --release -p thali-node
-    /// wasm_call_cost -- --ignored --nocapture`; needs plugins/ built for wasm32).
+    /// Echoes its input unless it starts with `[13`, which traps; the bump
+    /// allocator never frees, so memory grows with every call.
+    const ECHO: &str = r#"(module
+      (memory (export "memory") 1)
+      (global $heap (mut i32) (i32.const 1024))
+      (func (export "alloc") (param $len i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $len)))
+        (block $ok
+          (br_if $ok (i32.lt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536))))
+          (drop (memory.grow (i32.add (i32.div_u (local.get $len) (i32.const 65536)) (i32.const 1)))))
+        (local.get $p))
+      (func (export "thali_abi_version") (result i32) (i32.const 1))
+      (func (export "echo") (param $p i32) (param $l i32) (result i64)
+        (if (i32.eq (i32.load8_u (i32.add (local.get $p) (i32.const 1))) (i32.const 49))
+          (then (if (i32.eq (i32.load8_u (i32.add (local.get $p) (i32.const 2))) (i32.const 51))
+            (then unreachable))))
+        (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.extend_i32_u (local.get $l))))
+    )"#;
+
     #[test]
-    #[ignore]
-    fn wasm_call_cost() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../plugins/target/wasm32-unknown-unknown/release/typed.wasm"
-        );
-        let bytes = std::fs::read(path).expect("build plugins/ for wasm32 first");
+    fn warm_instances_survive_calls_and_are_replaced_after_traps() {
         let limits = Limits::default();
         let rt = Runtime::new(&limits).unwrap();
         let src = Source {
-            id: "_design/t".into(),
+            id: "_design/echo".into(),
             language: Language::Wasm,
-            validate: Some("validate".into()),
-            filters: Default::default(),
+            validate: None,
+            filters: [("echo".to_string(), "echo".to_string())].into(),
             views: Default::default(),
             resolve_conflict: None,
-            module: Some(bytes),
+            module: Some(ECHO.as_bytes().to_vec()),
         };
         let fns = rt.compile(&src, &limits).unwrap();
-        let f = fns.validate.unwrap();
-        let args = [
-            json!({"_id": "a", "type": "x", "n": 1}),
-            Value::Null,
-            json!({"roles": []}),
-            json!({}),
-        ];
-        for _ in 0..100 {
-            f.call(&args).unwrap();
+        let echo = fns.filters.get("echo").unwrap();
+        // Enough calls, with a 64 KiB argument each, to pass the recycling threshold.
+        let big = "x".repeat(64 << 10);
+        for i in 200..500 {
+            let out = echo.call(&[json!(i), json!(big)]).unwrap();
+            assert_eq!(out, json!([i, big]));
         }
-        let t = std::time::Instant::now();
-        let n = 2000;
-        for _ in 0..n {
-            f.call(&args).unwrap();
-        }
-        eprintln!("validate: {:?} per call", t.elapsed() / n);
-        let module = Module::new(&rt.engine, src.module.as_ref().unwrap()).unwrap();
-        let c = Compiled {
-            engine: rt.engine.clone(),
-            pre: rt.linker.instantiate_pre(&module).unwrap(),
-            limits: limits.clone(),
-            id: Arc::from("t"),
-            warm: Mutex::new(Vec::new()),
-        };
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            let mut store = c.store().unwrap();
-            let _inst = c.pre.instantiate(&mut store).unwrap();
-        }
-        eprintln!("store + instantiate: {:?}", t.elapsed() / n);
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            let _store = c.store().unwrap();
-        }
-        eprintln!("store only: {:?}", t.elapsed() / n);
-        let input = serde_json::to_vec(&args).unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            c.call("validate", &input).unwrap();
-        }
-        eprintln!("raw call: {:?}", t.elapsed() / n);
+        let e = echo.call(&[json!(13)]).unwrap_err().to_string();
+        assert!(e.contains("unreachable"), "{e}");
+        assert_eq!(echo.call(&[json!(7)]).unwrap(), json!([7]));
     }
 }
