@@ -208,8 +208,9 @@ pub struct Database {
     write: Mutex<WriteState>,
     revs_limit: AtomicU64,
     /// Counts as of the last applied write, readable without the write lock.
-    doc_count: AtomicU64,
-    doc_del_count: AtomicU64,
+    /// `(update_seq, doc_count, doc_del_count)` as of the newest durable write: what `GET /db`
+    /// reports, consistent with the changes feed (a write's counts show once it is durable).
+    counts: Mutex<(u64, u64, u64)>,
     /// The latest durable `update_seq`; changes feeds wait on it.
     updates: watch::Sender<u64>,
     compact_running: AtomicBool,
@@ -241,8 +242,7 @@ impl Database {
                 doc_del_count,
             }),
             revs_limit: AtomicU64::new(revs_limit),
-            doc_count: AtomicU64::new(doc_count),
-            doc_del_count: AtomicU64::new(doc_del_count),
+            counts: Mutex::new((update_seq, doc_count, doc_del_count)),
             updates,
             compact_running: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
@@ -296,7 +296,7 @@ impl Database {
         Ok(json!({
             "db_name": self.name,
             "doc_count": self.doc_count(),
-            "doc_del_count": self.doc_del_count.load(Ordering::SeqCst),
+            "doc_del_count": self.counts().2,
             "update_seq": self.update_seq(),
             "purge_seq": 0,
             "compact_running": self.compact_running.load(Ordering::SeqCst),
@@ -309,8 +309,20 @@ impl Database {
     }
 
     /// Documents whose winning revision is not deleted.
+    fn counts(&self) -> (u64, u64, u64) {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the counts of a durable write, unless a newer write's are already out.
+    fn publish_counts(&self, seq: u64, doc_count: u64, doc_del_count: u64) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if seq >= c.0 {
+            *c = (seq, doc_count, doc_del_count);
+        }
+    }
+
     pub fn doc_count(&self) -> u64 {
-        self.doc_count.load(Ordering::SeqCst)
+        self.counts().1
     }
 
     pub fn revs_limit(&self) -> u64 {

@@ -10,7 +10,6 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Per-document outcome: the id and new revision, or the error for that document.
@@ -129,7 +128,7 @@ impl Database {
             plugins,
         };
         let this = self.clone();
-        let (results, ticket, seq, data, ddoc_written) =
+        let (results, ticket, (seq, docs, deleted), data, ddoc_written) =
             tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits, &ctx))
                 .await
                 .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
@@ -139,6 +138,8 @@ impl Database {
             let _ = tokio::task::spawn_blocking(move || this.reload_plugins()).await;
         }
         self.updates.send_modify(|s| *s = (*s).max(seq));
+        // After the feed moved: whoever sees the counts finds the documents in `_changes`.
+        self.publish_counts(seq, docs, deleted);
         Ok(results)
     }
 
@@ -148,7 +149,13 @@ impl Database {
         docs: Vec<DocInput>,
         new_edits: bool,
         ctx: &WriteCtx,
-    ) -> DbResult<(Vec<DocResult>, crate::store::Ticket, u64, DbStore, bool)> {
+    ) -> DbResult<(
+        Vec<DocResult>,
+        crate::store::Ticket,
+        (u64, u64, u64),
+        DbStore,
+        bool,
+    )> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
         let mut bs = BatchState {
@@ -184,11 +191,10 @@ impl Database {
             bs.batch.put_meta("update_seq", &st.update_seq);
             bs.batch.put_meta("doc_count", &st.doc_count);
             bs.batch.put_meta("doc_del_count", &st.doc_del_count);
-            self.doc_count.store(st.doc_count, Ordering::SeqCst);
-            self.doc_del_count.store(st.doc_del_count, Ordering::SeqCst);
         }
         let ticket = bs.data.apply(bs.batch)?;
-        Ok((results, ticket, st.update_seq, bs.data, bs.ddoc_written))
+        let counts = (st.update_seq, st.doc_count, st.doc_del_count);
+        Ok((results, ticket, counts, bs.data, bs.ddoc_written))
     }
 
     fn load_info(&self, id: &str, bs: &BatchState) -> DbResult<DocInfo> {
