@@ -41,9 +41,11 @@ pub fn thali_bin() -> PathBuf {
             }
         }
         let status = cargo
-            // `--workspace` resolves features as `cargo test` does, so this does not rebuild the
-            // dependencies that the test crate shares with the node.
-            .args(["build", "-q", "--workspace", "--bins"])
+            // The same selection as `tests/run-all.sh` builds (and `cargo test` resolves
+            // features for): with `--bins` only, dev-dependencies drop out of feature
+            // unification (proptest's `rustix`, shared with wasmtime) and half the dependency
+            // tree would be compiled a second time.
+            .args(["build", "-q", "--workspace", "--all-targets"])
             .current_dir(&root)
             .status()
             .expect("run cargo build");
