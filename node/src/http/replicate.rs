@@ -24,7 +24,8 @@ pub async fn replicate(state: &AppState, r: &mut Req) -> ApiResult<Response> {
     let body = r.json().await?;
     let rep = &state.replicator;
     if body.get("cancel") == Some(&Value::Bool(true)) {
-        // By `replication_id` (as listed in _active_tasks) or by the same body that started it.
+        // By `replication_id` (as listed in _active_tasks) or by the same body that started it;
+        // `cancel` is not part of `Spec` because a cancel by id need not be a valid spec.
         let id = match body.get("replication_id").and_then(Value::as_str) {
             Some(id) => id.to_string(),
             None => rep.full_id(&Spec::parse(&body)?),

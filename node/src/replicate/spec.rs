@@ -110,7 +110,6 @@ pub struct Spec {
     /// Attempts of a one-shot replication before it is marked failed (continuous ones retry
     /// for ever, with backoff).
     pub max_attempts: u32,
-    pub cancel: bool,
 }
 
 impl Spec {
@@ -204,7 +203,6 @@ impl Spec {
             )?),
             retries_per_request: number(&["retries_per_request"], 5, 0, 100)? as u32,
             max_attempts: number(&["max_attempts"], 5, 1, 1000)? as u32,
-            cancel: flag("cancel")?,
         };
         if spec.selector.is_some() && (spec.filter.is_some() || spec.doc_ids.is_some()) {
             return Err(ReplError::BadSpec(
