@@ -156,6 +156,30 @@ macro_rules! filter {
     };
 }
 
+/// Exports `resolve_conflict(docs) -> body` under `$name`: `docs` are the conflicting live
+/// revisions, winner first; return the merged body (`{"_deleted": true}` deletes), one of the
+/// docs as it is, or `Value::Null` to leave the conflict. Must be deterministic: every node
+/// runs it on the same conflict and must get the same answer.
+#[macro_export]
+macro_rules! resolve_conflict {
+    ($name:ident, $f:expr) => {
+        #[no_mangle]
+        pub extern "C" fn $name(ptr: i32, len: i32) -> i64 {
+            let f: fn(&[$crate::Value]) -> $crate::Value = $f;
+            // SAFETY: called by the host per the ABI.
+            unsafe {
+                $crate::call(ptr, len, |a| {
+                    let docs = $crate::arg(a, 0)
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]);
+                    f(docs)
+                })
+            }
+        }
+    };
+}
+
 /// Exports any function of the argument array (views, resolvers, …) under `$name`.
 #[macro_export]
 macro_rules! export {

@@ -7,6 +7,7 @@ mod error;
 mod local;
 mod plugins;
 mod read;
+mod resolve;
 mod write;
 
 pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
@@ -156,7 +157,17 @@ impl Node {
             .write()
             .map_err(poisoned)?
             .insert(name.to_string(), db.clone());
+        resolve::spawn(&db);
         Ok(db)
+    }
+
+    /// `_active_tasks` entries of the conflict resolvers of open databases.
+    pub fn resolver_tasks(&self) -> Vec<Value> {
+        let dbs: Vec<Arc<Database>> = match self.dbs.read() {
+            Ok(d) => d.values().cloned().collect(),
+            Err(_) => return Vec::new(),
+        };
+        dbs.iter().filter_map(|d| d.resolver_task()).collect()
     }
 
     pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
@@ -194,6 +205,7 @@ fn poisoned<T>(_: T) -> DbError {
 }
 
 /// Counters changed only under the write lock.
+#[derive(Clone, Copy)]
 struct WriteState {
     update_seq: u64,
     doc_count: u64,
@@ -219,6 +231,7 @@ pub struct Database {
     host: Arc<crate::plugins::Host>,
     /// The compiled design documents, replaced as a whole when one changes.
     plugins: RwLock<Arc<crate::plugins::DbPlugins>>,
+    resolver_stats: resolve::ResolverStats,
 }
 
 impl Database {
@@ -249,6 +262,7 @@ impl Database {
             limits,
             host,
             plugins: RwLock::new(Arc::default()),
+            resolver_stats: Default::default(),
         }
         .with_plugins())
     }

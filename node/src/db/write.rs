@@ -38,10 +38,14 @@ pub(super) struct BatchState {
 }
 
 /// Who writes, and what validators see: `userCtx`, `secObj` and the design documents in force.
-struct WriteCtx {
+pub(super) struct WriteCtx {
     user_ctx: Value,
     sec_obj: Value,
     plugins: Arc<crate::plugins::DbPlugins>,
+    /// Write only if this document's live leaves are still these (conflict resolutions).
+    expect_leaves: Option<(String, Vec<Rev>)>,
+    /// All documents or none: one refusal cancels the batch (conflict resolutions).
+    atomic: bool,
 }
 
 /// `userCtx` of the node's own writes (replicator, `_replicator` manager, dev folder).
@@ -115,6 +119,11 @@ impl Database {
         new_edits: bool,
         user_ctx: &Value,
     ) -> DbResult<Vec<DocResult>> {
+        let ctx = self.write_ctx(user_ctx)?;
+        self.write_with(docs, new_edits, ctx).await
+    }
+
+    pub(super) fn write_ctx(&self, user_ctx: &Value) -> DbResult<WriteCtx> {
         self.check_alive()?;
         let plugins = self.plugins();
         let sec_obj = if plugins.has_validators() {
@@ -122,11 +131,39 @@ impl Database {
         } else {
             Value::Null
         };
-        let ctx = WriteCtx {
+        Ok(WriteCtx {
             user_ctx: user_ctx.clone(),
             sec_obj,
             plugins,
-        };
+            expect_leaves: None,
+            atomic: false,
+        })
+    }
+
+    /// A conflict resolution: the replicated-style revisions in `docs` (the merged child of
+    /// the winner and a tombstone per other leaf), written in one batch, all or nothing, and
+    /// only if `id`'s live leaves are still `leaves`. `Ok(false)` when they changed meanwhile.
+    pub(super) async fn write_resolution(
+        self: &Arc<Self>,
+        id: &str,
+        leaves: Vec<Rev>,
+        docs: Vec<IncomingDoc>,
+    ) -> DbResult<bool> {
+        let mut ctx = self.write_ctx(&admin_ctx(&self.name))?;
+        ctx.expect_leaves = Some((id.to_string(), leaves));
+        ctx.atomic = true;
+        let results = self
+            .write_with(docs.into_iter().map(Ok).collect(), false, ctx)
+            .await?;
+        Ok(!results.is_empty())
+    }
+
+    async fn write_with(
+        self: &Arc<Self>,
+        docs: Vec<DocInput>,
+        new_edits: bool,
+        ctx: WriteCtx,
+    ) -> DbResult<Vec<DocResult>> {
         let this = self.clone();
         let (results, ticket, (seq, docs, deleted), data, ddoc_written) =
             tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits, &ctx))
@@ -158,8 +195,26 @@ impl Database {
     )> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
+        let data = self.data();
+        if let Some((id, expected)) = &ctx.expect_leaves {
+            let live: Vec<Rev> = data
+                .doc_info(id)?
+                .unwrap_or_default()
+                .tree
+                .leaves()
+                .into_iter()
+                .filter(|l| !l.deleted)
+                .map(|l| l.rev)
+                .collect();
+            if live != *expected {
+                let ticket = data.apply(WriteBatch::new())?;
+                let counts = (st.update_seq, st.doc_count, st.doc_del_count);
+                return Ok((Vec::new(), ticket, counts, data, false));
+            }
+        }
+        let before = *st;
         let mut bs = BatchState {
-            data: self.data(),
+            data,
             batch: WriteBatch::new(),
             infos: HashMap::new(),
             bodies: HashMap::new(),
@@ -184,6 +239,13 @@ impl Database {
                     return Err(e.clone());
                 }
                 tracing::debug!(db = %self.name, id = ?id, error = %e, "document rejected");
+            }
+            if ctx.atomic {
+                if let Err((_, _, e)) = res {
+                    // Nothing of the batch is applied; the counters go back.
+                    *st = before;
+                    return Err(e);
+                }
             }
             results.push(res);
         }

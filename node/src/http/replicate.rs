@@ -51,7 +51,9 @@ pub fn active_tasks(state: &AppState, r: &Req) -> ApiResult<Response> {
     if !matches!(r.method, Method::GET | Method::HEAD) {
         return Err(ApiError::method_not_allowed("GET,HEAD"));
     }
-    Ok(ok(json!(state.replicator.tasks())))
+    let mut tasks = state.replicator.tasks();
+    tasks.extend(state.node.resolver_tasks());
+    Ok(ok(json!(tasks)))
 }
 
 pub fn scheduler_jobs(state: &AppState, r: &Req) -> ApiResult<Response> {
