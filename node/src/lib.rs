@@ -10,3 +10,4 @@ pub mod plugins;
 pub mod replicate;
 pub mod serve;
 pub mod store;
+pub mod view;

@@ -156,6 +156,60 @@ macro_rules! filter {
     };
 }
 
+/// What a map function emits: `emit.emit(key, value)`, as CouchDB's `emit(key, value)`.
+#[derive(Default)]
+pub struct Emit(Vec<Value>);
+
+impl Emit {
+    pub fn emit(&mut self, key: impl Into<Value>, value: impl Into<Value>) {
+        self.0.push(Value::Array(vec![key.into(), value.into()]));
+    }
+    pub fn into_value(self) -> Value {
+        Value::Array(self.0)
+    }
+}
+
+/// Exports a view's map function `(doc, &mut Emit)` under `$name`; the host receives the
+/// emitted `[[key, value], …]`.
+#[macro_export]
+macro_rules! map {
+    ($name:ident, $f:expr) => {
+        #[no_mangle]
+        pub extern "C" fn $name(ptr: i32, len: i32) -> i64 {
+            let f: fn(&$crate::Value, &mut $crate::Emit) = $f;
+            // SAFETY: called by the host per the ABI.
+            unsafe {
+                $crate::call(ptr, len, |a| {
+                    let mut e = $crate::Emit::default();
+                    f($crate::arg(a, 0), &mut e);
+                    e.into_value()
+                })
+            }
+        }
+    };
+}
+
+/// Exports a custom reduce `(keys, values, rereduce) -> value` under `$name`. `keys` are
+/// `[key, doc id]` pairs on the first pass and `None` on rereduce, when `values` are earlier
+/// results of this function.
+#[macro_export]
+macro_rules! reduce {
+    ($name:ident, $f:expr) => {
+        #[no_mangle]
+        pub extern "C" fn $name(ptr: i32, len: i32) -> i64 {
+            let f: fn(Option<&[$crate::Value]>, &[$crate::Value], bool) -> $crate::Value = $f;
+            // SAFETY: called by the host per the ABI.
+            unsafe {
+                $crate::call(ptr, len, |a| {
+                    let keys = $crate::arg(a, 0).as_array().map(Vec::as_slice);
+                    let values = $crate::arg(a, 1).as_array().map(Vec::as_slice).unwrap_or(&[]);
+                    f(keys, values, $crate::arg(a, 2) == &$crate::Value::Bool(true))
+                })
+            }
+        }
+    };
+}
+
 /// Exports `resolve_conflict(docs) -> body` under `$name`: `docs` are the conflicting live
 /// revisions, winner first; return the merged body (`{"_deleted": true}` deletes), one of the
 /// docs as it is, or `Value::Null` to leave the conflict. Must be deterministic: every node

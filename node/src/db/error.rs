@@ -33,6 +33,15 @@ pub enum DbError {
     /// A plugin call failed (trap, limit, bad output): this one operation fails.
     #[error("plugin_error: {0}")]
     Plugin(String),
+    /// A view query's parameters do not make sense (400).
+    #[error("query_parse_error: {0}")]
+    QueryParse(String),
+    /// A reduce whose output does not shrink (CouchDB's `reduce_limit`, 500).
+    #[error("reduce_overflow_error: {0}")]
+    ReduceOverflow(String),
+    /// A view in a language this node does not run (JavaScript design documents).
+    #[error("unknown_query_language: {0}")]
+    UnknownLanguage(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -54,6 +63,9 @@ impl DbError {
             DbError::Unauthorized(_) => "unauthorized",
             DbError::Compilation(_) => "compilation_error",
             DbError::Plugin(_) => "plugin_error",
+            DbError::QueryParse(_) => "query_parse_error",
+            DbError::ReduceOverflow(_) => "reduce_overflow_error",
+            DbError::UnknownLanguage(_) => "unknown_query_language",
             DbError::Internal(_) => "internal_server_error",
         }
     }
@@ -76,6 +88,9 @@ impl DbError {
             | DbError::Unauthorized(r)
             | DbError::Compilation(r)
             | DbError::Plugin(r)
+            | DbError::QueryParse(r)
+            | DbError::ReduceOverflow(r)
+            | DbError::UnknownLanguage(r)
             | DbError::Internal(r) => r.clone(),
         }
     }
@@ -88,12 +103,14 @@ impl DbError {
             | DbError::DocValidation(_)
             | DbError::IllegalDocId(_)
             | DbError::IllegalDbName(_)
-            | DbError::Compilation(_) => 400,
+            | DbError::Compilation(_)
+            | DbError::QueryParse(_)
+            | DbError::UnknownLanguage(_) => 400,
             DbError::MissingStub(_) | DbError::FileExists => 412,
             DbError::DocTooLarge(_) => 413,
             DbError::Forbidden(_) => 403,
             DbError::Unauthorized(_) => 401,
-            DbError::Plugin(_) | DbError::Internal(_) => 500,
+            DbError::Plugin(_) | DbError::ReduceOverflow(_) | DbError::Internal(_) => 500,
         }
     }
 

@@ -8,6 +8,7 @@ mod local;
 mod plugins;
 mod read;
 mod resolve;
+mod views;
 mod write;
 
 pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
@@ -161,13 +162,18 @@ impl Node {
         Ok(db)
     }
 
-    /// `_active_tasks` entries of the conflict resolvers of open databases.
-    pub fn resolver_tasks(&self) -> Vec<Value> {
+    /// `_active_tasks` entries of open databases: index updates and conflict resolvers.
+    pub fn db_tasks(&self) -> Vec<Value> {
         let dbs: Vec<Arc<Database>> = match self.dbs.read() {
             Ok(d) => d.values().cloned().collect(),
             Err(_) => return Vec::new(),
         };
-        dbs.iter().filter_map(|d| d.resolver_task()).collect()
+        let mut out = Vec::new();
+        for d in dbs {
+            out.extend(d.indexer_tasks());
+            out.extend(d.resolver_task());
+        }
+        out
     }
 
     pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
@@ -232,6 +238,7 @@ pub struct Database {
     /// The compiled design documents, replaced as a whole when one changes.
     plugins: RwLock<Arc<crate::plugins::DbPlugins>>,
     resolver_stats: resolve::ResolverStats,
+    views: views::Views,
 }
 
 impl Database {
@@ -263,6 +270,7 @@ impl Database {
             host,
             plugins: RwLock::new(Arc::default()),
             resolver_stats: Default::default(),
+            views: Default::default(),
         }
         .with_plugins())
     }

@@ -118,6 +118,8 @@ fn classify(r: &Req) -> Need {
         [_, "_revs_limit" | "_security" | "_compact" | "_view_cleanup", ..] => db(Level::Admin),
         [_, "_bulk_docs"] => db(Level::Write),
         [_, "_design", ..] if read_method => db(Level::Read),
+        // A view query with its parameters in a POST body is a read.
+        [_, "_design", _, "_view", _] if *m == Method::POST => db(Level::Read),
         [_, "_design", ..] => db(Level::Admin),
         // `_design%2Fname` as one segment (CouchDB accepts it, so the router does too).
         [_, id, ..] if id.starts_with("_design/") && !read_method => db(Level::Admin),

@@ -194,18 +194,7 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             if let Some(k) = body.get("keys") {
                 body_keys = Some(k.clone());
             }
-            // Other options may come in the body too.
-            if let Value::Object(m) = &body {
-                for (k, v) in m {
-                    if k != "keys" && r.query.get(k).is_none() {
-                        let s = match v {
-                            Value::String(s) if !k.contains("key") => s.clone(),
-                            other => other.to_string(),
-                        };
-                        r.query.insert(k, s);
-                    }
-                }
-            }
+            r.query.merge_body(&body);
         }
         _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
     }
@@ -284,7 +273,8 @@ pub fn view_cleanup(state: &AppState, r: &Req, name: &str) -> ApiResult<Response
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    open(state, name)?;
+    let removed = open(state, name)?.view_cleanup()?;
+    tracing::debug!(db = name, removed, "view cleanup");
     Ok(status(202, json!({"ok": true})))
 }
 

@@ -11,6 +11,7 @@ mod query;
 mod replicate;
 mod respond;
 mod server;
+mod view;
 
 pub use auth::{Level, Principal};
 pub use error::{ApiError, ApiResult};
@@ -233,6 +234,8 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         [_, "_local", ..] => Err(ApiError::bad_request("_local documents do not accept attachments.")),
         [db, id] if id.starts_with("_design/") => document::doc(state, &mut r, db, id).await,
         [db, "_design", name] => document::doc(state, &mut r, db, &format!("_design/{name}")).await,
+        [db, "_design", name, "_view", v] => view::view(state, &mut r, db, name, v).await,
+        [db, "_design", name, "_info"] => view::info(state, &r, db, name),
         [db, "_design", name, att @ ..] => {
             document::attachment(state, &mut r, db, &format!("_design/{name}"), &att.join("/")).await
         }

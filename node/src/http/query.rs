@@ -32,6 +32,22 @@ impl Query {
         self.0.insert(k.to_string(), v);
     }
 
+    /// Options sent in a POST body (besides `keys`) count as query parameters, unless the
+    /// query string has them: JSON values as their text, plain strings for non-key fields.
+    pub fn merge_body(&mut self, body: &Value) {
+        if let Value::Object(m) = body {
+            for (k, v) in m {
+                if k != "keys" && self.get(k).is_none() {
+                    let s = match v {
+                        Value::String(s) if !k.contains("key") => s.clone(),
+                        other => other.to_string(),
+                    };
+                    self.insert(k, s);
+                }
+            }
+        }
+    }
+
     pub fn all(&self) -> &HashMap<String, String> {
         &self.0
     }

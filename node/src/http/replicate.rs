@@ -52,7 +52,7 @@ pub fn active_tasks(state: &AppState, r: &Req) -> ApiResult<Response> {
         return Err(ApiError::method_not_allowed("GET,HEAD"));
     }
     let mut tasks = state.replicator.tasks();
-    tasks.extend(state.node.resolver_tasks());
+    tasks.extend(state.node.db_tasks());
     Ok(ok(json!(tasks)))
 }
 

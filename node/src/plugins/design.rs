@@ -19,9 +19,10 @@ pub struct Source {
     pub language: Language,
     pub validate: Option<String>,
     pub filters: BTreeMap<String, String>,
-    /// name → (map, reduce): compiled here so broken code is refused at write time; the views
-    /// issue runs them.
+    /// name → (map, reduce); a reduce starting with `_` is a built-in.
     pub views: BTreeMap<String, (String, Option<String>)>,
+    /// The design document's `options` (part of the view signature).
+    pub options: Value,
     pub resolve_conflict: Option<String>,
     /// The WASM module's bytes (binary or WAT text).
     pub module: Option<Vec<u8>>,
@@ -63,6 +64,7 @@ impl Source {
             views: BTreeMap::new(),
             resolve_conflict: None,
             module: None,
+            options: doc.get("options").cloned().unwrap_or(Value::Null),
         };
         if let Some(v) = doc.get("validate_doc_update") {
             src.validate = Some(string("validate_doc_update", v)?);
@@ -92,6 +94,14 @@ impl Source {
                         None => None,
                         Some(r) => Some(string(&format!("views.{name}.reduce"), r)?),
                     };
+                    if let Some(r) = reduce.as_deref().filter(|r| r.starts_with('_')) {
+                        if !BUILTIN_REDUCES.iter().any(|b| r.starts_with(b)) {
+                            return Err(bad(
+                                id,
+                                format!("views.{name}.reduce: unknown built-in reduce {r:?} (thali has {})", BUILTIN_REDUCES.join(", ")),
+                            ));
+                        }
+                    }
                     src.views.insert(name.clone(), (map, reduce));
                 }
             }
@@ -112,6 +122,27 @@ impl Source {
         Ok(Some(src))
     }
 
+    /// Identifies a design document's view index: the view code (and the module, for WASM),
+    /// the options and the collation version. Other fields (validators, filters) can change
+    /// without a rebuild, as in CouchDB. `None` without views.
+    pub fn view_signature(&self) -> Option<String> {
+        if self.views.is_empty() {
+            return None;
+        }
+        let module = match self.language {
+            Language::Wasm => self.module.as_ref().map(|m| hex::encode(Md5::digest(m))),
+            Language::Lua => None,
+        };
+        let material = json!([
+            crate::view::collate::VERSION,
+            format!("{:?}", self.language),
+            self.views,
+            self.options,
+            module,
+        ]);
+        Some(hex::encode(Md5::digest(material.to_string().as_bytes())))
+    }
+
     /// Identifies the code: the same hash means the same compiled plugin.
     pub fn hash(&self) -> String {
         let module = self.module.as_ref().map(|m| hex::encode(Md5::digest(m)));
@@ -123,9 +154,27 @@ impl Source {
             self.views,
             self.resolve_conflict,
             module,
+            self.options,
         ]);
         hex::encode(Md5::digest(material.to_string().as_bytes()))
     }
+}
+
+/// The built-in reduces (CouchDB matches them by prefix).
+pub const BUILTIN_REDUCES: [&str; 4] = ["_count", "_sum", "_stats", "_approx_count_distinct"];
+
+/// A view's reduce: a built-in by name, or a plugin function `(keys, values, rereduce)`.
+#[derive(Clone)]
+pub enum Reduce {
+    Builtin(String),
+    Func(Func),
+}
+
+/// A compiled view: `map([doc])` returns the emitted `[[key, value], …]`.
+#[derive(Clone)]
+pub struct ViewFns {
+    pub map: Func,
+    pub reduce: Option<Reduce>,
 }
 
 /// A compiled design document.
@@ -133,7 +182,10 @@ pub struct DesignFns {
     pub id: String,
     pub validate: Option<Func>,
     pub filters: HashMap<String, Func>,
-    pub views: HashMap<String, (Func, Option<Func>)>,
+    pub views: BTreeMap<String, ViewFns>,
+    /// The view index signature (`Source::view_signature`).
+    pub view_sig: Option<String>,
+    pub language: Language,
     pub resolve_conflict: Option<Func>,
     /// Hash of the code, for replication ids and index signatures.
     pub code_hash: String,

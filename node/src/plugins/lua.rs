@@ -7,12 +7,12 @@
 //! chunk that returns one. Validators reject by returning or throwing (`error{forbidden = "…"}`)
 //! a table, as CouchDB's JavaScript ones do.
 
-use super::design::{DesignFns, Source};
+use super::design::{DesignFns, Reduce, Source, ViewFns};
 use super::{Func, Limits, PluginError, PluginFn};
 use mlua::serde::{DeserializeOptions, SerializeOptions};
 use mlua::{HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, VmState};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -131,6 +131,53 @@ impl State {
     }
 
     fn function(self: &Arc<Self>, field: &str, code: &str) -> Result<Func, PluginError> {
+        let f = self.load(field, code)?;
+        Ok(Arc::new(LuaFn {
+            state: self.clone(),
+            func: f,
+            name: field.to_string(),
+        }))
+    }
+
+    /// A view's map function, wrapped so that a call collects what it `emit`s (a global set
+    /// for the call, as CouchDB's JavaScript maps expect) and returns `[[key, value], …]`.
+    fn map_function(self: &Arc<Self>, field: &str, code: &str) -> Result<Func, PluginError> {
+        let map = self.load(field, code)?;
+        let err = |e: mlua::Error| PluginError::Compile(format!("{}: {field}: {e}", self.id));
+        let wrapped: mlua::Function = {
+            let _g = lock(&self.calls);
+            let factory: mlua::Function = self
+                .lua
+                .load(
+                    "local NULL = ...
+                     return function(map)
+                       return function(doc)
+                         local out, n = {}, 0
+                         emit = function(k, v)
+                           if k == nil then k = NULL end
+                           if v == nil then v = NULL end
+                           n = n + 1
+                           out[n] = {k, v}
+                         end
+                         map(doc)
+                         emit = nil
+                         return out
+                       end
+                     end",
+                )
+                .set_name("=thali/map")
+                .call(self.lua.null())
+                .map_err(err)?;
+            factory.call(map).map_err(err)?
+        };
+        Ok(Arc::new(LuaFn {
+            state: self.clone(),
+            func: wrapped,
+            name: field.to_string(),
+        }))
+    }
+
+    fn load(&self, field: &str, code: &str) -> Result<mlua::Function, PluginError> {
         let _g = lock(&self.calls);
         self.reset_budget();
         let name = format!("={}/{field}", self.id);
@@ -158,11 +205,7 @@ impl State {
                 }
             },
         };
-        Ok(Arc::new(LuaFn {
-            state: self.clone(),
-            func: f,
-            name: field.to_string(),
-        }))
+        Ok(f)
     }
 }
 
@@ -241,16 +284,17 @@ pub fn compile(src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> 
     for (name, code) in &src.filters {
         filters.insert(name.clone(), st.function(&format!("filters.{name}"), code)?);
     }
-    let mut views = HashMap::new();
+    let mut views = BTreeMap::new();
     for (name, (map, reduce)) in &src.views {
-        let m = st.function(&format!("views.{name}.map"), map)?;
+        let m = st.map_function(&format!("views.{name}.map"), map)?;
         let r = match reduce {
-            Some(r) if !r.starts_with('_') => {
-                Some(st.function(&format!("views.{name}.reduce"), r)?)
-            }
-            _ => None,
+            Some(r) if r.starts_with('_') => Some(Reduce::Builtin(r.clone())),
+            Some(r) => Some(Reduce::Func(
+                st.function(&format!("views.{name}.reduce"), r)?,
+            )),
+            None => None,
         };
-        views.insert(name.clone(), (m, r));
+        views.insert(name.clone(), ViewFns { map: m, reduce: r });
     }
     let resolve_conflict = match &src.resolve_conflict {
         Some(code) => Some(st.function("resolve_conflict", code)?),
@@ -261,6 +305,8 @@ pub fn compile(src: &Source, limits: &Limits) -> Result<DesignFns, PluginError> 
         validate,
         filters,
         views,
+        view_sig: src.view_signature(),
+        language: src.language,
         resolve_conflict,
         code_hash: src.hash(),
     })

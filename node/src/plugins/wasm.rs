@@ -10,10 +10,10 @@
 //! between calls of the same module (as CouchDB's query server keeps its state); one that
 //! traps or grows large is dropped.
 
-use super::design::{DesignFns, Source};
+use super::design::{DesignFns, Reduce, Source, ViewFns};
 use super::{Func, Limits, PluginError, PluginFn};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::{
@@ -185,14 +185,15 @@ impl Runtime {
         for (name, exp) in &src.filters {
             filters.insert(name.clone(), export(&format!("filters.{name}"), exp)?);
         }
-        let mut views = HashMap::new();
+        let mut views = BTreeMap::new();
         for (name, (map, reduce)) in &src.views {
             let m = export(&format!("views.{name}.map"), map)?;
             let r = match reduce {
-                Some(r) if !r.starts_with('_') => Some(export(&format!("views.{name}.reduce"), r)?),
-                _ => None,
+                Some(r) if r.starts_with('_') => Some(Reduce::Builtin(r.clone())),
+                Some(r) => Some(Reduce::Func(export(&format!("views.{name}.reduce"), r)?)),
+                None => None,
             };
-            views.insert(name.clone(), (m, r));
+            views.insert(name.clone(), ViewFns { map: m, reduce: r });
         }
         let resolve_conflict = match &src.resolve_conflict {
             Some(name) => Some(export("resolve_conflict", name)?),
@@ -203,6 +204,8 @@ impl Runtime {
             validate,
             filters,
             views,
+            view_sig: src.view_signature(),
+            language: src.language,
             resolve_conflict,
             code_hash: src.hash(),
         })
@@ -416,6 +419,7 @@ mod tests {
             views: Default::default(),
             resolve_conflict: None,
             module: Some(ECHO.as_bytes().to_vec()),
+            options: Value::Null,
         };
         let fns = rt.compile(&src, &limits).unwrap();
         let echo = fns.filters.get("echo").unwrap();

@@ -21,6 +21,7 @@
 //! Durability: [`DbStore::durable`] is a group commit: writers that applied their batch before a
 //! flush started share that flush.
 
+pub mod index;
 mod layout;
 
 pub use layout::{AttMeta, DocInfo, RevBody, SeqEntry};
@@ -362,8 +363,14 @@ impl DbStore {
         Ok(())
     }
 
+    /// The live generation's size (view indexes beside it are not counted).
     pub fn size_on_disk(&self) -> u64 {
-        dir_size(&self.inner.dir)
+        dir_size(&self.inner.dir.join(format!("g{}", self.inner.gen)))
+    }
+
+    /// Where this database's view indexes live (`store::index`).
+    pub fn index_root(&self) -> PathBuf {
+        self.inner.dir.join("views")
     }
 
     pub fn doc_info(&self, id: &str) -> Result<Option<DocInfo>> {

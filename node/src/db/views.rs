@@ -1,0 +1,650 @@
+//! View indexes of a database: opened per design-document signature, brought up to date
+//! incrementally from the changes feed (one updater at a time; queries that need an up-to-date
+//! index wait for it), queried with CouchDB's parameters, described by `_info`, listed in
+//! `_active_tasks` while they build, and removed by `_view_cleanup` once no design document
+//! uses them.
+//!
+//! Map functions see the winning revision of every non-design document (with `_conflicts`);
+//! one that fails on a document is logged and that document contributes no rows to that view,
+//! as in CouchDB. Reduces run at query time over the rows in range (built-ins in Rust, custom
+//! ones in their plugin, chunked with rereduce).
+
+use super::read::DocOptions;
+use super::{Database, DbError, DbResult};
+use crate::plugins::design::{DesignFns, Reduce};
+use crate::store::index::{self, row_key, row_view, view_prefix, IndexBatch, IndexStore};
+use crate::view::collate;
+use crate::view::reduce::{ReduceError, Reducer};
+use crate::view::{Update, ViewQuery};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Documents per index batch (one atomic write with the sequence they reach).
+const BATCH: usize = 1000;
+
+/// The progress of a running update, for `_active_tasks`.
+#[derive(Clone)]
+struct Progress {
+    started_on: u64,
+    updated_on: u64,
+    changes_done: u64,
+    total_changes: u64,
+}
+
+/// One design document's index, open.
+pub(super) struct ViewIndex {
+    sig: String,
+    ddoc: String,
+    store: IndexStore,
+    /// Held by the one updater; queries that want a fresh index wait on it.
+    update: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
+    progress: Mutex<Option<Progress>>,
+}
+
+/// The open indexes of a database, by signature.
+#[derive(Default)]
+pub(super) struct Views {
+    open: Mutex<HashMap<String, Arc<ViewIndex>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now() -> u64 {
+    crate::replicate::stats::unix_now()
+}
+
+impl From<ReduceError> for DbError {
+    fn from(e: ReduceError) -> DbError {
+        match e {
+            ReduceError::Overflow(m) => DbError::ReduceOverflow(m),
+            ReduceError::Builtin(m) | ReduceError::Plugin(m) => DbError::Plugin(m),
+        }
+    }
+}
+
+/// What a view request names, resolved: the compiled design document and the view's number.
+struct Target {
+    fns: Arc<DesignFns>,
+    sig: String,
+    view: u16,
+    name: String,
+}
+
+impl Database {
+    /// The compiled design document `_design/<ddoc>` with its view signature.
+    fn view_ddoc(&self, ddoc: &str) -> DbResult<(Arc<DesignFns>, String)> {
+        let id = format!("_design/{ddoc}");
+        let plugins = self.plugins();
+        if let Some(fns) = plugins.ddoc(&id) {
+            let sig = fns
+                .view_sig
+                .clone()
+                .ok_or_else(|| DbError::NotFound("missing_named_view".into()))?;
+            return Ok((fns.clone(), sig));
+        }
+        // Stored but not run here (JavaScript), or missing.
+        let doc = self.get_doc(&id, None, &DocOptions::default())?;
+        let lang = doc
+            .doc
+            .get("language")
+            .and_then(Value::as_str)
+            .unwrap_or("javascript");
+        Err(DbError::UnknownLanguage(format!(
+            "{lang} (thali runs views written in lua or wasm; {id} is stored and replicated \
+             but its views do not run here)"
+        )))
+    }
+
+    fn target(&self, ddoc: &str, view: &str) -> DbResult<Target> {
+        let (fns, sig) = self.view_ddoc(ddoc)?;
+        let n = fns
+            .views
+            .keys()
+            .position(|v| v == view)
+            .ok_or_else(|| DbError::NotFound("missing_named_view".into()))?;
+        Ok(Target {
+            fns,
+            sig,
+            view: n as u16,
+            name: view.to_string(),
+        })
+    }
+
+    fn open_index(&self, sig: &str, ddoc: &str) -> DbResult<Arc<ViewIndex>> {
+        let mut open = lock(&self.views.open);
+        if let Some(i) = open.get(sig) {
+            return Ok(i.clone());
+        }
+        let store = IndexStore::open(&self.data().index_root().join(sig))?;
+        let idx = Arc::new(ViewIndex {
+            sig: sig.to_string(),
+            ddoc: ddoc.to_string(),
+            store,
+            update: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            progress: Mutex::new(None),
+        });
+        open.insert(sig.to_string(), idx.clone());
+        Ok(idx)
+    }
+
+    /// Brings the index up to the database's current sequence (waiting for a running update).
+    async fn refresh(
+        self: &Arc<Self>,
+        idx: &Arc<ViewIndex>,
+        fns: &Arc<DesignFns>,
+    ) -> DbResult<()> {
+        idx.waiting.fetch_add(1, Ordering::SeqCst);
+        let _g = idx.update.lock().await;
+        idx.waiting.fetch_sub(1, Ordering::SeqCst);
+        if idx.store.seq()? >= self.update_seq() {
+            return Ok(());
+        }
+        let (this, i, f) = (self.clone(), idx.clone(), fns.clone());
+        tokio::task::spawn_blocking(move || this.update_index(&i, &f))
+            .await
+            .map_err(|e| DbError::Internal(format!("index task failed: {e}")))?
+    }
+
+    /// Runs the map functions over the changes since the index's sequence.
+    fn update_index(&self, idx: &ViewIndex, fns: &DesignFns) -> DbResult<()> {
+        let target = self.update_seq();
+        let since = idx.store.seq()?;
+        if since >= target {
+            return Ok(());
+        }
+        let data = self.data();
+        let total = data
+            .changes(since, false)
+            .take_while(|r| r.as_ref().map_or(false, |(s, _)| *s <= target))
+            .count() as u64;
+        let views: Vec<(&String, &crate::plugins::design::ViewFns)> = fns.views.iter().collect();
+        let mut counts: Vec<u64> = (0..views.len())
+            .map(|v| idx.store.count(v as u16))
+            .collect::<Result<_, _>>()?;
+        let started = Instant::now();
+        *lock(&idx.progress) = Some(Progress {
+            started_on: now(),
+            updated_on: now(),
+            changes_done: 0,
+            total_changes: total,
+        });
+        tracing::info!(db = %self.name, ddoc = %idx.ddoc, sig = %idx.sig, since, changes = total, "view index update started");
+        let result = (|| -> DbResult<u64> {
+            let mut batch = IndexBatch::default();
+            let mut in_batch = 0;
+            let mut done = 0u64;
+            let mut last_log = Instant::now();
+            for r in data.changes(since, false) {
+                let (seq, entry) = r?;
+                if seq > target {
+                    break;
+                }
+                for key in idx.store.doc_rows(&entry.id)? {
+                    if let Some(v) = row_view(&key) {
+                        if let Some(c) = counts.get_mut(v as usize) {
+                            *c = c.saturating_sub(1);
+                        }
+                    }
+                    batch.del_row(&key);
+                }
+                let mut keys = Vec::new();
+                if !entry.deleted && !entry.id.starts_with("_design/") {
+                    let opts = DocOptions {
+                        conflicts: true,
+                        ..Default::default()
+                    };
+                    if let Ok(out) = self.get_doc(&entry.id, None, &opts) {
+                        let args = [Value::Object(out.doc)];
+                        for (n, (name, view)) in views.iter().enumerate() {
+                            let rows = match view.map.call(&args) {
+                                Ok(v) => v,
+                                Err(e) => {
+                                    tracing::warn!(db = %self.name, ddoc = %idx.ddoc, view = %name, id = %entry.id, error = %e, "map function failed; document skipped");
+                                    continue;
+                                }
+                            };
+                            let Value::Array(rows) = rows else {
+                                // An empty Lua table comes back as `{}`: no rows.
+                                continue;
+                            };
+                            for (i, row) in rows.into_iter().enumerate() {
+                                let (k, v) = match row {
+                                    Value::Array(mut kv) if kv.len() == 2 => {
+                                        let v = kv.pop().unwrap_or(Value::Null);
+                                        (kv.pop().unwrap_or(Value::Null), v)
+                                    }
+                                    other => {
+                                        tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&other), "map emitted something that is not [key, value]");
+                                        continue;
+                                    }
+                                };
+                                let key = row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
+                                let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
+                                batch.put_row(&key, &val);
+                                keys.push(key);
+                                counts[n] += 1;
+                            }
+                        }
+                    }
+                }
+                batch.set_doc_rows(&entry.id, &keys);
+                done += 1;
+                in_batch += 1;
+                if in_batch >= BATCH {
+                    for (v, c) in counts.iter().enumerate() {
+                        batch.set_count(v as u16, *c);
+                    }
+                    batch.set_seq(seq);
+                    idx.store.apply(std::mem::take(&mut batch))?;
+                    in_batch = 0;
+                    if let Some(p) = lock(&idx.progress).as_mut() {
+                        p.changes_done = done;
+                        p.updated_on = now();
+                    }
+                    if last_log.elapsed().as_secs() >= 10 {
+                        last_log = Instant::now();
+                        tracing::info!(db = %self.name, ddoc = %idx.ddoc, done, total, "view index update progress");
+                    }
+                }
+            }
+            for (v, c) in counts.iter().enumerate() {
+                batch.set_count(v as u16, *c);
+            }
+            batch.set_seq(target);
+            idx.store.apply(batch)?;
+            idx.store.flush()?;
+            Ok(done)
+        })();
+        *lock(&idx.progress) = None;
+        let done = result?;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            db = %self.name, ddoc = %idx.ddoc, docs = done, seconds = secs,
+            docs_per_s = (done as f64 / secs.max(1e-9)) as u64,
+            "view index updated"
+        );
+        Ok(())
+    }
+
+    /// `GET/POST /db/_design/ddoc/_view/name`.
+    pub async fn view_query(
+        self: &Arc<Self>,
+        ddoc: &str,
+        view: &str,
+        q: ViewQuery,
+    ) -> DbResult<Value> {
+        self.check_alive()?;
+        let t = self.target(ddoc, view)?;
+        let vf = &t.fns.views[&t.name];
+        let reduce = q.check(vf.reduce.is_some()).map_err(DbError::QueryParse)?;
+        let idx = self.open_index(&t.sig, &t.fns.id)?;
+        if q.update == Update::True {
+            self.refresh(&idx, &t.fns).await?;
+        }
+        let reducer = match (&vf.reduce, reduce) {
+            (Some(Reduce::Builtin(b)), true) => Reducer::builtin(b),
+            (Some(Reduce::Func(f)), true) => Some(Reducer::Custom(f.clone())),
+            _ => None,
+        };
+        let (this, i, q2) = (self.clone(), idx.clone(), q.clone());
+        let view_n = t.view;
+        let out = tokio::task::spawn_blocking(move || match reducer {
+            Some(r) => this.reduce_rows(&i, view_n, &q2, &r),
+            None => this.map_rows(&i, view_n, &q2),
+        })
+        .await
+        .map_err(|e| DbError::Internal(format!("query task failed: {e}")))??;
+        if q.update == Update::Lazy {
+            let (this, fns) = (self.clone(), t.fns.clone());
+            tokio::spawn(async move {
+                if let Err(e) = this.refresh(&idx, &fns).await {
+                    tracing::warn!(db = %this.name, error = %e, "lazy view update failed");
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// The key ranges a query covers, in the order they are read.
+    fn ranges(&self, view: u16, q: &ViewQuery) -> Vec<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+        let prefix = view_prefix(view);
+        let with = |parts: &[&[u8]]| -> Vec<u8> {
+            let mut k = prefix.clone();
+            for p in parts {
+                k.extend_from_slice(p);
+            }
+            k
+        };
+        let view_end = {
+            let mut k = prefix.clone();
+            k.push(0xff);
+            k
+        };
+        if let Some(keys) = &q.keys {
+            return keys
+                .iter()
+                .map(|key| {
+                    let e = collate::encode(key);
+                    (Bound::Included(with(&[&e])), Bound::Included(with(&[&e, &[0xff]])))
+                })
+                .collect();
+        }
+        let enc = |k: &Option<Value>| k.as_ref().map(collate::encode);
+        let (start, end) = (enc(&q.start_key), enc(&q.end_key));
+        let (sd, ed) = (
+            q.start_docid.as_deref().map(str::as_bytes),
+            q.end_docid.as_deref().map(str::as_bytes),
+        );
+        // Ascending: start is the low end; descending: the high end.
+        let (lo, hi) = if !q.descending {
+            let lo = match (&start, sd) {
+                (Some(s), Some(d)) => Bound::Included(with(&[s, d])),
+                (Some(s), None) => Bound::Included(with(&[s])),
+                (None, _) => Bound::Included(prefix.clone()),
+            };
+            let hi = match (&end, ed, q.inclusive_end) {
+                (Some(e), Some(d), true) => Bound::Included(with(&[e, d, &[0, 0xff]])),
+                (Some(e), Some(d), false) => Bound::Excluded(with(&[e, d, &[0]])),
+                (Some(e), None, true) => Bound::Included(with(&[e, &[0xff]])),
+                (Some(e), None, false) => Bound::Excluded(with(&[e])),
+                (None, _, _) => Bound::Excluded(view_end.clone()),
+            };
+            (lo, hi)
+        } else {
+            let hi = match (&start, sd) {
+                (Some(s), Some(d)) => Bound::Included(with(&[s, d, &[0, 0xff]])),
+                (Some(s), None) => Bound::Included(with(&[s, &[0xff]])),
+                (None, _) => Bound::Excluded(view_end.clone()),
+            };
+            let lo = match (&end, ed, q.inclusive_end) {
+                (Some(e), Some(d), true) => Bound::Included(with(&[e, d])),
+                (Some(e), Some(d), false) => Bound::Included(with(&[e, d, &[1]])),
+                (Some(e), None, true) => Bound::Included(with(&[e])),
+                (Some(e), None, false) => Bound::Included(with(&[e, &[0xff]])),
+                (None, _, _) => Bound::Included(prefix.clone()),
+            };
+            (lo, hi)
+        };
+        vec![(lo, hi)]
+    }
+
+    fn map_rows(&self, idx: &ViewIndex, view: u16, q: &ViewQuery) -> DbResult<Value> {
+        let total = idx.store.count(view)?;
+        let ranges = self.ranges(view, q);
+        // Rows before the first one returned, in the direction of reading.
+        let offset_before = match ranges.first() {
+            Some((lo, hi)) => {
+                let prefix = view_prefix(view);
+                let mut view_end = prefix.clone();
+                view_end.push(0xff);
+                if q.descending {
+                    let from = match hi {
+                        Bound::Included(k) => Bound::Excluded(k.clone()),
+                        Bound::Excluded(k) => Bound::Included(k.clone()),
+                        Bound::Unbounded => Bound::Excluded(view_end.clone()),
+                    };
+                    idx.store.count_range(from, Bound::Excluded(view_end))
+                } else {
+                    let to = match lo {
+                        Bound::Included(k) => Bound::Excluded(k.clone()),
+                        Bound::Excluded(k) => Bound::Included(k.clone()),
+                        Bound::Unbounded => Bound::Excluded(prefix.clone()),
+                    };
+                    idx.store.count_range(Bound::Included(prefix), to)
+                }
+            }
+            None => 0,
+        };
+        let limit = q.limit.unwrap_or(usize::MAX);
+        let mut skip = q.skip;
+        let mut rows = Vec::new();
+        'ranges: for (lo, hi) in ranges {
+            for r in idx.store.rows(lo, hi, q.descending) {
+                if rows.len() >= limit {
+                    break 'ranges;
+                }
+                let (k, v) = r?;
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                rows.push(self.row(&k, &v, q)?);
+            }
+        }
+        let mut out = json!({
+            "total_rows": total,
+            "offset": (offset_before + q.skip).min(total as usize),
+            "rows": rows,
+        });
+        if q.update_seq {
+            out["update_seq"] = json!(idx.store.seq()?);
+        }
+        Ok(out)
+    }
+
+    /// One map row: `{id, key, value}` and, with `include_docs`, the document (the one whose
+    /// `_id` the value names, else the emitting one).
+    fn row(&self, key: &[u8], val: &[u8], q: &ViewQuery) -> DbResult<Value> {
+        let id = row_id(key);
+        let kv: Value =
+            serde_json::from_slice(val).map_err(|e| DbError::Internal(e.to_string()))?;
+        let (k, v) = match kv {
+            Value::Array(mut a) if a.len() == 2 => {
+                let v = a.pop().unwrap_or(Value::Null);
+                (a.pop().unwrap_or(Value::Null), v)
+            }
+            _ => (Value::Null, Value::Null),
+        };
+        let mut row = Map::new();
+        row.insert("id".into(), json!(id));
+        row.insert("key".into(), k);
+        if q.include_docs {
+            let (doc_id, rev) = match v.get("_id").and_then(Value::as_str) {
+                Some(linked) => (
+                    linked.to_string(),
+                    v.get("_rev")
+                        .and_then(Value::as_str)
+                        .and_then(crate::doc::Rev::parse),
+                ),
+                None => (id.clone(), None),
+            };
+            let opts = DocOptions {
+                conflicts: q.conflicts,
+                ..Default::default()
+            };
+            let doc = match self.get_doc(&doc_id, rev.as_ref(), &opts) {
+                Ok(d) => Value::Object(d.doc),
+                Err(DbError::NotFound(_)) => Value::Null,
+                Err(e) => return Err(e),
+            };
+            row.insert("value".into(), v);
+            row.insert("doc".into(), doc);
+        } else {
+            row.insert("value".into(), v);
+        }
+        Ok(Value::Object(row))
+    }
+
+    fn reduce_rows(
+        &self,
+        idx: &ViewIndex,
+        view: u16,
+        q: &ViewQuery,
+        reducer: &Reducer,
+    ) -> DbResult<Value> {
+        let limit = q.limit.unwrap_or(usize::MAX);
+        let mut skip = q.skip;
+        let mut out_rows = Vec::new();
+        // The group being gathered: its collation bytes, its key, and its rows.
+        let mut group: Option<(Vec<u8>, Value, Vec<(Value, String, Value)>)> = None;
+        let prefix_len = view_prefix(view).len();
+        let mut emit = |g: (Vec<u8>, Value, Vec<(Value, String, Value)>),
+                        out: &mut Vec<Value>|
+         -> DbResult<bool> {
+            if skip > 0 {
+                skip -= 1;
+                return Ok(true);
+            }
+            let rows: Vec<(&Value, &str, &Value)> =
+                g.2.iter().map(|(k, id, v)| (k, id.as_str(), v)).collect();
+            let value = match reducer.reduce(&rows) {
+                Ok(v) => v,
+                Err(ReduceError::Builtin(m)) => {
+                    json!({"error": "builtin_reduce_error", "reason": m})
+                }
+                Err(e) => return Err(e.into()),
+            };
+            out.push(json!({"key": g.1, "value": value}));
+            Ok(out.len() < limit)
+        };
+        let per_key = q.keys.is_some();
+        'ranges: for (lo, hi) in self.ranges(view, q) {
+            for r in idx.store.rows(lo, hi, q.descending) {
+                let (k, v) = r?;
+                let enc = &k[prefix_len..];
+                let enc = &enc[..collate::term_len(enc)];
+                let gkey = match q.group {
+                    None if !per_key => Vec::new(),
+                    None | Some(None) => enc.to_vec(),
+                    Some(Some(level)) => collate::truncate(enc, level),
+                };
+                let kv: Value =
+                    serde_json::from_slice(&v).map_err(|e| DbError::Internal(e.to_string()))?;
+                let (key, value) = match kv {
+                    Value::Array(mut a) if a.len() == 2 => {
+                        let v = a.pop().unwrap_or(Value::Null);
+                        (a.pop().unwrap_or(Value::Null), v)
+                    }
+                    _ => (Value::Null, Value::Null),
+                };
+                let same = group.as_ref().is_some_and(|g| g.0 == gkey);
+                if !same {
+                    if let Some(g) = group.take() {
+                        if !emit(g, &mut out_rows)? {
+                            break 'ranges;
+                        }
+                    }
+                    let shown = match q.group {
+                        None if !per_key => Value::Null,
+                        None | Some(None) => key.clone(),
+                        Some(Some(level)) => collate::truncate_value(&key, level),
+                    };
+                    group = Some((gkey, shown, Vec::new()));
+                }
+                if let Some(g) = group.as_mut() {
+                    g.2.push((key, row_id(&k), value));
+                }
+            }
+            // With `keys`, each key is its own group even when keys repeat.
+            if per_key {
+                if let Some(g) = group.take() {
+                    if !emit(g, &mut out_rows)? {
+                        break 'ranges;
+                    }
+                }
+            }
+        }
+        if let Some(g) = group.take() {
+            if out_rows.len() < limit {
+                emit(g, &mut out_rows)?;
+            }
+        }
+        let mut out = json!({ "rows": out_rows });
+        if q.update_seq {
+            out["update_seq"] = json!(idx.store.seq()?);
+        }
+        Ok(out)
+    }
+
+    /// `GET /db/_design/ddoc/_info`.
+    pub fn view_info(&self, ddoc: &str) -> DbResult<Value> {
+        self.check_alive()?;
+        let (fns, sig) = self.view_ddoc(ddoc)?;
+        let idx = self.open_index(&sig, &fns.id)?;
+        let size = idx.store.size_on_disk();
+        let seq = idx.store.seq()?;
+        let pending = self.update_seq().saturating_sub(seq);
+        Ok(json!({
+            "name": ddoc,
+            "view_index": {
+                "signature": sig,
+                "language": format!("{:?}", fns.language).to_lowercase(),
+                "sizes": {"file": size, "active": size, "external": 0},
+                "update_seq": seq,
+                "purge_seq": 0,
+                "updater_running": lock(&idx.progress).is_some(),
+                "compact_running": false,
+                "waiting_clients": idx.waiting.load(Ordering::SeqCst),
+                "waiting_commit": false,
+                "updates_pending": {"minimum": pending, "preferred": pending, "total": pending},
+                "collator_versions": [collate::VERSION],
+            }
+        }))
+    }
+
+    /// `POST /db/_view_cleanup`: removes the indexes of signatures no design document has.
+    pub fn view_cleanup(&self) -> DbResult<usize> {
+        self.check_alive()?;
+        let plugins = self.plugins();
+        let live: Vec<&String> = plugins
+            .ddocs
+            .iter()
+            .filter_map(|d| d.view_sig.as_ref())
+            .collect();
+        let root = self.data().index_root();
+        let mut removed = 0;
+        for sig in index::list(&root) {
+            if live.contains(&&sig) {
+                continue;
+            }
+            let gone = lock(&self.views.open).remove(&sig);
+            drop(gone);
+            index::remove(&root, &sig)?;
+            tracing::info!(db = %self.name, sig = %sig, "unused view index removed");
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// `_active_tasks` entries of index updates running on this database.
+    pub fn indexer_tasks(&self) -> Vec<Value> {
+        let open: Vec<Arc<ViewIndex>> = lock(&self.views.open).values().cloned().collect();
+        open.iter()
+            .filter_map(|i| {
+                let p = lock(&i.progress).clone()?;
+                let pct = if p.total_changes == 0 {
+                    100
+                } else {
+                    p.changes_done * 100 / p.total_changes
+                };
+                Some(json!({
+                    "type": "indexer",
+                    "database": self.name,
+                    "design_document": i.ddoc,
+                    "signature": i.sig,
+                    "changes_done": p.changes_done,
+                    "total_changes": p.total_changes,
+                    "progress": pct,
+                    "started_on": p.started_on,
+                    "updated_on": p.updated_on,
+                }))
+            })
+            .collect()
+    }
+}
+
+/// The document id inside a row key (after the collation key, up to the 0 before `n`).
+fn row_id(key: &[u8]) -> String {
+    let enc = &key[3..];
+    let start = 3 + collate::term_len(enc);
+    let end = key.len().saturating_sub(5).max(start);
+    String::from_utf8_lossy(&key[start..end]).into_owned()
+}
