@@ -202,8 +202,15 @@ macro_rules! reduce {
             unsafe {
                 $crate::call(ptr, len, |a| {
                     let keys = $crate::arg(a, 0).as_array().map(Vec::as_slice);
-                    let values = $crate::arg(a, 1).as_array().map(Vec::as_slice).unwrap_or(&[]);
-                    f(keys, values, $crate::arg(a, 2) == &$crate::Value::Bool(true))
+                    let values = $crate::arg(a, 1)
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]);
+                    f(
+                        keys,
+                        values,
+                        $crate::arg(a, 2) == &$crate::Value::Bool(true),
+                    )
                 })
             }
         }

@@ -69,6 +69,13 @@ impl From<ReduceError> for DbError {
     }
 }
 
+/// A key range of an index, as sled takes it.
+type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// A reduce group being gathered: its collation bytes, the key shown, its `(key, id, value)`
+/// rows.
+type Group = (Vec<u8>, Value, Vec<(Value, String, Value)>);
+
 /// What a view request names, resolved: the compiled design document and the view's number.
 struct Target {
     fns: Arc<DesignFns>,
@@ -136,11 +143,7 @@ impl Database {
     }
 
     /// Brings the index up to the database's current sequence (waiting for a running update).
-    async fn refresh(
-        self: &Arc<Self>,
-        idx: &Arc<ViewIndex>,
-        fns: &Arc<DesignFns>,
-    ) -> DbResult<()> {
+    async fn refresh(self: &Arc<Self>, idx: &Arc<ViewIndex>, fns: &Arc<DesignFns>) -> DbResult<()> {
         idx.waiting.fetch_add(1, Ordering::SeqCst);
         let _g = idx.update.lock().await;
         idx.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -163,7 +166,7 @@ impl Database {
         let data = self.data();
         let total = data
             .changes(since, false)
-            .take_while(|r| r.as_ref().map_or(false, |(s, _)| *s <= target))
+            .take_while(|r| r.as_ref().is_ok_and(|(s, _)| *s <= target))
             .count() as u64;
         let views: Vec<(&String, &crate::plugins::design::ViewFns)> = fns.views.iter().collect();
         let mut counts: Vec<u64> = (0..views.len())
@@ -226,7 +229,8 @@ impl Database {
                                         continue;
                                     }
                                 };
-                                let key = row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
+                                let key =
+                                    row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
                                 let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
                                 batch.put_row(&key, &val);
                                 keys.push(key);
@@ -314,7 +318,7 @@ impl Database {
     }
 
     /// The key ranges a query covers, in the order they are read.
-    fn ranges(&self, view: u16, q: &ViewQuery) -> Vec<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+    fn ranges(&self, view: u16, q: &ViewQuery) -> Vec<Range> {
         let prefix = view_prefix(view);
         let with = |parts: &[&[u8]]| -> Vec<u8> {
             let mut k = prefix.clone();
@@ -333,7 +337,10 @@ impl Database {
                 .iter()
                 .map(|key| {
                     let e = collate::encode(key);
-                    (Bound::Included(with(&[&e])), Bound::Included(with(&[&e, &[0xff]])))
+                    (
+                        Bound::Included(with(&[&e])),
+                        Bound::Included(with(&[&e, &[0xff]])),
+                    )
                 })
                 .collect();
         }
@@ -484,11 +491,9 @@ impl Database {
         let mut skip = q.skip;
         let mut out_rows = Vec::new();
         // The group being gathered: its collation bytes, its key, and its rows.
-        let mut group: Option<(Vec<u8>, Value, Vec<(Value, String, Value)>)> = None;
+        let mut group: Option<Group> = None;
         let prefix_len = view_prefix(view).len();
-        let mut emit = |g: (Vec<u8>, Value, Vec<(Value, String, Value)>),
-                        out: &mut Vec<Value>|
-         -> DbResult<bool> {
+        let mut emit = |g: Group, out: &mut Vec<Value>| -> DbResult<bool> {
             if skip > 0 {
                 skip -= 1;
                 return Ok(true);
@@ -620,11 +625,9 @@ impl Database {
         open.iter()
             .filter_map(|i| {
                 let p = lock(&i.progress).clone()?;
-                let pct = if p.total_changes == 0 {
-                    100
-                } else {
-                    p.changes_done * 100 / p.total_changes
-                };
+                let pct = (p.changes_done * 100)
+                    .checked_div(p.total_changes)
+                    .unwrap_or(100);
                 Some(json!({
                     "type": "indexer",
                     "database": self.name,

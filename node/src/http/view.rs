@@ -96,7 +96,8 @@ fn parse(q: &Query, body_keys: Option<Value>) -> ApiResult<ViewQuery> {
                 "Can't specify group_level and group=true at the same time",
             ));
         }
-        v.group = Some(Some(n));
+        // Level 0 folds everything into one row, like no grouping.
+        v.group = (n > 0).then_some(Some(n));
     }
     v.update = match (q.get("stale"), q.get("update")) {
         (Some("ok"), _) => Update::False,

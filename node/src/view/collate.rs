@@ -107,7 +107,10 @@ pub fn term_len(b: &[u8]) -> usize {
     match b.first() {
         Some(&NULL | &FALSE | &TRUE) => 1,
         Some(&NUMBER) => 9.min(b.len()),
-        Some(&STRING) => b[1..].iter().position(|&x| x == END).map_or(b.len(), |p| p + 2),
+        Some(&STRING) => b[1..]
+            .iter()
+            .position(|&x| x == END)
+            .map_or(b.len(), |p| p + 2),
         Some(&ARRAY) => {
             let mut i = 1;
             while i < b.len() && b[i] != END {
@@ -218,9 +221,11 @@ mod tests {
     fn strings_follow_the_unicode_collation_algorithm() {
         // The start of CouchDB's documented ASCII order: punctuation, then digits, then
         // letters with lower case first; accents after the plain letter.
-        let expect: Vec<Value> = ["_", "-", ",", ";", ":", "!", "?", ".", "'", "\"", "(", ")",
-            "[", "]", "{", "}", "@", "*", "/", "\\", "&", "#", "%", "`", "^", "+", "<", "=",
-            ">", "|", "~", "$", "0", "1", "9", "a", "A", "á", "b", "B", "z", "Z"]
+        let expect: Vec<Value> = [
+            "_", "-", ",", ";", ":", "!", "?", ".", "'", "\"", "(", ")", "[", "]", "{", "}", "@",
+            "*", "/", "\\", "&", "#", "%", "`", "^", "+", "<", "=", ">", "|", "~", "$", "0", "1",
+            "9", "a", "A", "á", "b", "B", "z", "Z",
+        ]
         .iter()
         .map(|s| json!(s))
         .collect();

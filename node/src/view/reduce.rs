@@ -65,7 +65,9 @@ impl Reducer {
                         Some(a) => merge_stats(&a, &s)?,
                     });
                 }
-                Ok(acc.unwrap_or_else(|| json!({"sum": 0, "count": 0, "min": 0, "max": 0, "sumsqr": 0})))
+                Ok(acc.unwrap_or_else(
+                    || json!({"sum": 0, "count": 0, "min": 0, "max": 0, "sumsqr": 0}),
+                ))
             }
             Reducer::ApproxCountDistinct => {
                 let mut h = Hll::new();
@@ -85,7 +87,10 @@ fn custom(f: &Func, rows: &[(&Value, &str, &Value)]) -> Result<Value, ReduceErro
         let keys: Vec<Value> = chunk.iter().map(|(k, id, _)| json!([k, id])).collect();
         let values: Vec<Value> = chunk.iter().map(|(_, _, v)| (*v).clone()).collect();
         let input = serde_json::to_vec(&values).map_or(0, |b| b.len());
-        let out = call(f, &[Value::Array(keys), Value::Array(values), Value::Bool(false)])?;
+        let out = call(
+            f,
+            &[Value::Array(keys), Value::Array(values), Value::Bool(false)],
+        )?;
         check_limit(input, &out)?;
         partials.push(out);
     }
@@ -151,12 +156,10 @@ fn builtin_error(what: &str, v: &Value) -> ReduceError {
 /// member-wise, recursively.
 fn sum(a: &Value, b: &Value) -> Result<Value, ReduceError> {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            match (x.as_i64(), y.as_i64()) {
-                (Some(x), Some(y)) if x.checked_add(y).is_some() => Ok(Value::from(x + y)),
-                _ => Ok(num(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0))),
-            }
-        }
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) if x.checked_add(y).is_some() => Ok(Value::from(x + y)),
+            _ => Ok(num(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0))),
+        },
         (Value::Number(_), Value::Array(arr)) | (Value::Array(arr), Value::Number(_)) => {
             // A number adds to the first element (CouchDB pads the number into an array).
             let n = if a.is_number() { a } else { b };
@@ -311,15 +314,28 @@ mod tests {
 
     #[test]
     fn builtins() {
-        assert_eq!(run(&Reducer::Count, &[json!(1), json!("x")]).unwrap(), json!(2));
-        assert_eq!(run(&Reducer::Sum, &[json!(1), json!(2.5), json!(3)]).unwrap(), json!(6.5));
         assert_eq!(
-            run(&Reducer::Sum, &[json!([1, 2]), json!([10]), json!([0, 0, 5])]).unwrap(),
+            run(&Reducer::Count, &[json!(1), json!("x")]).unwrap(),
+            json!(2)
+        );
+        assert_eq!(
+            run(&Reducer::Sum, &[json!(1), json!(2.5), json!(3)]).unwrap(),
+            json!(6.5)
+        );
+        assert_eq!(
+            run(
+                &Reducer::Sum,
+                &[json!([1, 2]), json!([10]), json!([0, 0, 5])]
+            )
+            .unwrap(),
             json!([11, 2, 5])
         );
         assert_eq!(
-            run(&Reducer::Sum, &[json!({"a": 1, "b": {"c": 2}}), json!({"a": 2, "d": [1]})])
-                .unwrap(),
+            run(
+                &Reducer::Sum,
+                &[json!({"a": 1, "b": {"c": 2}}), json!({"a": 2, "d": [1]})]
+            )
+            .unwrap(),
             json!({"a": 3, "b": {"c": 2}, "d": [1]})
         );
         assert!(matches!(
@@ -340,20 +356,32 @@ mod tests {
 
     #[test]
     fn approx_count_distinct_is_close() {
-        let keys: Vec<Value> = (0..20_000).map(|i| json!(format!("k{}", i % 5000))).collect();
+        let keys: Vec<Value> = (0..20_000)
+            .map(|i| json!(format!("k{}", i % 5000)))
+            .collect();
         let v = Value::Null;
         let rows: Vec<(&Value, &str, &Value)> = keys.iter().map(|k| (k, "id", &v)).collect();
-        let n = Reducer::ApproxCountDistinct.reduce(&rows).unwrap().as_u64().unwrap();
+        let n = Reducer::ApproxCountDistinct
+            .reduce(&rows)
+            .unwrap()
+            .as_u64()
+            .unwrap();
         assert!((4750..=5250).contains(&n), "{n}");
         let small: Vec<Value> = (0..10).map(|i| json!(i)).collect();
         let rows: Vec<(&Value, &str, &Value)> = small.iter().map(|k| (k, "id", &v)).collect();
-        assert_eq!(Reducer::ApproxCountDistinct.reduce(&rows).unwrap(), json!(10));
+        assert_eq!(
+            Reducer::ApproxCountDistinct.reduce(&rows).unwrap(),
+            json!(10)
+        );
     }
 
     #[test]
     fn reduce_limit() {
         let big = Value::String("x".repeat(10_000));
-        assert!(matches!(check_limit(12_000, &big), Err(ReduceError::Overflow(_))));
+        assert!(matches!(
+            check_limit(12_000, &big),
+            Err(ReduceError::Overflow(_))
+        ));
         assert!(check_limit(100_000, &big).is_ok());
         assert!(check_limit(10, &json!(1)).is_ok());
     }

@@ -1,0 +1,1 @@
+function(doc) if doc.key ~= nil then emit(doc.key, doc._id) end end

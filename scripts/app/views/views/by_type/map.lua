@@ -1,0 +1,1 @@
+function(doc) if doc.type then emit(doc.type, doc.n) end end
