@@ -1,0 +1,127 @@
+//! Benchmark: view index builds and queries, thali beside pouchdb-server (PouchDB's map/reduce
+//! in JavaScript, LevelDB) on the same documents in the same run. Builds: a Lua map, a WASM map
+//! (`plugins/views`), and a Lua map with the built-in `_sum` reduce; each is timed from the
+//! first query (which builds the index) to its answer. Then query latency, one client:
+//! a key lookup, a whole-view reduce and a grouped reduce.
+//!
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench-views [-- --docs N --queries Q]`
+//! (needs `npm ci` in tests/interop and the wasm32 example plugins, as `tests/run-all.sh` does).
+
+use base64::Engine;
+use serde_json::{json, Value};
+use std::time::Instant;
+use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, Target};
+
+const TYPES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+fn insert(t: &Target, db: &str, n: usize) {
+    assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
+    let batches: Vec<Value> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| json!({"docs": c.iter().map(|i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": i % 1000, "title": "a small document to index"})).collect::<Vec<_>>()}))
+        .collect();
+    std::thread::scope(|s| {
+        for half in batches.chunks(batches.len().div_ceil(2)) {
+            s.spawn(move || {
+                for b in half {
+                    let (st, v) = t.call("POST", &format!("/{db}/_bulk_docs"), Some(b));
+                    assert!(st == 201 || st == 200, "{v}");
+                }
+            });
+        }
+    });
+}
+
+/// Seconds for the first query of `view` (the index build) and its answer.
+fn build(t: &Target, db: &str, ddoc: &str, view: &str, reduce: bool) -> (f64, Value) {
+    let q = if reduce { "" } else { "?limit=1" };
+    let t0 = Instant::now();
+    let (st, v) = t.call("GET", &format!("/{db}/_design/{ddoc}/_view/{view}{q}"), None);
+    assert_eq!(st, 200, "{}: {v}", t.name);
+    (t0.elapsed().as_secs_f64(), v)
+}
+
+/// Median and 99th percentile in milliseconds of `q` queries.
+fn latency(t: &Target, path: &str, q: usize) -> (f64, f64, Value) {
+    let mut ms = Vec::with_capacity(q);
+    let mut last = Value::Null;
+    for _ in 0..q {
+        let t0 = Instant::now();
+        let (st, v) = t.call("GET", path, None);
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(st, 200, "{}: {v}", t.name);
+        last = v;
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (ms[q / 2], ms[(q * 99 / 100).min(q - 1)], last)
+}
+
+fn main() {
+    let n = arg_usize("--docs", 100_000);
+    let queries = arg_usize("--queries", 200);
+    let root = thali_tests::workspace_root();
+    let wasm = std::fs::read(root.join("plugins/target/wasm32-unknown-unknown/release/views.wasm"))
+        .expect("build plugins/ for wasm32 first (see the usage line)");
+    let lua_map = "function(doc) if doc.type then emit(doc.type, doc.n) end end";
+    let js_map = "function (doc) { if (doc.type) emit(doc.type, doc.n); }";
+    println!("workload: {n} docs of ~100 B; index builds timed from the first query; {queries} queries each, one client");
+
+    let thali = start_thali(&root);
+    insert(&thali, "bench", n);
+    let put = |id: &str, d: Value| {
+        let (s, v) = thali.call("PUT", &format!("/bench/_design/{id}"), Some(&d));
+        assert_eq!(s, 201, "{v}");
+    };
+    put("lua", json!({"language": "lua", "views": {"by_type": {"map": lua_map}}}));
+    put("wasm", json!({"language": "wasm", "views": {"by_type": {"map": "by_type"}},
+        "_attachments": {"module.wasm": {"content_type": "application/wasm",
+            "data": base64::engine::general_purpose::STANDARD.encode(&wasm)}}}));
+    put("sum", json!({"language": "lua", "views": {"by_type": {"map": lua_map, "reduce": "_sum"}}}));
+    let (t_lua, v) = build(&thali, "bench", "lua", "by_type", false);
+    assert_eq!(v["total_rows"], n);
+    let (t_wasm, v) = build(&thali, "bench", "wasm", "by_type", false);
+    assert_eq!(v["total_rows"], n);
+    let (t_sum, thali_sum) = build(&thali, "bench", "sum", "by_type", true);
+
+    let pouch = start_pouchdb_server(&root);
+    insert(&pouch, "bench", n);
+    for (id, d) in [
+        ("map", json!({"views": {"by_type": {"map": js_map}}})),
+        ("sum", json!({"views": {"by_type": {"map": js_map, "reduce": "_sum"}}})),
+    ] {
+        let (s, v) = pouch.call("PUT", &format!("/bench/_design/{id}"), Some(&d));
+        assert_eq!(s, 201, "{v}");
+    }
+    let (p_map, v) = build(&pouch, "bench", "map", "by_type", false);
+    assert_eq!(v["total_rows"], n);
+    let (p_sum, pouch_sum) = build(&pouch, "bench", "sum", "by_type", true);
+    assert_eq!(thali_sum["rows"], pouch_sum["rows"], "the two reduce results differ");
+
+    let rate = |s: f64| n as f64 / s;
+    println!();
+    println!("| index build, {n} docs | thali docs/s | pouchdb-server docs/s | ratio |");
+    println!("|---|---|---|---|");
+    for (what, t, p) in [
+        ("Lua map (vs JS map)", t_lua, p_map),
+        ("WASM map (vs JS map)", t_wasm, p_map),
+        ("Lua map + _sum (vs JS map + _sum)", t_sum, p_sum),
+    ] {
+        println!("| {what} | {:.0} | {:.0} | {:.1}x |", rate(t), rate(p), p / t);
+    }
+
+    let cases = [
+        ("key lookup, limit 10", "/bench/_design/{d}/_view/by_type?key=%22c%22&limit=10&reduce=false"),
+        ("whole-view _sum", "/bench/_design/sum/_view/by_type"),
+        ("grouped _sum", "/bench/_design/sum/_view/by_type?group=true"),
+    ];
+    println!();
+    println!("| query ({queries} runs) | thali median / p99 ms | pouchdb-server median / p99 ms |");
+    println!("|---|---|---|");
+    for (what, path) in cases {
+        let (tm, t99, tv) = latency(&thali, &path.replace("{d}", "lua"), queries);
+        let (pm, p99, pv) = latency(&pouch, &path.replace("{d}", "map"), queries);
+        assert_eq!(tv["rows"], pv["rows"], "{what}: results differ");
+        println!("| {what} | {tm:.2} / {t99:.2} | {pm:.2} / {p99:.2} |");
+    }
+}
