@@ -44,6 +44,44 @@ pub(super) struct ViewIndex {
     update: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
     progress: Mutex<Option<Progress>>,
+    cache: Mutex<QueryCache>,
+}
+
+/// Answers that cost a scan (the `offset` of a range, a reduce), kept while the index stays at
+/// the sequence they were computed at: repeated queries on an unchanged index are O(rows
+/// returned) instead of O(rows before / in the range).
+#[derive(Default)]
+struct QueryCache {
+    seq: u64,
+    entries: HashMap<String, Value>,
+}
+
+const CACHE_MAX: usize = 256;
+
+impl ViewIndex {
+    fn cached(
+        &self,
+        seq: u64,
+        key: &str,
+        compute: impl FnOnce() -> DbResult<Value>,
+    ) -> DbResult<Value> {
+        if let Some(v) = {
+            let c = lock(&self.cache);
+            (c.seq == seq)
+                .then(|| c.entries.get(key).cloned())
+                .flatten()
+        } {
+            return Ok(v);
+        }
+        let v = compute()?;
+        let mut c = lock(&self.cache);
+        if c.seq != seq || c.entries.len() >= CACHE_MAX {
+            c.entries.clear();
+            c.seq = seq;
+        }
+        c.entries.insert(key.to_string(), v.clone());
+        Ok(v)
+    }
 }
 
 /// The open indexes of a database, by signature.
@@ -68,6 +106,9 @@ impl From<ReduceError> for DbError {
         }
     }
 }
+
+/// One emitted row, ready to store: view number, row key, JSON `[key, value]`.
+type Row = (u16, Vec<u8>, Vec<u8>);
 
 /// A key range of an index, as sled takes it.
 type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>);
@@ -137,6 +178,7 @@ impl Database {
             update: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
             progress: Mutex::new(None),
+            cache: Mutex::new(QueryCache::default()),
         });
         open.insert(sig.to_string(), idx.clone());
         Ok(idx)
@@ -180,93 +222,105 @@ impl Database {
             total_changes: total,
         });
         tracing::info!(db = %self.name, ddoc = %idx.ddoc, sig = %idx.sig, since, changes = total, "view index update started");
-        let result = (|| -> DbResult<u64> {
-            let mut batch = IndexBatch::default();
-            let mut in_batch = 0;
-            let mut done = 0u64;
-            let mut last_log = Instant::now();
-            for r in data.changes(since, false) {
-                let (seq, entry) = r?;
-                if seq > target {
-                    break;
-                }
-                for key in idx.store.doc_rows(&entry.id)? {
-                    if let Some(v) = row_view(&key) {
-                        if let Some(c) = counts.get_mut(v as usize) {
-                            *c = c.saturating_sub(1);
-                        }
-                    }
-                    batch.del_row(&key);
-                }
-                let mut keys = Vec::new();
-                if !entry.deleted && !entry.id.starts_with("_design/") {
-                    let opts = DocOptions {
-                        conflicts: true,
-                        ..Default::default()
-                    };
-                    if let Ok(out) = self.get_doc(&entry.id, None, &opts) {
-                        let args = [Value::Object(out.doc)];
-                        for (n, (name, view)) in views.iter().enumerate() {
-                            let rows = match view.map.call(&args) {
-                                Ok(v) => v,
-                                Err(e) => {
-                                    tracing::warn!(db = %self.name, ddoc = %idx.ddoc, view = %name, id = %entry.id, error = %e, "map function failed; document skipped");
-                                    continue;
-                                }
-                            };
-                            let Value::Array(rows) = rows else {
-                                // An empty Lua table comes back as `{}`: no rows.
-                                continue;
-                            };
-                            for (i, row) in rows.into_iter().enumerate() {
-                                let (k, v) = match row {
-                                    Value::Array(mut kv) if kv.len() == 2 => {
-                                        let v = kv.pop().unwrap_or(Value::Null);
-                                        (kv.pop().unwrap_or(Value::Null), v)
-                                    }
-                                    other => {
-                                        tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&other), "map emitted something that is not [key, value]");
-                                        continue;
-                                    }
-                                };
-                                let key =
-                                    row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
-                                let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
-                                batch.put_row(&key, &val);
-                                keys.push(key);
-                                counts[n] += 1;
-                            }
-                        }
-                    }
-                }
-                batch.set_doc_rows(&entry.id, &keys);
-                done += 1;
-                in_batch += 1;
-                if in_batch >= BATCH {
-                    for (v, c) in counts.iter().enumerate() {
-                        batch.set_count(v as u16, *c);
-                    }
-                    batch.set_seq(seq);
-                    idx.store.apply(std::mem::take(&mut batch))?;
-                    in_batch = 0;
+        // Two threads: this one reads and maps, a writer applies the batches to sled (about
+        // half of the work), so a build uses both cores of a small machine.
+        let fresh = since == 0;
+        let result = std::thread::scope(|scope| -> DbResult<u64> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(IndexBatch, u64)>(2);
+            let writer = scope.spawn(move || -> DbResult<()> {
+                for (b, done) in rx {
+                    idx.store.apply(b)?;
                     if let Some(p) = lock(&idx.progress).as_mut() {
                         p.changes_done = done;
                         p.updated_on = now();
+                    }
+                }
+                Ok(())
+            });
+            let mapped = (|| -> DbResult<u64> {
+                let mut changes = data.changes(since, false);
+                let mut done = 0u64;
+                let mut last_log = Instant::now();
+                let mut chunk: Vec<(u64, crate::store::SeqEntry)> = Vec::with_capacity(BATCH);
+                loop {
+                    chunk.clear();
+                    let mut end = false;
+                    for r in changes.by_ref() {
+                        let (seq, entry) = r?;
+                        if seq > target {
+                            end = true;
+                            break;
+                        }
+                        chunk.push((seq, entry));
+                        if chunk.len() >= BATCH {
+                            break;
+                        }
+                    }
+                    let Some(last_seq) = chunk.last().map(|c| c.0) else {
+                        break;
+                    };
+                    let rows = self.map_chunk(idx, &views, &chunk)?;
+                    let mut batch = IndexBatch::default();
+                    for ((_, entry), rows) in chunk.iter().zip(rows) {
+                        // A document is once in the range, so its previous rows (if any) were
+                        // written by an earlier update, never by a batch still in flight.
+                        if !fresh {
+                            for key in idx.store.doc_rows(&entry.id)? {
+                                if let Some(c) =
+                                    row_view(&key).and_then(|v| counts.get_mut(v as usize))
+                                {
+                                    *c = c.saturating_sub(1);
+                                }
+                                batch.del_row(&key);
+                            }
+                        }
+                        if fresh && rows.is_empty() {
+                            // Nothing emitted and nothing to remove.
+                            continue;
+                        }
+                        let mut keys = Vec::with_capacity(rows.len());
+                        for (view, key, val) in rows {
+                            batch.put_row(&key, &val);
+                            counts[view as usize] += 1;
+                            keys.push(key);
+                        }
+                        batch.set_doc_rows(&entry.id, &keys);
+                    }
+                    done += chunk.len() as u64;
+                    for (v, c) in counts.iter().enumerate() {
+                        batch.set_count(v as u16, *c);
+                    }
+                    batch.set_seq(if end || chunk.len() < BATCH {
+                        target
+                    } else {
+                        last_seq
+                    });
+                    if tx.send((batch, done)).is_err() {
+                        // The writer failed; its error is returned below.
+                        return Ok(done);
                     }
                     if last_log.elapsed().as_secs() >= 10 {
                         last_log = Instant::now();
                         tracing::info!(db = %self.name, ddoc = %idx.ddoc, done, total, "view index update progress");
                     }
+                    if end || chunk.len() < BATCH {
+                        break;
+                    }
                 }
-            }
-            for (v, c) in counts.iter().enumerate() {
-                batch.set_count(v as u16, *c);
-            }
-            batch.set_seq(target);
-            idx.store.apply(batch)?;
+                // Nothing (left) to map: the index has still seen everything up to `target`.
+                let mut batch = IndexBatch::default();
+                batch.set_seq(target);
+                let _ = tx.send((batch, done));
+                Ok(done)
+            })();
+            drop(tx);
+            writer
+                .join()
+                .map_err(|_| DbError::Internal("index writer panicked".into()))??;
+            let done = mapped?;
             idx.store.flush()?;
             Ok(done)
-        })();
+        });
         *lock(&idx.progress) = None;
         let done = result?;
         let secs = started.elapsed().as_secs_f64();
@@ -276,6 +330,86 @@ impl Database {
             "view index updated"
         );
         Ok(())
+    }
+
+    /// Maps a chunk of changed documents on two threads (WASM calls run in parallel on warm
+    /// instances; Lua calls of one design document take turns, but reading and encoding do
+    /// not), keeping the chunk's order.
+    fn map_chunk(
+        &self,
+        idx: &ViewIndex,
+        views: &[(&String, &crate::plugins::design::ViewFns)],
+        chunk: &[(u64, crate::store::SeqEntry)],
+    ) -> DbResult<Vec<Vec<Row>>> {
+        let map = |part: &[(u64, crate::store::SeqEntry)]| -> Vec<Vec<Row>> {
+            part.iter()
+                .map(|(_, e)| self.map_doc(idx, views, e))
+                .collect()
+        };
+        if chunk.len() < 64 {
+            return Ok(map(chunk));
+        }
+        let (a, b) = chunk.split_at(chunk.len() / 2);
+        std::thread::scope(|s| {
+            let second = s.spawn(|| map(b));
+            let mut rows = map(a);
+            rows.extend(
+                second
+                    .join()
+                    .map_err(|_| DbError::Internal("map thread panicked".into()))?,
+            );
+            Ok(rows)
+        })
+    }
+
+    /// Maps one changed document with every view: `(view, row key, JSON [key, value])`.
+    fn map_doc(
+        &self,
+        idx: &ViewIndex,
+        views: &[(&String, &crate::plugins::design::ViewFns)],
+        entry: &crate::store::SeqEntry,
+    ) -> Vec<Row> {
+        let mut rows_out = Vec::new();
+        if entry.deleted || entry.id.starts_with("_design/") {
+            return rows_out;
+        }
+        let opts = DocOptions {
+            conflicts: true,
+            ..Default::default()
+        };
+        let Ok(out) = self.get_doc(&entry.id, None, &opts) else {
+            return rows_out;
+        };
+        let args = [Value::Object(out.doc)];
+        for (n, (name, view)) in views.iter().enumerate() {
+            let rows = match view.map.call(&args) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(db = %self.name, ddoc = %idx.ddoc, view = %name, id = %entry.id, error = %e, "map function failed; document skipped");
+                    continue;
+                }
+            };
+            let Value::Array(rows) = rows else {
+                // An empty Lua table comes back as `{}`: no rows.
+                continue;
+            };
+            for (i, row) in rows.into_iter().enumerate() {
+                let (k, v) = match row {
+                    Value::Array(mut kv) if kv.len() == 2 => {
+                        let v = kv.pop().unwrap_or(Value::Null);
+                        (kv.pop().unwrap_or(Value::Null), v)
+                    }
+                    other => {
+                        tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&other), "map emitted something that is not [key, value]");
+                        continue;
+                    }
+                };
+                let key = row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
+                let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
+                rows_out.push((n as u16, key, val));
+            }
+        }
+        rows_out
     }
 
     /// `GET/POST /db/_design/ddoc/_view/name`.
@@ -301,7 +435,11 @@ impl Database {
         let (this, i, q2) = (self.clone(), idx.clone(), q.clone());
         let view_n = t.view;
         let out = tokio::task::spawn_blocking(move || match reducer {
-            Some(r) => this.reduce_rows(&i, view_n, &q2, &r),
+            Some(r) => {
+                let seq = i.store.seq()?;
+                let key = format!("reduce {view_n} {q2:?}");
+                i.cached(seq, &key, || this.reduce_rows(&i, view_n, &q2, &r))
+            }
             None => this.map_rows(&i, view_n, &q2),
         })
         .await
@@ -384,32 +522,39 @@ impl Database {
     }
 
     fn map_rows(&self, idx: &ViewIndex, view: u16, q: &ViewQuery) -> DbResult<Value> {
+        let seq = idx.store.seq()?;
         let total = idx.store.count(view)?;
         let ranges = self.ranges(view, q);
         // Rows before the first one returned, in the direction of reading.
-        let offset_before = match ranges.first() {
-            Some((lo, hi)) => {
-                let prefix = view_prefix(view);
-                let mut view_end = prefix.clone();
-                view_end.push(0xff);
-                if q.descending {
-                    let from = match hi {
-                        Bound::Included(k) => Bound::Excluded(k.clone()),
-                        Bound::Excluded(k) => Bound::Included(k.clone()),
-                        Bound::Unbounded => Bound::Excluded(view_end.clone()),
-                    };
-                    idx.store.count_range(from, Bound::Excluded(view_end))
-                } else {
-                    let to = match lo {
-                        Bound::Included(k) => Bound::Excluded(k.clone()),
-                        Bound::Excluded(k) => Bound::Included(k.clone()),
-                        Bound::Unbounded => Bound::Excluded(prefix.clone()),
-                    };
-                    idx.store.count_range(Bound::Included(prefix), to)
-                }
-            }
-            None => 0,
-        };
+        let cache_key = format!("offset {view} {} {:?}", q.descending, ranges.first());
+        let offset_before = idx
+            .cached(seq, &cache_key, || {
+                Ok(json!(match ranges.first() {
+                    Some((lo, hi)) => {
+                        let prefix = view_prefix(view);
+                        let mut view_end = prefix.clone();
+                        view_end.push(0xff);
+                        if q.descending {
+                            let from = match hi {
+                                Bound::Included(k) => Bound::Excluded(k.clone()),
+                                Bound::Excluded(k) => Bound::Included(k.clone()),
+                                Bound::Unbounded => Bound::Excluded(view_end.clone()),
+                            };
+                            idx.store.count_range(from, Bound::Excluded(view_end))
+                        } else {
+                            let to = match lo {
+                                Bound::Included(k) => Bound::Excluded(k.clone()),
+                                Bound::Excluded(k) => Bound::Included(k.clone()),
+                                Bound::Unbounded => Bound::Excluded(prefix.clone()),
+                            };
+                            idx.store.count_range(Bound::Included(prefix), to)
+                        }
+                    }
+                    None => 0,
+                }))
+            })?
+            .as_u64()
+            .unwrap_or(0) as usize;
         let limit = q.limit.unwrap_or(usize::MAX);
         let mut skip = q.skip;
         let mut rows = Vec::new();
