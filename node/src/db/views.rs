@@ -107,6 +107,23 @@ impl From<ReduceError> for DbError {
     }
 }
 
+/// Where an update's time went (nanoseconds summed over threads), for its log line.
+#[derive(Default)]
+struct Timing {
+    read: std::sync::atomic::AtomicU64,
+    map: std::sync::atomic::AtomicU64,
+    write: std::sync::atomic::AtomicU64,
+}
+
+impl Timing {
+    fn add(slot: &std::sync::atomic::AtomicU64, since: Instant) {
+        slot.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn secs(slot: &std::sync::atomic::AtomicU64) -> f64 {
+        slot.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
 /// One emitted row, ready to store: view number, row key, JSON `[key, value]`.
 type Row = (u16, Vec<u8>, Vec<u8>);
 
@@ -225,11 +242,15 @@ impl Database {
         // Two threads: this one reads and maps, a writer applies the batches to sled (about
         // half of the work), so a build uses both cores of a small machine.
         let fresh = since == 0;
+        let timing = Timing::default();
         let result = std::thread::scope(|scope| -> DbResult<u64> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<(IndexBatch, u64)>(2);
+            let timing = &timing;
             let writer = scope.spawn(move || -> DbResult<()> {
                 for (b, done) in rx {
+                    let t0 = Instant::now();
                     idx.store.apply(b)?;
+                    Timing::add(&timing.write, t0);
                     if let Some(p) = lock(&idx.progress).as_mut() {
                         p.changes_done = done;
                         p.updated_on = now();
@@ -259,7 +280,7 @@ impl Database {
                     let Some(last_seq) = chunk.last().map(|c| c.0) else {
                         break;
                     };
-                    let rows = self.map_chunk(idx, &views, &chunk)?;
+                    let rows = self.map_chunk(idx, &views, &chunk, timing)?;
                     let mut batch = IndexBatch::default();
                     for ((_, entry), rows) in chunk.iter().zip(rows) {
                         // A document is once in the range, so its previous rows (if any) were
@@ -327,6 +348,8 @@ impl Database {
         tracing::info!(
             db = %self.name, ddoc = %idx.ddoc, docs = done, seconds = secs,
             docs_per_s = (done as f64 / secs.max(1e-9)) as u64,
+            read_s = Timing::secs(&timing.read), map_s = Timing::secs(&timing.map),
+            write_s = Timing::secs(&timing.write),
             "view index updated"
         );
         Ok(())
@@ -340,10 +363,11 @@ impl Database {
         idx: &ViewIndex,
         views: &[(&String, &crate::plugins::design::ViewFns)],
         chunk: &[(u64, crate::store::SeqEntry)],
+        timing: &Timing,
     ) -> DbResult<Vec<Vec<Row>>> {
         let map = |part: &[(u64, crate::store::SeqEntry)]| -> Vec<Vec<Row>> {
             part.iter()
-                .map(|(_, e)| self.map_doc(idx, views, e))
+                .map(|(_, e)| self.map_doc(idx, views, e, timing))
                 .collect()
         };
         if chunk.len() < 64 {
@@ -368,6 +392,7 @@ impl Database {
         idx: &ViewIndex,
         views: &[(&String, &crate::plugins::design::ViewFns)],
         entry: &crate::store::SeqEntry,
+        timing: &Timing,
     ) -> Vec<Row> {
         let mut rows_out = Vec::new();
         if entry.deleted || entry.id.starts_with("_design/") {
@@ -377,12 +402,18 @@ impl Database {
             conflicts: true,
             ..Default::default()
         };
-        let Ok(out) = self.get_doc(&entry.id, None, &opts) else {
+        let t0 = Instant::now();
+        let doc = self.get_doc(&entry.id, None, &opts);
+        Timing::add(&timing.read, t0);
+        let Ok(out) = doc else {
             return rows_out;
         };
         let args = [Value::Object(out.doc)];
         for (n, (name, view)) in views.iter().enumerate() {
-            let rows = match view.map.call(&args) {
+            let t0 = Instant::now();
+            let called = view.map.call(&args);
+            Timing::add(&timing.map, t0);
+            let rows = match called {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(db = %self.name, ddoc = %idx.ddoc, view = %name, id = %entry.id, error = %e, "map function failed; document skipped");
