@@ -104,13 +104,7 @@ impl Database {
         let Some(info) = self.data().doc_info(id)? else {
             return Ok(Outcome::NotConflicted);
         };
-        let live: Vec<Rev> = info
-            .tree
-            .leaves()
-            .into_iter()
-            .filter(|l| !l.deleted)
-            .map(|l| l.rev)
-            .collect();
+        let live = info.tree.live_leaves();
         if live.len() < 2 {
             return Ok(Outcome::NotConflicted);
         }

@@ -197,15 +197,7 @@ impl Database {
         self.check_alive()?;
         let data = self.data();
         if let Some((id, expected)) = &ctx.expect_leaves {
-            let live: Vec<Rev> = data
-                .doc_info(id)?
-                .unwrap_or_default()
-                .tree
-                .leaves()
-                .into_iter()
-                .filter(|l| !l.deleted)
-                .map(|l| l.rev)
-                .collect();
+            let live = data.doc_info(id)?.unwrap_or_default().tree.live_leaves();
             if live != *expected {
                 let ticket = data.apply(WriteBatch::new())?;
                 let counts = (st.update_seq, st.doc_count, st.doc_del_count);

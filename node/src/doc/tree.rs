@@ -105,6 +105,15 @@ impl RevTree {
         leaves
     }
 
+    /// The leaves that are not deleted, winner first: more than one is a conflict.
+    pub fn live_leaves(&self) -> Vec<Rev> {
+        self.leaves()
+            .into_iter()
+            .filter(|l| !l.deleted)
+            .map(|l| l.rev)
+            .collect()
+    }
+
     pub fn is_leaf(&self, rev: &Rev) -> bool {
         self.contains(rev)
             && !self

@@ -185,19 +185,7 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
 
 pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
     let db = open(state, name)?;
-    let mut body_keys = None;
-    match r.method {
-        Method::GET | Method::HEAD => {}
-        Method::POST => {
-            r.require_json()?;
-            let body = r.json().await?;
-            if let Some(k) = body.get("keys") {
-                body_keys = Some(k.clone());
-            }
-            r.query.merge_body(&body);
-        }
-        _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
-    }
+    let body_keys = r.query_body().await?;
     let q = &r.query;
     let keys = match body_keys.or(q.json("keys")?) {
         None => None,

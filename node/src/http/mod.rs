@@ -117,6 +117,24 @@ impl Req {
         }
     }
 
+    /// GET, or POST with the query's options in a JSON object body (`_all_docs`, views):
+    /// merges the body's options into the query and returns its `keys`.
+    pub async fn query_body(&mut self) -> ApiResult<Option<serde_json::Value>> {
+        match self.method {
+            Method::GET | Method::HEAD => Ok(None),
+            Method::POST => {
+                self.require_json()?;
+                let body = self.json().await?;
+                if !body.is_object() {
+                    return Err(ApiError::bad_request("Request body must be a JSON object"));
+                }
+                self.query.merge_body(&body);
+                Ok(body.get("keys").cloned())
+            }
+            _ => Err(ApiError::method_not_allowed("GET,HEAD,POST")),
+        }
+    }
+
     pub async fn json(&mut self) -> ApiResult<serde_json::Value> {
         let b = self.bytes().await?;
         serde_json::from_slice(&b).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))

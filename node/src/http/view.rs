@@ -18,20 +18,7 @@ pub async fn view(
     view: &str,
 ) -> ApiResult<Response> {
     let db = open(state, db)?;
-    let mut body_keys = None;
-    match r.method {
-        Method::GET | Method::HEAD => {}
-        Method::POST => {
-            r.require_json()?;
-            let body = r.json().await?;
-            if !body.is_object() {
-                return Err(ApiError::bad_request("Request body must be a JSON object"));
-            }
-            body_keys = body.get("keys").cloned();
-            r.query.merge_body(&body);
-        }
-        _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
-    }
+    let body_keys = r.query_body().await?;
     let q = parse(&r.query, body_keys)?;
     Ok(ok(db.view_query(ddoc, view, q).await?))
 }
