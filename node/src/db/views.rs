@@ -443,15 +443,12 @@ impl Database {
                 continue;
             };
             for (i, row) in rows.into_iter().enumerate() {
-                let (k, v) = match row {
-                    Value::Array(mut kv) if kv.len() == 2 => {
-                        let v = kv.pop().unwrap_or(Value::Null);
-                        (kv.pop().unwrap_or(Value::Null), v)
-                    }
-                    other => {
-                        tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&other), "map emitted something that is not [key, value]");
-                        continue;
-                    }
+                if !matches!(&row, Value::Array(kv) if kv.len() == 2) {
+                    tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&row), "map emitted something that is not [key, value]");
+                    continue;
+                }
+                let Some((k, v)) = key_value(row) else {
+                    continue;
                 };
                 let key = row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
                 let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
@@ -635,15 +632,7 @@ impl Database {
     /// `_id` the value names, else the emitting one).
     fn row(&self, key: &[u8], val: &[u8], q: &ViewQuery) -> DbResult<Value> {
         let id = row_id(key);
-        let kv: Value =
-            serde_json::from_slice(val).map_err(|e| DbError::Internal(e.to_string()))?;
-        let (k, v) = match kv {
-            Value::Array(mut a) if a.len() == 2 => {
-                let v = a.pop().unwrap_or(Value::Null);
-                (a.pop().unwrap_or(Value::Null), v)
-            }
-            _ => (Value::Null, Value::Null),
-        };
+        let (k, v) = stored_row(val)?;
         let mut row = Map::new();
         row.insert("id".into(), json!(id));
         row.insert("key".into(), k);
@@ -715,15 +704,7 @@ impl Database {
                     None | Some(None) => enc.to_vec(),
                     Some(Some(level)) => collate::truncate(enc, level),
                 };
-                let kv: Value =
-                    serde_json::from_slice(&v).map_err(|e| DbError::Internal(e.to_string()))?;
-                let (key, value) = match kv {
-                    Value::Array(mut a) if a.len() == 2 => {
-                        let v = a.pop().unwrap_or(Value::Null);
-                        (a.pop().unwrap_or(Value::Null), v)
-                    }
-                    _ => (Value::Null, Value::Null),
-                };
+                let (key, value) = stored_row(&v)?;
                 let same = group.as_ref().is_some_and(|g| g.0 == gkey);
                 if !same {
                     if let Some(g) = group.take() {
@@ -836,6 +817,23 @@ impl Database {
             })
             .collect()
     }
+}
+
+/// `[key, value]` as a pair (what maps emit and what a row stores).
+fn key_value(v: Value) -> Option<(Value, Value)> {
+    match v {
+        Value::Array(mut kv) if kv.len() == 2 => {
+            let v = kv.pop()?;
+            Some((kv.pop()?, v))
+        }
+        _ => None,
+    }
+}
+
+/// A stored row's JSON `[key, value]`.
+fn stored_row(val: &[u8]) -> DbResult<(Value, Value)> {
+    let kv: Value = serde_json::from_slice(val).map_err(|e| DbError::Internal(e.to_string()))?;
+    key_value(kv).ok_or_else(|| DbError::Internal("index row is not [key, value]".into()))
 }
 
 /// The document id inside a row key (after the collation key, up to the 0 before `n`).
