@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs every test: Rust unit and property tests, black-box
 # tests against the real binary (with the example WASM plugins built for wasm32), and interop
-# tests with real PouchDB 9 and pouchdb-server from npm.
+# tests with real PouchDB 9 and pouchdb-server from npm, and Tor tests on a private Tor network
+# made from Debian's `tor`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,17 @@ need() {
 need cargo "install Rust with rustup"
 need node "install Node.js 20 or newer"
 need npm "install npm"
+
+echo "== Debian's tor (a private Tor network for the onion tests)"
+if ! command -v tor >/dev/null 2>&1 && [ ! -x /usr/sbin/tor ] || ! command -v tor-gencert >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tor >/dev/null
+  else
+    echo "run-all: the Tor tests need Debian's tor package (tor and tor-gencert): apt-get install -y tor" >&2
+    exit 1
+  fi
+fi
 
 echo "== installing npm packages for interop tests"
 (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)

@@ -10,4 +10,5 @@ pub mod plugins;
 pub mod replicate;
 pub mod serve;
 pub mod store;
+pub mod tor;
 pub mod view;

@@ -74,7 +74,10 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // arti's crates log their routine work at info; the node's own lines stay at info.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,tor_=warn,arti_=warn")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

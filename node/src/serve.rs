@@ -51,6 +51,8 @@ pub struct ServeConfig {
     /// every save.
     #[arg(long, value_name = "DIR")]
     pub dev: Option<PathBuf>,
+    #[command(flatten)]
+    pub tor: crate::tor::TorOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +136,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(key = %identity.key_id(), "node identity");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let identity = Arc::new(identity);
-    let replicator = crate::replicate::Replicator::new(node.clone(), identity.clone());
+    let tor = cfg
+        .tor
+        .is_enabled()
+        .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone()));
+    let replicator = crate::replicate::Replicator::new(
+        node.clone(),
+        crate::peer::Dialer::new(identity.clone(), tor.clone()),
+    );
     let manager = tokio::spawn(crate::replicate::manager::run(
         replicator.clone(),
         shutdown_tx.subscribe(),
@@ -153,14 +162,22 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
         }),
         shutdown: shutdown_rx,
+        key_id: identity.key_id().into(),
+        tor: tor.clone(),
     };
     let app = router(state);
     let mut servers = Vec::new();
     // Peer listeners first: once the HTTP API answers, every listener is up.
     let mut peer_urls = Vec::new();
-    if !cfg.peer.is_empty() {
+    if !cfg.peer.is_empty() || tor.is_some() {
         let tls = crate::peer::tls::server_config(&identity)
             .map_err(|e| ServeError::Identity(e.to_string()))?;
+        let acceptor = crate::peer::listener::PeerAcceptor::new(
+            tls,
+            app.clone(),
+            Duration::from_secs(cfg.request_timeout.max(1)),
+            cfg.max_peer_connections,
+        );
         for addr in &cfg.peer {
             let (listener, local) = bind(addr).await?;
             let url = format!("httpkey://{local}/{}/", identity.key_id());
@@ -169,10 +186,18 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             peer_urls.push(url);
             servers.push(tokio::spawn(crate::peer::listener::serve(
                 listener,
-                tls.clone(),
-                app.clone(),
-                Duration::from_secs(cfg.request_timeout.max(1)),
-                cfg.max_peer_connections,
+                acceptor.clone(),
+                shutdown_tx.subscribe(),
+            )));
+        }
+        if let Some(tor) = &tor {
+            println!(
+                "thali is starting its Tor onion service (state in {})",
+                cfg.data.join("tor").display()
+            );
+            servers.push(tokio::spawn(crate::tor::run(
+                tor.clone(),
+                acceptor,
                 shutdown_tx.subscribe(),
             )));
         }
@@ -201,6 +226,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     // `thali id` prints these while the node runs.
     let urls_file = cfg.data.join("peer-urls");
     let _ = std::fs::write(&urls_file, peer_urls.join("\n"));
+    if let Some(tor) = &tor {
+        tokio::spawn(announce_onion(
+            tor.clone(),
+            identity.key_id(),
+            urls_file.clone(),
+            peer_urls,
+        ));
+    }
     wait_for_signal().await;
     let _ = std::fs::remove_file(&urls_file);
     tracing::info!("shutting down");
@@ -220,6 +253,26 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     node.flush().map_err(|e| ServeError::Store(e.to_string()))?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Adds the onion httpkey URL to `DIR/peer-urls` (for `thali id`) and stdout once the service
+/// has an address.
+async fn announce_onion(
+    tor: Arc<crate::tor::Tor>,
+    key_id: String,
+    urls_file: PathBuf,
+    mut urls: Vec<String>,
+) {
+    loop {
+        if let Some(onion) = tor.onion() {
+            let url = format!("httpkey://{onion}:{}/{key_id}/", tor.port());
+            println!("thali peers reach this node over Tor at {url}");
+            urls.push(url);
+            let _ = std::fs::write(&urls_file, urls.join("\n"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_for_signal() {

@@ -3,6 +3,7 @@
 
 pub mod mesh;
 pub mod servers;
+pub mod tornet;
 
 use base64::Engine;
 use serde_json::Value;
@@ -131,6 +132,12 @@ impl Node {
     }
 
     fn spawn(data: &Path, addr: SocketAddr, extra: Vec<String>) -> Node {
+        // Tor test networks make arti warn about guards about once a second: noise here.
+        let log = if extra.iter().any(|a| a.starts_with("--tor")) {
+            "warn,tor_guardmgr=error,tor_circmgr=error,tor_netdir=error"
+        } else {
+            "warn"
+        };
         let mut cmd = Command::new(thali_bin());
         cmd.arg("serve")
             .arg("--data")
@@ -139,7 +146,7 @@ impl Node {
             .arg(addr.to_string())
             .args(&extra)
             .env("THALI_ADMIN_PASSWORD", PASSWORD)
-            .env("THALI_LOG", "warn")
+            .env("THALI_LOG", log)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawn thali");

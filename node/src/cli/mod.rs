@@ -28,6 +28,12 @@ pub fn print_id(data: &Path, peers: &[String]) -> CliResult {
             urls.extend(s.lines().filter(|l| !l.is_empty()).map(str::to_string));
         }
     }
+    if let Some(addr) = crate::tor::last_address(data) {
+        let url = format!("httpkey://{addr}/{}/", id.key_id());
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
     if urls.is_empty() {
         println!("httpkey://<host>:<port>/{}/<db>   (start the node with --peer ADDR to listen for peers)", id.key_id());
     }

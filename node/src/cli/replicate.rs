@@ -276,7 +276,8 @@ async fn in_process(
         )
     })?;
     let identity = std::sync::Arc::new(Identity::load_or_create(&args.data)?);
-    let rep = Replicator::new(node.clone(), identity);
+    // No Tor here: an onion URL is refused with a message that says to use a `--tor` node.
+    let rep = Replicator::new(node.clone(), crate::peer::Dialer::new(identity, None));
     let handle = rep.start(spec, None)?;
     let mut progress = Progress::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));

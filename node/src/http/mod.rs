@@ -45,6 +45,9 @@ pub struct AppState {
     /// Flips to true on shutdown so endless feeds end.
     pub shutdown: watch::Receiver<bool>,
     pub replicator: Arc<crate::replicate::Replicator>,
+    /// The node's key id and, with `--tor`, its onion service (status in `GET /`).
+    pub key_id: Arc<str>,
+    pub tor: Option<Arc<crate::tor::Tor>>,
 }
 
 pub fn router(state: AppState) -> Router {

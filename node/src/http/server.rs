@@ -1,5 +1,6 @@
 //! Server-level endpoints: `/`, `/_up`, `/_all_dbs`, `/_uuids`, `/_session`.
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::respond::ok;
 use super::{AppState, Req};
@@ -18,13 +19,21 @@ fn only(r: &Req, methods: &[Method], label: &str) -> ApiResult<()> {
 
 pub fn root(state: &AppState, r: &Req) -> ApiResult<Response> {
     only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
-    Ok(ok(json!({
+    let mut info = json!({
         "couchdb": "Welcome",
         "version": "3.5.0",
         "uuid": state.node.uuid(),
         "vendor": {"name": "thali", "version": env!("CARGO_PKG_VERSION")},
         "features": [],
-    })))
+    });
+    // The node's identity and Tor status are for its admin, not for every peer.
+    if matches!(r.principal, Principal::Admin) {
+        info["key"] = json!(&*state.key_id);
+        if let Some(tor) = &state.tor {
+            info["tor"] = tor.status_json(&state.key_id);
+        }
+    }
+    Ok(ok(info))
 }
 
 pub fn up(r: &Req) -> ApiResult<Response> {

@@ -185,13 +185,17 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// Opens a mutual-TLS connection to an httpkey URL's host with `id`, pinning the URL's key.
-/// Every step has a timeout; the error says which step failed.
-pub async fn connect(
+/// Runs the client side of the mutual-TLS handshake over `stream` (TCP or an onion stream),
+/// presenting `id` and pinning the httpkey URL's key.
+pub async fn connect<S>(
     id: &Identity,
     url: &super::HttpKeyUrl,
+    stream: S,
     timeout: std::time::Duration,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<S>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let super::PeerKey::Ed25519(expected) = url.key else {
         return Err(
             "rsapublickey URLs can be parsed but not dialed: thali nodes use Ed25519 keys".into(),
@@ -199,15 +203,11 @@ pub async fn connect(
     };
     let cfg = client_config(id, expected).map_err(|e| e.to_string())?;
     let addr = format!("{}:{}", url.host, url.port);
-    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
-        .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
     // The name is not checked (the key is); it only has to be syntactically valid.
     let name = ServerName::try_from("thali.peer").map_err(|e| e.to_string())?;
     tokio::time::timeout(
         timeout,
-        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, stream),
     )
     .await
     .map_err(|_| format!("TLS handshake with {addr} timed out"))?

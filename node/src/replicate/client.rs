@@ -4,7 +4,7 @@
 //! exponential backoff; every other answer goes back to the caller.
 
 use super::error::{ReplError, ReplResult};
-use crate::peer::{HttpKeyUrl, Identity};
+use crate::peer::{Dialer, HttpKeyUrl};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -16,7 +16,6 @@ use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one request may take (longpoll requests add their own timeout to this).
@@ -26,11 +25,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 enum Transport {
     Http,
     Https(Arc<rustls::ClientConfig>, ServerName<'static>),
-    HttpKey(Arc<Identity>, HttpKeyUrl),
+    HttpKey(HttpKeyUrl),
 }
+
+/// Onion peers get at least this many retries per request: new onion circuits fail now and
+/// then, and a service can be unreachable for a minute or two after a descriptor period ends.
+/// With the backoff capped at 10 s this is about four minutes of patience.
+const ONION_MIN_RETRIES: u32 = 25;
 
 pub struct Remote {
     addr: String,
+    host: String,
+    port: u16,
+    dialer: Arc<Dialer>,
     host_header: HeaderValue,
     /// The database's path on the server, percent-encoded, without a trailing slash.
     base: String,
@@ -97,7 +104,7 @@ impl Remote {
     pub fn new(
         url: &str,
         headers: &Map<String, Value>,
-        identity: Arc<Identity>,
+        dialer: Arc<Dialer>,
         retries: u32,
         display: String,
     ) -> ReplResult<Remote> {
@@ -121,7 +128,7 @@ impl Remote {
                     )));
                 }
                 let (host, port, base) = (u.host.clone(), u.port, u.path());
-                (Transport::HttpKey(identity, u), host, port, base)
+                (Transport::HttpKey(u), host, port, base)
             }
             s @ ("http" | "https") => {
                 if rest.contains('?') || rest.contains('#') {
@@ -185,7 +192,15 @@ impl Remote {
         } else {
             format!("{host}:{port}")
         };
+        let retries = if crate::tor::is_onion(&host) {
+            retries.max(ONION_MIN_RETRIES)
+        } else {
+            retries
+        };
         Ok(Remote {
+            host,
+            port,
+            dialer,
             host_header: HeaderValue::from_str(&addr)
                 .map_err(|_| ReplError::BadSpec(format!("bad host {addr:?}")))?,
             addr,
@@ -203,32 +218,36 @@ impl Remote {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
-        let tcp = || async {
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
-                .await
-                .map_err(|_| format!("connecting to {} timed out", self.addr))?
-                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
-            let _ = s.set_nodelay(true);
-            Ok::<_, String>(s)
-        };
         match &self.transport {
-            Transport::Http => start(tcp().await?).await,
+            Transport::Http => start(self.stream().await?).await,
             Transport::Https(cfg, name) => {
                 let s = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     tokio_rustls::TlsConnector::from(cfg.clone())
-                        .connect(name.clone(), tcp().await?),
+                        .connect(name.clone(), self.stream().await?),
                 )
                 .await
                 .map_err(|_| format!("TLS handshake with {} timed out", self.addr))?
                 .map_err(|e| format!("TLS handshake with {} failed: {e}", self.addr))?;
                 start(s).await
             }
-            Transport::HttpKey(id, url) => {
-                let s = crate::peer::tls::connect(id, url, CONNECT_TIMEOUT).await?;
-                let _ = s.get_ref().0.set_nodelay(true);
-                start(s).await
+            Transport::HttpKey(url) => {
+                start(self.dialer.httpkey(url, self.connect_timeout()).await?).await
             }
+        }
+    }
+
+    async fn stream(&self) -> Result<crate::peer::dial::Stream, String> {
+        self.dialer
+            .stream(&self.host, self.port, self.connect_timeout())
+            .await
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        if crate::tor::is_onion(&self.host) {
+            crate::tor::CONNECT_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
         }
     }
 
@@ -386,7 +405,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        let id = Arc::new(Identity::generate().unwrap());
+        let id = Dialer::new(Arc::new(crate::peer::Identity::generate().unwrap()), None);
         let r = Remote::new(
             "http://u:p%40ss@[::1]:5984/a%2Fb/",
             &Map::new(),

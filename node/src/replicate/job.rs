@@ -11,7 +11,7 @@ use super::error::{ReplError, ReplResult};
 use super::spec::{EndpointSpec, Spec};
 use super::stats::Stats;
 use crate::db::{random_hex, Node};
-use crate::peer::Identity;
+use crate::peer::Dialer;
 use md5::Digest;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -58,7 +58,7 @@ struct Session {
 fn endpoint(
     spec: &EndpointSpec,
     node: &Arc<Node>,
-    identity: &Arc<Identity>,
+    dialer: &Arc<Dialer>,
     retries: u32,
 ) -> ReplResult<Endpoint> {
     Ok(match spec {
@@ -70,7 +70,7 @@ fn endpoint(
             remote: Box::new(Remote::new(
                 url,
                 headers,
-                identity.clone(),
+                dialer.clone(),
                 retries,
                 spec.display(),
             )?),
@@ -87,11 +87,11 @@ impl Job {
     pub fn new(
         spec: Spec,
         node: &Arc<Node>,
-        identity: &Arc<Identity>,
+        dialer: &Arc<Dialer>,
         stats: Arc<Stats>,
     ) -> ReplResult<Job> {
-        let source = endpoint(&spec.source, node, identity, spec.retries_per_request)?;
-        let target = endpoint(&spec.target, node, identity, spec.retries_per_request)?;
+        let source = endpoint(&spec.source, node, dialer, spec.retries_per_request)?;
+        let target = endpoint(&spec.target, node, dialer, spec.retries_per_request)?;
         let filter = if let Some(ids) = &spec.doc_ids {
             Filter::DocIds(ids.clone())
         } else if let Some(s) = &spec.selector {

@@ -18,7 +18,7 @@ pub use spec::Spec;
 pub use stats::{JobState, Stats};
 
 use crate::db::Node;
-use crate::peer::Identity;
+use crate::peer::Dialer;
 use job::Job;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,16 +60,16 @@ impl JobHandle {
 
 pub struct Replicator {
     node: Arc<Node>,
-    identity: Arc<Identity>,
+    dialer: Arc<Dialer>,
     jobs: Mutex<Vec<Arc<JobHandle>>>,
     next_pid: AtomicU64,
 }
 
 impl Replicator {
-    pub fn new(node: Arc<Node>, identity: Arc<Identity>) -> Arc<Replicator> {
+    pub fn new(node: Arc<Node>, dialer: Arc<Dialer>) -> Arc<Replicator> {
         Arc::new(Replicator {
             node,
-            identity,
+            dialer,
             jobs: Mutex::new(Vec::new()),
             next_pid: AtomicU64::new(1),
         })
@@ -102,7 +102,7 @@ impl Replicator {
         let job = Arc::new(Job::new(
             spec.clone(),
             &self.node,
-            &self.identity,
+            &self.dialer,
             stats.clone(),
         )?);
         let (cancel_tx, cancel_rx) = watch::channel(false);
