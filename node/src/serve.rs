@@ -139,7 +139,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let tor = cfg
         .tor
         .is_enabled()
-        .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone()));
+        .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone(), &identity));
     let replicator = crate::replicate::Replicator::new(
         node.clone(),
         crate::peer::Dialer::new(identity.clone(), tor.clone()),
@@ -197,6 +197,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             );
             servers.push(tokio::spawn(crate::tor::run(
                 tor.clone(),
+                node.clone(),
                 acceptor,
                 shutdown_tx.subscribe(),
             )));

@@ -174,18 +174,22 @@ pub struct OnionNode {
 
 impl OnionNode {
     pub fn start(tag: &str, net: &PrivNet) -> OnionNode {
+        Self::start_with(tag, net, &[])
+    }
+
+    pub fn start_with(tag: &str, net: &PrivNet, extra: &[&str]) -> OnionNode {
         let dir = TempDir::new(tag);
         let tcp_port = free_port();
         let spawned_at = Instant::now();
-        let node = Node::start_with(
-            &dir.0,
-            &[
-                "--peer",
-                &format!("127.0.0.1:{tcp_port}"),
-                "--tor-network",
-                net.arti_toml.to_str().unwrap(),
-            ],
-        );
+        let peer = format!("127.0.0.1:{tcp_port}");
+        let mut args = vec![
+            "--peer",
+            &peer,
+            "--tor-network",
+            net.arti_toml.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let node = Node::start_with(&dir.0, &args);
         let (key_id, onion_url) = wait_onion(&node);
         OnionNode {
             dir,
@@ -208,8 +212,14 @@ impl OnionNode {
 
     /// Creates `db` (if needed) and lets `other` write to it.
     pub fn allow(&self, db: &str, other: &OnionNode) {
+        self.allow_all(db, &[other]);
+    }
+
+    /// Creates `db` (if needed) and lets exactly `others` write to it.
+    pub fn allow_all(&self, db: &str, others: &[&OnionNode]) {
         let _ = self.node.put(&format!("/{db}"), &json!({}));
-        let sec = json!({"members": {"names": [other.key_id], "roles": []}});
+        let names: Vec<&str> = others.iter().map(|o| o.key_id.as_str()).collect();
+        let sec = json!({"members": {"names": names, "roles": []}});
         assert_eq!(self.node.put(&format!("/{db}/_security"), &sec).status, 200);
     }
 

@@ -6,16 +6,22 @@ use std::process::Command;
 use thali_tests::tornet::{round, wait_onion, OnionNode, PrivNet};
 use thali_tests::{thali_bin, Client};
 
+/// One network for every part: it takes ~30 s to bootstrap and 8 tor processes on 2 cores.
 #[test]
-fn onion_nodes_replicate_both_ways_and_keep_their_address() {
+fn tor_end_to_end() {
     let net = PrivNet::start();
     eprintln!("private Tor network bootstrapped in {:?}", net.bootstrap);
-    let r = round(&net).unwrap_or_else(|e| panic!("onion round failed: {e}"));
+    onion_nodes_replicate_both_ways_and_keep_their_address(&net);
+    restricted_discovery_hides_the_service_from_unknown_peers(&net);
+}
+
+fn onion_nodes_replicate_both_ways_and_keep_their_address(net: &PrivNet) {
+    let r = round(net).unwrap_or_else(|e| panic!("onion round failed: {e}"));
     eprintln!("onion round: {r:?}");
 
     // The onion address survives a restart (the key is in DIR/tor/), `thali id` prints it, and
     // `GET /` shows the service's state.
-    let mut a = OnionNode::start("onion-restart", &net);
+    let mut a = OnionNode::start("onion-restart", net);
     let before = a.onion_url.clone();
     assert!(before.starts_with("httpkey://") && before.contains(".onion:6984/ed25519:"));
     let host = before["httpkey://".len()..].split(':').next().unwrap();
@@ -50,4 +56,45 @@ fn onion_nodes_replicate_both_ways_and_keep_their_address() {
     );
     assert!(r.status >= 400, "{}", r.text());
     assert!(r.text().contains("--tor"), "{}", r.text());
+}
+
+/// Restricted discovery: a service publishes its descriptor only for the peers some `_security`
+/// names; any other node cannot even find it, until it is named.
+fn restricted_discovery_hides_the_service_from_unknown_peers(net: &PrivNet) {
+    let a = OnionNode::start_with("rd-a", net, &["--tor-restricted"]);
+    let b = OnionNode::start("rd-b", net);
+    let c = OnionNode::start("rd-c", net);
+    a.allow("private", &b);
+    assert_eq!(
+        a.node.put("/private/doc", &json!({"secret": 1})).status,
+        201
+    );
+    let listed = |n: u64| {
+        thali_tests::mesh::wait_until("the service relaunched with the new key list", || {
+            a.tor_status()["restricted_discovery"].as_u64() == Some(n)
+        })
+    };
+    listed(2); // A itself and B
+    let pull = |who: &OnionNode, retries: u32| {
+        who.node.post(
+            "/_replicate",
+            &json!({"source": a.onion("private"), "target": "copy", "create_target": true,
+                    "retries_per_request": retries, "max_attempts": 1}),
+        )
+    };
+    let r = pull(&b, 25);
+    assert_eq!(r.status, 200, "B is listed and should reach A: {}", r.text());
+    assert_eq!(r.json()["docs_written"], 1);
+
+    // C is not listed: it cannot fetch (decrypt) A's descriptor.
+    let r = pull(&c, 3);
+    assert!(r.status >= 400, "C is not listed but reached A: {}", r.text());
+    eprintln!("unlisted peer: {} {}", r.status, r.text());
+
+    // Named in a _security, C can find the service (and read, as a member).
+    a.allow_all("private", &[&b, &c]);
+    listed(3);
+    let r = pull(&c, 25);
+    assert_eq!(r.status, 200, "C is listed now: {}", r.text());
+    assert_eq!(r.json()["docs_written"], 1);
 }

@@ -144,6 +144,16 @@ impl Identity {
         self.cert.clone()
     }
 
+    /// The 32-byte Ed25519 secret (seed), from the PKCS#8 encoding (v1 or v2: both put it at
+    /// the same offset, after the algorithm id and `OCTET STRING(OCTET STRING(32))`).
+    pub fn ed25519_seed(&self) -> Option<[u8; 32]> {
+        let der = self.key.serialize_der();
+        let ed25519_oid = [0x06, 0x03, 0x2b, 0x65, 0x70];
+        (der.get(7..12)? == ed25519_oid && der.get(12..16)? == [0x04, 0x22, 0x04, 0x20])
+            .then(|| der.get(16..48)?.try_into().ok())
+            .flatten()
+    }
+
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
     }

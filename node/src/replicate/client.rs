@@ -28,10 +28,12 @@ enum Transport {
     HttpKey(HttpKeyUrl),
 }
 
-/// Onion peers get at least this many retries per request: new onion circuits fail now and
-/// then, and a service can be unreachable for a minute or two after a descriptor period ends.
-/// With the backoff capped at 10 s this is about four minutes of patience.
-const ONION_MIN_RETRIES: u32 = 25;
+/// Retries per request unless the replication says otherwise.
+const DEFAULT_RETRIES: u32 = 5;
+/// Onion peers get more by default: new onion circuits fail now and then, and a service can be
+/// unreachable for a minute or two after a descriptor period ends. With the backoff capped at
+/// 10 s this is about four minutes of patience.
+const ONION_RETRIES: u32 = 25;
 
 pub struct Remote {
     addr: String,
@@ -105,7 +107,7 @@ impl Remote {
         url: &str,
         headers: &Map<String, Value>,
         dialer: Arc<Dialer>,
-        retries: u32,
+        retries: Option<u32>,
         display: String,
     ) -> ReplResult<Remote> {
         let (scheme, rest) = url
@@ -192,11 +194,11 @@ impl Remote {
         } else {
             format!("{host}:{port}")
         };
-        let retries = if crate::tor::is_onion(&host) {
-            retries.max(ONION_MIN_RETRIES)
+        let retries = retries.unwrap_or(if crate::tor::is_onion(&host) {
+            ONION_RETRIES
         } else {
-            retries
-        };
+            DEFAULT_RETRIES
+        });
         Ok(Remote {
             host,
             port,
@@ -410,7 +412,7 @@ mod tests {
             "http://u:p%40ss@[::1]:5984/a%2Fb/",
             &Map::new(),
             id.clone(),
-            0,
+            Some(0),
             "x".into(),
         )
         .unwrap();
@@ -428,9 +430,9 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode("u:p@ss")
             )
         );
-        assert!(Remote::new("ftp://h/db", &Map::new(), id.clone(), 0, "x".into()).is_err());
-        assert!(Remote::new("http://h:port/db", &Map::new(), id.clone(), 0, "x".into()).is_err());
-        assert!(Remote::new("http://h:1/", &Map::new(), id, 0, "x".into()).is_err());
+        assert!(Remote::new("ftp://h/db", &Map::new(), id.clone(), Some(0), "x".into()).is_err());
+        assert!(Remote::new("http://h:port/db", &Map::new(), id.clone(), Some(0), "x".into()).is_err());
+        assert!(Remote::new("http://h:1/", &Map::new(), id, Some(0), "x".into()).is_err());
         assert_eq!(encode_id("_design/a b"), "_design/a%20b");
         assert_eq!(encode_id("a/b"), "a%2Fb");
     }

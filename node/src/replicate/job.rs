@@ -59,7 +59,7 @@ fn endpoint(
     spec: &EndpointSpec,
     node: &Arc<Node>,
     dialer: &Arc<Dialer>,
-    retries: u32,
+    retries: Option<u32>,
 ) -> ReplResult<Endpoint> {
     Ok(match spec {
         EndpointSpec::Local(name) => Endpoint::Local {

@@ -106,7 +106,8 @@ pub struct Spec {
     pub batch_size: usize,
     pub parallelism: usize,
     pub checkpoint_interval: Duration,
-    pub retries_per_request: u32,
+    /// Retries of one request; `None`: 5, or more for onion peers (see `client::Remote`).
+    pub retries_per_request: Option<u32>,
     /// Attempts of a one-shot replication before it is marked failed (continuous ones retry
     /// for ever, with backoff).
     pub max_attempts: u32,
@@ -201,7 +202,10 @@ impl Spec {
                 100,
                 3_600_000,
             )?),
-            retries_per_request: number(&["retries_per_request"], 5, 0, 100)? as u32,
+            retries_per_request: match o.get("retries_per_request") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(number(&["retries_per_request"], 5, 0, 100)? as u32),
+            },
             max_attempts: number(&["max_attempts"], 5, 1, 1000)? as u32,
         };
         if spec.selector.is_some() && (spec.filter.is_some() || spec.doc_ids.is_some()) {

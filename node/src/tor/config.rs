@@ -19,6 +19,11 @@ pub struct TorOptions {
     /// The onion service's virtual port (peers use `httpkey://<onion>:PORT/<key>/db`).
     #[arg(long = "tor-port", default_value_t = 6984)]
     pub port: u16,
+    /// Restricted discovery: only peers whose keys some database's `_security` names (and this
+    /// node) can fetch the service's descriptor, i.e. even find it. Rechecked every 10 s; a
+    /// change relaunches the service (same address).
+    #[arg(long = "tor-restricted")]
+    pub restricted: bool,
     /// The service's nickname in arti's keystore (`DIR/tor/state/keystore/hss/<nickname>/`).
     #[arg(long = "tor-nickname", default_value = "thali", hide = true)]
     pub nickname: String,
@@ -64,6 +69,7 @@ mod tests {
             enabled: true,
             network: None,
             port: 6984,
+            restricted: false,
             nickname: "thali".into(),
         };
         assert!(client_config(&o, &dir.join("tor")).is_ok());

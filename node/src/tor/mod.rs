@@ -8,6 +8,7 @@
 //! peer is and what it may do.
 
 mod config;
+mod discovery;
 mod service;
 
 pub use config::TorOptions;
@@ -58,11 +59,18 @@ struct Status {
     bootstrapped_after: Option<Duration>,
     first_reachable_after: Option<Duration>,
     error: Option<String>,
+    /// With restricted discovery: how many client keys the published service lists.
+    allowed_clients: usize,
 }
 
 /// The node's Tor presence: the client (once created) and the onion service's status.
 pub struct Tor {
     options: TorOptions,
+    /// This node's Ed25519 seed: its discovery key for services in restricted mode.
+    seed: Option<[u8; 32]>,
+    own_key: [u8; 32],
+    /// Onion hosts this client already holds a discovery key for.
+    authorized: Mutex<std::collections::HashSet<String>>,
     state_dir: PathBuf,
     started: Instant,
     client: watch::Sender<Option<Arc<Client>>>,
@@ -83,9 +91,12 @@ pub fn last_address(data: &Path) -> Option<String> {
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(45);
 
 impl Tor {
-    pub fn new(data: &Path, options: TorOptions) -> Arc<Tor> {
+    pub fn new(data: &Path, options: TorOptions, identity: &crate::peer::Identity) -> Arc<Tor> {
         Arc::new(Tor {
             options,
+            seed: identity.ed25519_seed(),
+            own_key: *identity.public_key(),
+            authorized: Mutex::new(Default::default()),
             state_dir: data.join("tor"),
             started: Instant::now(),
             client: watch::channel(None).0,
@@ -97,6 +108,7 @@ impl Tor {
                 bootstrapped_after: None,
                 first_reachable_after: None,
                 error: None,
+                allowed_clients: 0,
             }),
         })
     }
@@ -120,6 +132,7 @@ impl Tor {
         let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0);
         json!({
             "state": s.phase.as_str(),
+            "restricted_discovery": self.options.restricted.then_some(s.allowed_clients),
             "onion": s.onion,
             "port": self.options.port,
             "url": s.onion.as_ref().map(|o| format!("httpkey://{o}:{}/{key_id}/", self.options.port)),
@@ -157,6 +170,7 @@ impl Tor {
             .map_err(|_| "Tor is shutting down".to_string())?
             .clone()
             .ok_or("Tor client missing")?;
+        self.authorize(&client, host);
         let started = Instant::now();
         let stream = tokio::time::timeout(timeout, client.connect((host, port)))
             .await
@@ -164,6 +178,32 @@ impl Tor {
             .map_err(|e| format!("connecting to {host}:{port} over Tor: {e}"))?;
         tracing::debug!(%host, port, ms = started.elapsed().as_millis() as u64, "onion stream open");
         Ok(stream)
+    }
+}
+
+impl Tor {
+    /// Gives arti this node's discovery key for `host`, so services in restricted discovery
+    /// mode that list this node can be found (harmless for the others).
+    fn authorize(&self, client: &Client, host: &str) {
+        let Some(seed) = &self.seed else { return };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let mut done = self.authorized.lock().unwrap_or_else(|p| p.into_inner());
+        if done.contains(&host) {
+            return;
+        }
+        let Ok(hsid) = host.parse::<arti_client::HsId>() else {
+            return;
+        };
+        match client.insert_service_discovery_key(
+            arti_client::KeystoreSelector::Primary,
+            hsid,
+            discovery::client_secret(seed),
+        ) {
+            Ok(_) => {
+                done.insert(host);
+            }
+            Err(e) => tracing::warn!(%host, error = %e, "cannot store the discovery key"),
+        }
     }
 }
 

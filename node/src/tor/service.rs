@@ -1,7 +1,10 @@
 //! The Tor task: bootstrap the client, launch the onion service, feed its streams to the peer
 //! acceptor, and follow the service's status until shutdown.
 
-use super::{config, Phase, Tor};
+use super::{config, discovery, Phase, Tor};
+use crate::db::Node;
+use std::collections::BTreeSet;
+use tor_hsservice::config::restricted_discovery::HsClientNickname;
 use crate::peer::listener::PeerAcceptor;
 use arti_client::config::onion_service::OnionServiceConfigBuilder;
 use arti_client::TorClient;
@@ -20,12 +23,17 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`. Failures to start are reported in the status and the log; the node
 /// keeps serving its other listeners.
-pub async fn run(tor: Arc<Tor>, acceptor: PeerAcceptor, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    tor: Arc<Tor>,
+    node: Arc<Node>,
+    acceptor: PeerAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let span = tracing::info_span!("tor");
     // Bootstrapping can take long; shutdown must not wait for it.
     let mut stop = shutdown.clone();
     let work = async {
-        if let Err(e) = serve(&tor, acceptor, &mut shutdown).await {
+        if let Err(e) = serve(&tor, &node, acceptor, &mut shutdown).await {
             tracing::error!(error = %e, "Tor onion service failed");
             let mut s = tor.status();
             s.error = Some(e);
@@ -43,6 +51,7 @@ pub async fn run(tor: Arc<Tor>, acceptor: PeerAcceptor, mut shutdown: watch::Rec
 
 async fn serve(
     tor: &Arc<Tor>,
+    node: &Arc<Node>,
     acceptor: PeerAcceptor,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -72,13 +81,89 @@ async fn serve(
     }
     tor.client.send_replace(Some(client.clone()));
 
-    let svc_cfg = OnionServiceConfigBuilder::default()
-        .nickname(
-            tor.options
-                .nickname
+    let mut allowed = allowed_clients(tor, node);
+    loop {
+        let (service, requests) = launch(tor, &client, &allowed)?;
+        let mut events = service.status_events();
+        let mut streams = Box::pin(tor_hsservice::handle_rend_requests(requests));
+        let mut recheck = tokio::time::interval(RECHECK);
+        let port = tor.options.port;
+        loop {
+            tokio::select! {
+                req = streams.next() => {
+                    let Some(req) = req else { return Err("the onion service stopped".into()) };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let wanted = matches!(req.request(), IncomingStreamRequest::Begin(b) if b.port() == port);
+                        if !wanted {
+                            // Only the peer port exists; anything else closes the circuit.
+                            let _ = req.shutdown_circuit();
+                            return;
+                        }
+                        match tokio::time::timeout(ACCEPT_TIMEOUT, req.accept(Connected::new_empty())).await {
+                            Ok(Ok(stream)) => acceptor.accept(stream, "onion".into()),
+                            Ok(Err(e)) => tracing::debug!(error = %e, "onion stream not accepted"),
+                            Err(_) => tracing::debug!("onion stream accept timed out"),
+                        }
+                    });
+                }
+                status = events.next() => {
+                    let Some(status) = status else { continue };
+                    follow_status(tor, &status);
+                }
+                _ = recheck.tick(), if tor.options.restricted => {
+                    let now = allowed_clients(tor, node);
+                    if now != allowed {
+                        tracing::info!(before = allowed.len(), after = now.len(), "peer keys changed: relaunching the onion service with the new discovery list");
+                        allowed = now;
+                        break;
+                    }
+                }
+                _ = shutdown.wait_for(|v| *v) => return Ok(()),
+            }
+        }
+        // arti reads restricted-discovery keys only at launch: stop this service, start anew.
+        drop(streams);
+        drop(service);
+    }
+}
+
+/// How often restricted discovery rereads the peer keys from `_security`.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Launches the service (same nickname, so the same key and address) with `allowed` as the
+/// restricted-discovery list when that mode is on.
+fn launch(
+    tor: &Arc<Tor>,
+    client: &Arc<super::Client>,
+    allowed: &BTreeSet<[u8; 32]>,
+) -> Result<
+    (
+        Arc<tor_hsservice::RunningOnionService>,
+        impl futures::Stream<Item = tor_hsservice::RendRequest>,
+    ),
+    String,
+> {
+    let mut builder = OnionServiceConfigBuilder::default();
+    builder.nickname(
+        tor.options
+            .nickname
+            .parse()
+            .map_err(|e| format!("bad onion service nickname: {e}"))?,
+    );
+    if tor.options.restricted {
+        let rd = builder.restricted_discovery();
+        rd.enabled(true);
+        for key in allowed {
+            let nick: HsClientNickname = format!("k{}", crate::peer::identity::base32(key))
                 .parse()
-                .map_err(|e| format!("bad onion service nickname: {e}"))?,
-        )
+                .map_err(|e| format!("client nickname: {e}"))?;
+            if let Some(k) = discovery::client_key(key) {
+                rd.static_keys().access().push((nick, k));
+            }
+        }
+    }
+    let svc_cfg = builder
         .build()
         .map_err(|e| format!("onion service configuration: {e}"))?;
     let (service, requests) = client
@@ -90,60 +175,62 @@ async fn serve(
         .ok_or("the onion service has no address")?
         .display_unredacted()
         .to_string();
-    tracing::info!(%onion, port = tor.options.port, "onion service launched");
+    tracing::info!(%onion, port = tor.options.port, restricted = tor.options.restricted, clients = allowed.len(), "onion service launched");
     // Kept for `thali id` while the node is stopped: the address is stable across restarts.
     let _ = std::fs::write(
         tor.state_dir.join(super::ADDRESS_FILE),
         format!("{onion}:{}", tor.options.port),
     );
-    tor.status().onion = Some(onion);
+    {
+        let mut s = tor.status();
+        s.onion = Some(onion);
+        s.allowed_clients = allowed.len();
+    }
     tor.set_phase(Phase::Publishing);
+    Ok((service, requests))
+}
 
-    let mut events = service.status_events();
-    let mut streams = Box::pin(tor_hsservice::handle_rend_requests(requests));
-    let port = tor.options.port;
-    loop {
-        tokio::select! {
-            req = streams.next() => {
-                let Some(req) = req else { return Err("the onion service stopped".into()) };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let wanted = matches!(req.request(), IncomingStreamRequest::Begin(b) if b.port() == port);
-                    if !wanted {
-                        // Only the peer port exists; anything else closes the circuit.
-                        let _ = req.shutdown_circuit();
-                        return;
-                    }
-                    match tokio::time::timeout(ACCEPT_TIMEOUT, req.accept(Connected::new_empty())).await {
-                        Ok(Ok(stream)) => acceptor.accept(stream, "onion".into()),
-                        Ok(Err(e)) => tracing::debug!(error = %e, "onion stream not accepted"),
-                        Err(_) => tracing::debug!("onion stream accept timed out"),
-                    }
-                });
-            }
-            status = events.next() => {
-                let Some(status) = status else { continue };
-                let state = status.state();
-                let phase = match state {
-                    State::Running | State::DegradedReachable => Phase::Reachable,
-                    State::Bootstrapping => Phase::Publishing,
-                    // Reported before the service's tasks start; a real shutdown ends the
-                    // stream of requests instead.
-                    State::Shutdown => continue,
-                    _ => Phase::Degraded,
-                };
-                let problem = status.current_problem().map(|p| format!("{p:?}"));
-                {
-                    let mut s = tor.status();
-                    s.service_state = Some(format!("{state:?}"));
-                    s.error = problem.clone();
-                }
-                tracing::debug!(state = ?state, problem = ?problem, "onion service status");
-                tor.set_phase(phase);
-            }
-            _ = shutdown.wait_for(|v| *v) => return Ok(()),
+fn follow_status(tor: &Tor, status: &tor_hsservice::status::OnionServiceStatus) {
+    let state = status.state();
+    let phase = match state {
+        State::Running | State::DegradedReachable => Phase::Reachable,
+        State::Bootstrapping => Phase::Publishing,
+        // Reported before the service's tasks start; a real shutdown ends the stream of
+        // requests instead.
+        State::Shutdown => return,
+        _ => Phase::Degraded,
+    };
+    let problem = status.current_problem().map(|p| format!("{p:?}"));
+    {
+        let mut s = tor.status();
+        s.service_state = Some(format!("{state:?}"));
+        s.error = problem.clone();
+    }
+    tracing::debug!(state = ?state, problem = ?problem, "onion service status");
+    tor.set_phase(phase);
+}
+
+/// The peer keys any database's `_security` names (the node's own key included, so the list is
+/// never empty): the clients restricted discovery lets find the service.
+fn allowed_clients(tor: &Tor, node: &Node) -> BTreeSet<[u8; 32]> {
+    let mut keys = BTreeSet::from([tor.own_key]);
+    if !tor.options.restricted {
+        return keys;
+    }
+    for name in node.all_dbs() {
+        let Ok(sec) = node.db(&name).and_then(|db| db.security()) else {
+            continue;
+        };
+        for section in ["admins", "members", "readers"] {
+            let names = sec[section]["names"].as_array().into_iter().flatten();
+            keys.extend(
+                names
+                    .filter_map(|n| n.as_str())
+                    .filter_map(|n| crate::peer::parse_key_id(n).ok()),
+            );
         }
     }
+    keys
 }
 
 /// Copies bootstrap progress into the status until the client is ready (it holds the client,
