@@ -6,7 +6,7 @@
 //! the process that started the network ends (`__OwningControllerProcess`), so a crashed test
 //! leaves nothing running; [`PrivNet`]'s `Drop` stops them at once.
 
-use crate::mesh::{replicate, state};
+use crate::mesh::state;
 use crate::{free_port, Client, Node, TempDir};
 use serde_json::{json, Value};
 use std::net::TcpListener;
@@ -24,7 +24,8 @@ pub struct PrivNet {
     pub dir: TempDir,
     /// arti's configuration for this network (`thali serve --tor-network FILE`).
     pub arti_toml: PathBuf,
-    /// From starting the tor processes until the consensus listed every relay.
+    /// From starting the tor processes until the consensus listed every relay and an arti
+    /// client could bootstrap.
     pub bootstrap: Duration,
     tors: Vec<Child>,
 }
@@ -62,7 +63,7 @@ fn free_offset() -> u16 {
 
 impl PrivNet {
     /// Generates and starts the network and waits (up to 4 minutes) until a C-tor client has
-    /// bootstrapped and the consensus lists every relay.
+    /// bootstrapped, the consensus lists every relay and arti accepts it (up to 8 minutes).
     pub fn start() -> PrivNet {
         let (tor, gencert) = tor_binaries();
         let dir = TempDir::new("tornet");
@@ -132,6 +133,25 @@ impl PrivNet {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+        // On a network this young arti may still refuse every consensus for a minute or two
+        // (C tor is satisfied earlier): wait until a throwaway node's arti has bootstrapped.
+        let probe_dir = TempDir::new("tornet-probe");
+        let probe = Node::start_with(
+            &probe_dir.0,
+            &["--tor-network", net_handle.arti_toml.to_str().unwrap()],
+        );
+        loop {
+            let tor = probe.get("/").json()["tor"].clone();
+            if tor["bootstrapped_after_s"].is_number() {
+                break;
+            }
+            assert!(
+                Instant::now() < started + Duration::from_secs(480),
+                "arti did not bootstrap on the private network in 8 minutes: {tor}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        drop(probe);
         net_handle.bootstrap = started.elapsed();
         net_handle
     }
@@ -275,9 +295,27 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<
     ))
 }
 
+/// `POST /_replicate` that may take minutes: onion requests retry patiently.
+pub fn replicate_slow(node: &Node, body: &Value) -> crate::Resp {
+    let headers = [
+        ("Authorization".to_string(), crate::admin_auth()),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ];
+    let body = serde_json::to_vec(body).unwrap();
+    crate::try_request_within(
+        node.addr,
+        "POST",
+        "/_replicate",
+        &headers,
+        Some(&body),
+        Duration::from_secs(900),
+    )
+    .unwrap_or_else(|e| panic!("POST /_replicate: {e}"))
+}
+
 /// A one-shot replication through `node`'s `_replicate`; Err with the answer if it failed.
 fn one_shot(node: &Node, source: &str, target: &str) -> Result<Value, String> {
-    let r = node.post("/_replicate", &json!({"source": source, "target": target}));
+    let r = replicate_slow(node, &json!({"source": source, "target": target}));
     let v = r.json();
     if r.status == 200 && v["ok"] == true {
         Ok(v)
@@ -345,10 +383,13 @@ pub fn round(net: &PrivNet) -> Result<Round, String> {
         return Err("editing a000 on both sides failed".into());
     }
     let started = Instant::now();
-    replicate(
-        &a.node,
-        json!({"source": db, "target": b.onion(db), "continuous": true}),
+    let r = a.node.post(
+        "/_replicate",
+        &json!({"source": db, "target": b.onion(db), "continuous": true}),
     );
+    if r.status != 202 {
+        return Err(format!("starting the continuous replication: {}", r.text()));
+    }
     let r = b.node.put(
         "/_replicator/b-to-a",
         &json!({"source": db, "target": a.onion(db), "continuous": true}),
@@ -372,8 +413,9 @@ pub fn round(net: &PrivNet) -> Result<Round, String> {
     out.converged = started.elapsed();
 
     // A later edit on each side reaches the other through the continuous jobs.
-    let winner = a.node.get(&format!("/{db}/a000")).json();
+    let winner = b.node.get(&format!("/{db}/a000?conflicts=true")).json();
     let mut body = winner.clone();
+    body.as_object_mut().map(|o| o.remove("_conflicts"));
     body["resolved_on"] = json!("b");
     if b.node.put(&format!("/{db}/a000"), &body).status != 201 {
         return Err("resolving a000 on B failed".into());

@@ -239,9 +239,11 @@ fn handshake_refusals() {
     // The async dialer (for the replicator) pins the same way and carries a request.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = thali_node::peer::HttpKeyUrl::parse(&p.url("x")).unwrap();
+    let dialer = thali_node::peer::Dialer::new(std::sync::Arc::new(id), None);
     rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = thali_node::peer::tls::connect(&id, &url, std::time::Duration::from_secs(5))
+        let mut s = dialer
+            .httpkey(&url, std::time::Duration::from_secs(5))
             .await
             .unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -252,9 +254,11 @@ fn handshake_refusals() {
         assert!(String::from_utf8_lossy(&out).contains("Welcome"));
         let mut bad = url.clone();
         bad.key = thali_node::peer::PeerKey::Ed25519(wrong);
-        let e = thali_node::peer::tls::connect(&id, &bad, std::time::Duration::from_secs(5))
+        let e = dialer
+            .httpkey(&bad, std::time::Duration::from_secs(5))
             .await
-            .unwrap_err();
+            .err()
+            .expect("a wrong pinned key must fail");
         assert!(e.contains("does not match the pinned key"), "{e}");
     });
 }

@@ -194,6 +194,11 @@ impl Remote {
         } else {
             format!("{host}:{port}")
         };
+        if crate::tor::is_onion(&host) && dialer.tor.is_none() {
+            return Err(ReplError::BadSpec(format!(
+                "{display}: {host} is an onion address: only a node started with --tor can reach it"
+            )));
+        }
         let retries = retries.unwrap_or(if crate::tor::is_onion(&host) {
             ONION_RETRIES
         } else {
@@ -431,7 +436,14 @@ mod tests {
             )
         );
         assert!(Remote::new("ftp://h/db", &Map::new(), id.clone(), Some(0), "x".into()).is_err());
-        assert!(Remote::new("http://h:port/db", &Map::new(), id.clone(), Some(0), "x".into()).is_err());
+        assert!(Remote::new(
+            "http://h:port/db",
+            &Map::new(),
+            id.clone(),
+            Some(0),
+            "x".into()
+        )
+        .is_err());
         assert!(Remote::new("http://h:1/", &Map::new(), id, Some(0), "x".into()).is_err());
         assert_eq!(encode_id("_design/a b"), "_design/a%20b");
         assert_eq!(encode_id("a/b"), "a%2Fb");

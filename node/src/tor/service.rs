@@ -3,17 +3,17 @@
 
 use super::{config, discovery, Phase, Tor};
 use crate::db::Node;
-use std::collections::BTreeSet;
-use tor_hsservice::config::restricted_discovery::HsClientNickname;
 use crate::peer::listener::PeerAcceptor;
 use arti_client::config::onion_service::OnionServiceConfigBuilder;
 use arti_client::TorClient;
 use futures::StreamExt;
 use safelog::DisplayRedacted as _;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tor_cell::relaycell::msg::Connected;
+use tor_hsservice::config::restricted_discovery::HsClientNickname;
 use tor_hsservice::status::State;
 use tor_proto::stream::IncomingStreamRequest;
 use tracing::Instrument;
@@ -83,7 +83,7 @@ async fn serve(
 
     let mut allowed = allowed_clients(tor, node);
     loop {
-        let (service, requests) = launch(tor, &client, &allowed)?;
+        let (service, requests) = launch(tor, &client, &allowed).await?;
         let mut events = service.status_events();
         let mut streams = Box::pin(tor_hsservice::handle_rend_requests(requests));
         let mut recheck = tokio::time::interval(RECHECK);
@@ -133,7 +133,7 @@ const RECHECK: Duration = Duration::from_secs(10);
 
 /// Launches the service (same nickname, so the same key and address) with `allowed` as the
 /// restricted-discovery list when that mode is on.
-fn launch(
+async fn launch(
     tor: &Arc<Tor>,
     client: &Arc<super::Client>,
     allowed: &BTreeSet<[u8; 32]>,
@@ -166,10 +166,19 @@ fn launch(
     let svc_cfg = builder
         .build()
         .map_err(|e| format!("onion service configuration: {e}"))?;
-    let (service, requests) = client
-        .launch_onion_service(svc_cfg)
-        .map_err(|e| format!("launching the onion service: {e}"))?
-        .ok_or("the onion service is disabled in the Tor configuration")?;
+    // After a relaunch the previous instance may hold its state lock for a moment.
+    let mut attempt = 0;
+    let (service, requests) = loop {
+        match client.launch_onion_service(svc_cfg.clone()) {
+            Ok(Some(launched)) => break launched,
+            Ok(None) => return Err("the onion service is disabled in the Tor configuration".into()),
+            Err(e) if attempt < 60 && e.to_string().contains("already in use") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(format!("launching the onion service: {e}")),
+        }
+    };
     let onion = service
         .onion_address()
         .ok_or("the onion service has no address")?

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 use std::time::{Duration, Instant};
-use thali_tests::tornet::{round, OnionNode, PrivNet};
+use thali_tests::tornet::{replicate_slow, round, OnionNode, PrivNet};
 use thali_tests::Client;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -66,16 +66,19 @@ fn main() {
     }
     let pull = |source: String, target: &str| -> Duration {
         let t = Instant::now();
-        let r = b.node.post(
-            "/_replicate",
+        let r = replicate_slow(
+            &b.node,
             &json!({"source": source, "target": target, "create_target": true}),
         );
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["docs_written"], docs, "{}", r.text());
+        assert_eq!(r.json()["history"][0]["docs_written"], docs, "{}", r.text());
         t.elapsed()
     };
     // Warm the onion path first (descriptor fetch and circuits are a one-time cost).
-    let _ = b.node.post("/_replicate", &json!({"source": a.onion("bulk"), "target": "warm", "create_target": true, "doc_ids": ["d000000"]}));
+    let _ = replicate_slow(
+        &b.node,
+        &json!({"source": a.onion("bulk"), "target": "warm", "create_target": true, "doc_ids": ["d000000"]}),
+    );
     let tcp = pull(a.tcp("bulk"), "viatcp");
     let tor = pull(a.onion("bulk"), "viator");
     let rate = |d: Duration| docs as f64 / d.as_secs_f64();
