@@ -163,6 +163,15 @@ impl Tor {
         port: u16,
         timeout: Duration,
     ) -> Result<DataStream, String> {
+        {
+            let s = self.status();
+            if s.phase == Phase::Failed {
+                return Err(format!(
+                    "Tor is not running: {}",
+                    s.error.as_deref().unwrap_or("it failed to start")
+                ));
+            }
+        }
         let mut rx = self.client.subscribe();
         let client = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
             .await
