@@ -13,7 +13,7 @@
 //! running; the error goes to the log. The design document's plugins are swapped atomically
 //! after the write.
 
-use crate::db::{admin_ctx, DbError, DocOptions, Node};
+use crate::db::{Caller, DbError, DocOptions, Node};
 use base64::Engine;
 use md5::{Digest, Md5};
 use notify_debouncer_full::notify::RecursiveMode;
@@ -261,7 +261,7 @@ async fn sync(node: &Arc<Node>, dir: &Path, db_name: &str, ddoc: &str) {
         }
     }
     match db
-        .bulk_docs(vec![Value::Object(doc)], true, &admin_ctx(db_name))
+        .bulk_docs(vec![Value::Object(doc)], true, &Caller::node(db_name))
         .await
     {
         Ok(mut r) => match r.pop() {

@@ -34,6 +34,8 @@ enum Command {
     },
     /// Replicate SOURCE to TARGET (through the running node, or in-process when none runs).
     Replicate(thali_node::cli::ReplicateArgs),
+    /// Print the HTTP API's route table as JSON (kinds, path templates, methods).
+    Routes,
     /// Manage which peer keys may use a database (edits its `_security` on the running node).
     Peer {
         #[command(subcommand)]
@@ -71,6 +73,11 @@ enum PeerAction {
 }
 
 fn main() -> std::process::ExitCode {
+    // Whatever the node writes (databases, keys, passwords, Tor state) is its owner's alone.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
@@ -82,6 +89,14 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Command-line output piped into `head` ends the command quietly, as Unix tools do,
+        // instead of panicking on the broken pipe.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,6 +109,10 @@ fn main() -> std::process::ExitCode {
     };
     let res: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Id { data, peer } => thali_node::cli::print_id(&data, &peer),
+        Command::Routes => {
+            println!("{}", thali_node::http::routes::table_json());
+            Ok(())
+        }
         Command::Peer { action, data, node } => {
             let action = match action {
                 PeerAction::Allow { key, db, level } => {

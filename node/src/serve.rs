@@ -122,6 +122,8 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         &cfg.data,
         Limits {
             max_doc_size: cfg.max_doc_size,
+            // An attachment may be as large as a request could carry it uncompressed.
+            max_att_size: cfg.max_request_size,
             plugins: crate::plugins::Limits {
                 cpu: cfg.plugin_cpu,
                 memory: cfg.plugin_memory,
@@ -177,6 +179,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             app.clone(),
             Duration::from_secs(cfg.request_timeout.max(1)),
             cfg.max_peer_connections,
+            {
+                let node = node.clone();
+                Arc::new(move |key: &str| node.peer_keys().contains(key))
+            },
         );
         for addr in &cfg.peer {
             let (listener, local) = bind(addr).await?;

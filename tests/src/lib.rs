@@ -410,19 +410,43 @@ impl PeerClient {
     }
 
     pub fn try_req(&self, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<Resp> {
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        let ctype = [("Content-Type", "application/json")];
+        let headers: &[(&str, &str)] = if body.is_some() { &ctype } else { &[] };
+        self.try_raw(method, path, headers, body.as_deref())
+    }
+
+    /// A request with explicit headers and a raw body.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Resp {
+        self.try_raw(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Resp> {
         let name = rustls::pki_types::ServerName::try_from("thali.peer").unwrap();
         let conn = rustls::ClientConnection::new(self.config.clone(), name)
             .map_err(std::io::Error::other)?;
         let tcp = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let body = body.map(|b| serde_json::to_vec(b).unwrap());
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
         if let Some(b) = &body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
+            req.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
         req.push_str("\r\n");
         tls.write_all(req.as_bytes())?;

@@ -23,6 +23,13 @@ pub enum DbError {
     FileExists,
     #[error("document_too_large: {0}")]
     DocTooLarge(String),
+    /// An attachment over the size limit, also after decompression (413).
+    #[error("attachment_too_large: {0}")]
+    AttTooLarge(String),
+    /// A request that asks for more items than the node serves at once (413, with CouchDB's
+    /// `max_bulk_*_count_exceeded` names).
+    #[error("{error}: {reason}")]
+    TooMany { error: &'static str, reason: String },
     #[error("forbidden: {0}")]
     Forbidden(String),
     #[error("unauthorized: {0}")]
@@ -59,6 +66,8 @@ impl DbError {
             DbError::MissingStub(_) => "missing_stub",
             DbError::FileExists => "file_exists",
             DbError::DocTooLarge(_) => "document_too_large",
+            DbError::AttTooLarge(_) => "attachment_too_large",
+            DbError::TooMany { error, .. } => error,
             DbError::Forbidden(_) => "forbidden",
             DbError::Unauthorized(_) => "unauthorized",
             DbError::Compilation(_) => "compilation_error",
@@ -84,6 +93,8 @@ impl DbError {
             | DbError::IllegalDbName(r)
             | DbError::MissingStub(r)
             | DbError::DocTooLarge(r)
+            | DbError::AttTooLarge(r)
+            | DbError::TooMany { reason: r, .. }
             | DbError::Forbidden(r)
             | DbError::Unauthorized(r)
             | DbError::Compilation(r)
@@ -107,7 +118,7 @@ impl DbError {
             | DbError::QueryParse(_)
             | DbError::UnknownLanguage(_) => 400,
             DbError::MissingStub(_) | DbError::FileExists => 412,
-            DbError::DocTooLarge(_) => 413,
+            DbError::DocTooLarge(_) | DbError::AttTooLarge(_) | DbError::TooMany { .. } => 413,
             DbError::Forbidden(_) => 403,
             DbError::Unauthorized(_) => 401,
             DbError::Plugin(_) | DbError::ReduceOverflow(_) | DbError::Internal(_) => 500,

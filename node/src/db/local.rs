@@ -1,6 +1,7 @@
 //! `_local` documents: no revision tree, `0-N` revisions, never replicated or listed in
 //! `_changes`/`_all_docs`.
 
+use super::access::{is_namespaced, Caller, READER_LOCAL_MAX_BYTES, READER_LOCAL_MAX_DOCS};
 use super::write::DocResult;
 use super::{Database, DbError, DbResult};
 use crate::doc::parse::IncomingDoc;
@@ -13,12 +14,17 @@ fn local_rev_number(rev: &str) -> Option<u64> {
 
 impl Database {
     /// Called from the write path (under the write lock) for ids starting with `_local/`.
+    /// `local_id` is the id as the caller named it; where it is stored depends on the caller
+    /// (`Caller::local_key`).
     pub(super) fn write_local_in(
         &self,
-        local_id: &str,
+        named_id: &str,
         doc: IncomingDoc,
+        caller: &Caller,
         bs: &mut super::write::BatchState,
     ) -> DbResult<String> {
+        let stored = caller.local_key(named_id)?;
+        let local_id = stored.as_str();
         if !doc.atts.is_empty() {
             return Err(DbError::BadRequest(
                 "_local documents do not accept attachments.".into(),
@@ -41,7 +47,7 @@ impl Database {
                 .ok_or_else(|| DbError::BadRequest("Invalid rev format".into()))?,
             (None, None) => 0,
         };
-        let full_id = format!("_local/{local_id}");
+        let full_id = format!("_local/{named_id}");
         if doc.deleted {
             if current.is_none() {
                 return Err(DbError::missing());
@@ -54,6 +60,17 @@ impl Database {
         if size > self.limits.max_doc_size {
             return Err(DbError::DocTooLarge(full_id));
         }
+        if let Some(prefix) = caller.reader_prefix() {
+            // A reader keeps checkpoints, not data: small documents, a few of them.
+            if size > READER_LOCAL_MAX_BYTES {
+                return Err(DbError::DocTooLarge(full_id));
+            }
+            if current.is_none() && self.count_locals(&prefix, bs)? >= READER_LOCAL_MAX_DOCS {
+                return Err(DbError::Forbidden(format!(
+                    "A read-only peer may keep at most {READER_LOCAL_MAX_DOCS} _local documents."
+                )));
+            }
+        }
         let rev = format!("0-{}", n + 1);
         let mut body = doc.body;
         body.insert("_id".into(), json!(full_id));
@@ -64,15 +81,37 @@ impl Database {
         Ok(rev)
     }
 
-    pub fn get_local(&self, local_id: &str) -> DbResult<Value> {
+    /// Stored local documents under `prefix`, counting this batch's own writes.
+    fn count_locals(&self, prefix: &str, bs: &super::write::BatchState) -> DbResult<usize> {
+        let mut n = 0;
+        for r in bs.data.locals_with_prefix(prefix) {
+            let (id, _) = r?;
+            if !matches!(bs.locals.get(&id), Some(None)) {
+                n += 1;
+            }
+        }
+        n += bs
+            .locals
+            .iter()
+            .filter(|(k, v)| v.is_some() && k.starts_with(prefix))
+            .filter(|(k, _)| bs.data.local(k).ok().flatten().is_none())
+            .count();
+        Ok(n)
+    }
+
+    pub fn get_local(&self, local_id: &str, caller: &Caller) -> DbResult<Value> {
         self.check_alive()?;
-        self.data().local(local_id)?.ok_or_else(DbError::missing)
+        let stored = caller.local_key(local_id)?;
+        let mut doc = self.data().local(&stored)?.ok_or_else(DbError::missing)?;
+        doc["_id"] = json!(format!("_local/{local_id}"));
+        Ok(doc)
     }
 
     pub async fn delete_local(
         self: &Arc<Self>,
         local_id: &str,
         rev: Option<String>,
+        caller: &Caller,
     ) -> DbResult<DocResult> {
         // `0-N` is no `Rev`: only the raw form is set.
         let doc = IncomingDoc {
@@ -80,9 +119,7 @@ impl Database {
             deleted: true,
             ..IncomingDoc::edit(format!("_local/{local_id}"), None)
         };
-        let mut r = self
-            .write_docs(vec![Ok(doc)], true, &super::admin_ctx(&self.name))
-            .await?;
+        let mut r = self.write_docs(vec![Ok(doc)], true, caller).await?;
         r.pop().ok_or_else(|| DbError::Internal("no result".into()))
     }
 
@@ -92,6 +129,9 @@ impl Database {
         let mut rows = Vec::new();
         for r in self.data().locals() {
             let (id, doc) = r?;
+            if is_namespaced(&id) {
+                continue;
+            }
             let rev = doc.get("_rev").cloned().unwrap_or(Value::Null);
             rows.push(json!({"id": format!("_local/{id}"), "key": format!("_local/{id}"), "value": {"rev": rev}}));
         }

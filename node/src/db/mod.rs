@@ -1,6 +1,7 @@
 //! The operations of databases: the node's registry of databases and, per database, writes,
 //! reads, the changes feed, local documents and compaction. Speaks to `store`, never to sled.
 
+mod access;
 mod changes;
 mod compact;
 mod error;
@@ -11,15 +12,16 @@ mod resolve;
 mod views;
 mod write;
 
+pub use access::{admin_ctx, Caller, Level};
 pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
 pub use error::{DbError, DbResult};
 pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
-pub use write::{admin_ctx, doc_input, DocInput, DocResult};
+pub use write::{doc_input, DocInput, DocResult};
 
 use crate::store::{DbStore, Store};
 use rand::RngCore;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,6 +35,8 @@ pub const DEFAULT_REVS_LIMIT: u64 = 1000;
 pub struct Limits {
     /// Largest JSON body of one document, in bytes (CouchDB's `max_document_size`).
     pub max_doc_size: usize,
+    /// Largest attachment, in bytes, as stored (after gzip is decoded).
+    pub max_att_size: usize,
     /// Sandbox limits of design-document plugins.
     pub plugins: crate::plugins::Limits,
 }
@@ -41,6 +45,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_doc_size: 8_000_000,
+            max_att_size: 256 << 20,
             plugins: crate::plugins::Limits::default(),
         }
     }
@@ -55,6 +60,10 @@ pub struct Node {
     /// Serialises create/delete so a name is never half created.
     admin_lock: Mutex<()>,
     host: Arc<crate::plugins::Host>,
+    /// Bumped whenever some `_security` changes or a database comes or goes.
+    security_epoch: Arc<AtomicU64>,
+    /// The keys some `_security` names, as of an epoch.
+    peer_keys: Mutex<(u64, Arc<HashSet<String>>)>,
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -104,7 +113,35 @@ impl Node {
             limits,
             admin_lock: Mutex::new(()),
             host,
+            security_epoch: Arc::new(AtomicU64::new(1)),
+            peer_keys: Mutex::new((0, Arc::default())),
         }))
+    }
+
+    /// Every key some database's `_security` names, at any level. Recomputed only after a
+    /// `_security` write or a database created or deleted.
+    pub fn peer_keys(&self) -> Arc<HashSet<String>> {
+        let epoch = self.security_epoch.load(Ordering::SeqCst);
+        if let Ok(c) = self.peer_keys.lock() {
+            if c.0 == epoch {
+                return c.1.clone();
+            }
+        }
+        let mut keys = HashSet::new();
+        for name in self.all_dbs() {
+            let Ok(sec) = self.db(&name).and_then(|db| db.security()) else {
+                continue;
+            };
+            for section in ["admins", "members", "readers"] {
+                let names = sec[section]["names"].as_array().into_iter().flatten();
+                keys.extend(names.filter_map(|n| n.as_str()).map(str::to_string));
+            }
+        }
+        let keys = Arc::new(keys);
+        if let Ok(mut c) = self.peer_keys.lock() {
+            *c = (epoch, keys.clone());
+        }
+        keys
     }
 
     pub fn uuid(&self) -> &str {
@@ -153,6 +190,7 @@ impl Node {
             data,
             self.limits.clone(),
             self.host.clone(),
+            self.security_epoch.clone(),
         )?);
         self.dbs
             .write()
@@ -187,6 +225,7 @@ impl Node {
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
         let db = self.register(name, data)?;
+        self.security_epoch.fetch_add(1, Ordering::SeqCst);
         tracing::info!(db = name, "database created");
         Ok(db)
     }
@@ -201,6 +240,7 @@ impl Node {
         if !self.store.drop_database(name)? {
             return Err(DbError::NotFound("Database does not exist.".into()));
         }
+        self.security_epoch.fetch_add(1, Ordering::SeqCst);
         tracing::info!(db = name, "database deleted");
         Ok(())
     }
@@ -233,6 +273,8 @@ pub struct Database {
     updates: watch::Sender<u64>,
     compact_running: AtomicBool,
     deleted: AtomicBool,
+    /// The node's count of `_security` changes (`Node::peer_keys` caches by it).
+    security_epoch: Arc<AtomicU64>,
     limits: Limits,
     host: Arc<crate::plugins::Host>,
     /// The compiled design documents, replaced as a whole when one changes.
@@ -247,6 +289,7 @@ impl Database {
         data: DbStore,
         limits: Limits,
         host: Arc<crate::plugins::Host>,
+        security_epoch: Arc<AtomicU64>,
     ) -> DbResult<Database> {
         let update_seq: u64 = data.meta("update_seq")?.unwrap_or(0);
         let doc_count: u64 = data.meta("doc_count")?.unwrap_or(0);
@@ -271,6 +314,7 @@ impl Database {
             plugins: RwLock::new(Arc::default()),
             resolver_stats: Default::default(),
             views: Default::default(),
+            security_epoch,
         }
         .with_plugins())
     }
@@ -388,7 +432,9 @@ impl Database {
                 }
             }
         }
-        self.put_meta("security", &sec).await
+        self.put_meta("security", &sec).await?;
+        self.security_epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn put_meta<T: serde::Serialize>(&self, name: &str, v: &T) -> DbResult<()> {

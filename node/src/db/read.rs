@@ -61,6 +61,7 @@ pub struct AllDocsQuery {
     pub update_seq: bool,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BulkGetItem {
     pub id: Option<String>,
     pub rev: Option<String>,
@@ -211,6 +212,10 @@ impl Database {
                             .flatten()
                             .unwrap_or_default();
                         a["data"] = json!(base64::engine::general_purpose::STANDARD.encode(data));
+                        // CouchDB gives no `length` beside inline `data`.
+                        if let Some(m) = a.as_object_mut() {
+                            m.remove("length");
+                        }
                     }
                     (true, AttMode::Follows) => {
                         a["follows"] = json!(true);
@@ -340,48 +345,57 @@ impl Database {
         Ok(Value::Object(out))
     }
 
-    /// `_bulk_get`: one result per requested item, in order.
-    pub fn bulk_get(&self, items: Vec<BulkGetItem>, opts: &DocOptions) -> DbResult<Value> {
+    /// One `_bulk_get` item: per revision the rendered document or an error member.
+    pub fn bulk_get_item(
+        &self,
+        item: &BulkGetItem,
+        opts: &DocOptions,
+    ) -> DbResult<Vec<Result<RevisionOut, Value>>> {
         self.check_alive()?;
+        let Some(id) = &item.id else {
+            return Ok(vec![Err(
+                json!({"error": {"id": null, "rev": null, "error": "illegal_docid", "reason": "missing document id"}}),
+            )]);
+        };
+        let err = |rev: &str, e: &str, reason: &str| json!({"error": {"id": id, "rev": rev, "error": e, "reason": reason}});
+        let mut o = opts.clone();
+        if item.atts_since.is_some() {
+            o.atts_since = item.atts_since.clone();
+        }
+        let which = match &item.rev {
+            None => OpenRevs::All,
+            Some(r) => match Rev::parse(r) {
+                Some(r) => OpenRevs::List(vec![r]),
+                None => return Ok(vec![Err(err(r, "bad_request", "Invalid rev format"))]),
+            },
+        };
+        match self.open_revs(id, &which, &o) {
+            Ok(revs) => Ok(revs
+                .into_iter()
+                .map(|r| r.map_err(|rev| err(&rev, "not_found", "missing")))
+                .collect()),
+            Err(DbError::NotFound(_)) => Ok(vec![Err(err(
+                item.rev.as_deref().unwrap_or("undefined"),
+                "not_found",
+                "missing",
+            ))]),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `_bulk_get` as one JSON value (the replicator's local endpoint; HTTP streams instead).
+    pub fn bulk_get(&self, items: Vec<BulkGetItem>, opts: &DocOptions) -> DbResult<Value> {
         let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let Some(id) = item.id else {
-                results.push(json!({"id": null, "docs": [{"error": {"id": null, "rev": null, "error": "illegal_docid", "reason": "missing document id"}}]}));
-                continue;
-            };
-            let err = |rev: &str, e: &str, reason: &str| json!({"error": {"id": id, "rev": rev, "error": e, "reason": reason}});
-            let mut o = opts.clone();
-            if item.atts_since.is_some() {
-                o.atts_since = item.atts_since.clone();
-            }
-            let which = match &item.rev {
-                None => OpenRevs::All,
-                Some(r) => match Rev::parse(r) {
-                    Some(r) => OpenRevs::List(vec![r]),
-                    None => {
-                        results.push(json!({"id": id, "docs": [err(r, "bad_request", "Invalid rev format")]}));
-                        continue;
-                    }
-                },
-            };
-            let docs: Vec<Value> = match self.open_revs(&id, &which, &o) {
-                Ok(revs) => revs
-                    .into_iter()
-                    .map(|r| match r {
-                        Ok(out) => json!({"ok": Value::Object(out.doc)}),
-                        Err(rev) => err(&rev, "not_found", "missing"),
-                    })
-                    .collect(),
-                Err(DbError::NotFound(_)) => {
-                    vec![err(
-                        item.rev.as_deref().unwrap_or("undefined"),
-                        "not_found",
-                        "missing",
-                    )]
-                }
-                Err(e) => return Err(e),
-            };
-            results.push(json!({"id": id, "docs": docs}));
+            let docs: Vec<Value> = self
+                .bulk_get_item(&item, opts)?
+                .into_iter()
+                .map(|r| match r {
+                    Ok(out) => json!({"ok": Value::Object(out.doc)}),
+                    Err(e) => e,
+                })
+                .collect();
+            results.push(json!({"id": item.id, "docs": docs}));
         }
         Ok(json!({ "results": results }))
     }

@@ -1,8 +1,9 @@
 //! Writes: interactive edits (`new_edits=true`) and replicated ones (`new_edits=false`),
 //! one atomic batch and one shared flush per request.
 
+use super::access::Caller;
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
-use crate::doc::parse::{parse_doc, AttInput, IncomingAtt, IncomingDoc};
+use crate::doc::parse::{parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
 use crate::store::{AttMeta, DbStore, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
@@ -35,22 +36,31 @@ pub(super) struct BatchState {
     /// the store), for compiling WASM modules.
     fresh: HashMap<String, Vec<u8>>,
     ddoc_written: bool,
+    /// Time spent in validators during this hold of the write lock.
+    validating: std::time::Duration,
 }
 
-/// Who writes, and what validators see: `userCtx`, `secObj` and the design documents in force.
+/// What one hold of the write lock applied.
+struct Hold {
+    results: Vec<DocResult>,
+    ticket: crate::store::Ticket,
+    /// `update_seq`, `doc_count`, `doc_del_count` after the batch.
+    counts: (u64, u64, u64),
+    /// The generation written to.
+    data: DbStore,
+    ddoc_written: bool,
+}
+
+/// Who writes (their level decides what they may write; validators see their `userCtx`),
+/// `secObj` and the design documents in force.
 pub(super) struct WriteCtx {
-    user_ctx: Value,
+    pub(super) caller: Caller,
     sec_obj: Value,
     plugins: Arc<crate::plugins::DbPlugins>,
     /// Write only if this document's live leaves are still these (conflict resolutions).
     expect_leaves: Option<(String, Vec<Rev>)>,
     /// All documents or none: one refusal cancels the batch (conflict resolutions).
     atomic: bool,
-}
-
-/// `userCtx` of the node's own writes (replicator, `_replicator` manager, dev folder).
-pub fn admin_ctx(db: &str) -> Value {
-    serde_json::json!({"db": db, "name": null, "roles": ["_admin"]})
 }
 
 /// A revision as validators see it: body plus `_id`, `_rev`, `_revisions`, `_deleted` and
@@ -105,25 +115,25 @@ impl Database {
         self: &Arc<Self>,
         docs: Vec<Value>,
         new_edits: bool,
-        user_ctx: &Value,
+        caller: &Caller,
     ) -> DbResult<Vec<DocResult>> {
         let parsed = docs.into_iter().map(doc_input).collect();
-        self.write_docs(parsed, new_edits, user_ctx).await
+        self.write_docs(parsed, new_edits, caller).await
     }
 
-    /// Writes already parsed documents (multipart bodies arrive this way).
-    /// `user_ctx` is what validators see as `userCtx`.
+    /// Writes already parsed documents (multipart bodies arrive this way) as `caller`: the one
+    /// write path every route and the replicator go through.
     pub async fn write_docs(
         self: &Arc<Self>,
         docs: Vec<DocInput>,
         new_edits: bool,
-        user_ctx: &Value,
+        caller: &Caller,
     ) -> DbResult<Vec<DocResult>> {
-        let ctx = self.write_ctx(user_ctx)?;
+        let ctx = self.write_ctx(caller)?;
         self.write_with(docs, new_edits, ctx).await
     }
 
-    pub(super) fn write_ctx(&self, user_ctx: &Value) -> DbResult<WriteCtx> {
+    pub(super) fn write_ctx(&self, caller: &Caller) -> DbResult<WriteCtx> {
         self.check_alive()?;
         let plugins = self.plugins();
         let sec_obj = if plugins.has_validators() {
@@ -132,7 +142,7 @@ impl Database {
             Value::Null
         };
         Ok(WriteCtx {
-            user_ctx: user_ctx.clone(),
+            caller: caller.clone(),
             sec_obj,
             plugins,
             expect_leaves: None,
@@ -149,7 +159,7 @@ impl Database {
         leaves: Vec<Rev>,
         docs: Vec<IncomingDoc>,
     ) -> DbResult<bool> {
-        let mut ctx = self.write_ctx(&admin_ctx(&self.name))?;
+        let mut ctx = self.write_ctx(&Caller::node(&self.name))?;
         ctx.expect_leaves = Some((id.to_string(), leaves));
         ctx.atomic = true;
         let results = self
@@ -158,50 +168,68 @@ impl Database {
         Ok(!results.is_empty())
     }
 
+    /// Applies `docs` in as few lock holds as possible: a hold ends early (its batch applied,
+    /// the lock released for other writers, the rest in a new hold) once validators have used
+    /// the plugin time limit in it, so no plugin keeps the database's writes waiting past that.
     async fn write_with(
         self: &Arc<Self>,
         docs: Vec<DocInput>,
         new_edits: bool,
         ctx: WriteCtx,
     ) -> DbResult<Vec<DocResult>> {
-        let this = self.clone();
-        let (results, ticket, (seq, docs, deleted), data, ddoc_written) =
-            tokio::task::spawn_blocking(move || this.write_blocking(docs, new_edits, &ctx))
-                .await
-                .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
-        data.durable(ticket).await?;
-        if ddoc_written {
+        let ctx = Arc::new(ctx);
+        let mut pending: std::collections::VecDeque<DocInput> = docs.into();
+        let mut results = Vec::with_capacity(pending.len());
+        loop {
             let this = self.clone();
-            let _ = tokio::task::spawn_blocking(move || this.reload_plugins()).await;
+            let c = ctx.clone();
+            let (hold, rest) = tokio::task::spawn_blocking(move || {
+                let mut p = pending;
+                this.write_blocking(&mut p, new_edits, &c).map(|h| (h, p))
+            })
+            .await
+            .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
+            hold.data.durable(hold.ticket).await?;
+            if hold.ddoc_written {
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.reload_plugins()).await;
+            }
+            let (seq, docs, deleted) = hold.counts;
+            self.updates.send_modify(|s| *s = (*s).max(seq));
+            // After the feed moved: whoever sees the counts finds the documents in `_changes`.
+            self.publish_counts(seq, docs, deleted);
+            results.extend(hold.results);
+            if rest.is_empty() {
+                return Ok(results);
+            }
+            pending = rest;
         }
-        self.updates.send_modify(|s| *s = (*s).max(seq));
-        // After the feed moved: whoever sees the counts finds the documents in `_changes`.
-        self.publish_counts(seq, docs, deleted);
-        Ok(results)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// One hold of the write lock: takes documents from the front of `docs` and applies them
+    /// as one batch.
     fn write_blocking(
         &self,
-        docs: Vec<DocInput>,
+        docs: &mut std::collections::VecDeque<DocInput>,
         new_edits: bool,
         ctx: &WriteCtx,
-    ) -> DbResult<(
-        Vec<DocResult>,
-        crate::store::Ticket,
-        (u64, u64, u64),
-        DbStore,
-        bool,
-    )> {
+    ) -> DbResult<Hold> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
         let data = self.data();
         if let Some((id, expected)) = &ctx.expect_leaves {
             let live = data.doc_info(id)?.unwrap_or_default().tree.live_leaves();
             if live != *expected {
+                docs.clear();
                 let ticket = data.apply(WriteBatch::new())?;
                 let counts = (st.update_seq, st.doc_count, st.doc_del_count);
-                return Ok((Vec::new(), ticket, counts, data, false));
+                return Ok(Hold {
+                    results: Vec::new(),
+                    ticket,
+                    counts,
+                    data,
+                    ddoc_written: false,
+                });
             }
         }
         let before = *st;
@@ -214,9 +242,11 @@ impl Database {
             changed: false,
             fresh: HashMap::new(),
             ddoc_written: false,
+            validating: std::time::Duration::ZERO,
         };
         let mut results = Vec::with_capacity(docs.len());
-        for doc in docs {
+        let budget = self.limits.plugins.timeout;
+        while let Some(doc) = docs.pop_front() {
             let res = match doc {
                 Err((id, e)) => Err((id, None, e)),
                 Ok(doc) => {
@@ -240,6 +270,10 @@ impl Database {
                 }
             }
             results.push(res);
+            if !ctx.atomic && bs.validating >= budget {
+                // Let other writers in; the rest of the documents go in the next hold.
+                break;
+            }
         }
         if bs.changed {
             bs.batch.put_meta("update_seq", &st.update_seq);
@@ -248,7 +282,13 @@ impl Database {
         }
         let ticket = bs.data.apply(bs.batch)?;
         let counts = (st.update_seq, st.doc_count, st.doc_del_count);
-        Ok((results, ticket, counts, bs.data, bs.ddoc_written))
+        Ok(Hold {
+            results,
+            ticket,
+            counts,
+            data: bs.data,
+            ddoc_written: bs.ddoc_written,
+        })
     }
 
     fn load_info(&self, id: &str, bs: &BatchState) -> DbResult<DocInfo> {
@@ -289,10 +329,13 @@ impl Database {
                 ))
             }
         };
+        // Every route and the replicator end here: ids are checked after all decoding.
+        validate_doc_id(&id)?;
         if let Some(local_id) = id.strip_prefix("_local/") {
-            let rev = self.write_local_in(local_id, doc, bs)?;
+            let rev = self.write_local_in(local_id, doc, &ctx.caller, bs)?;
             return Ok((id, rev));
         }
+        ctx.caller.check_doc_write(&id)?;
         if doc.bad_rev {
             return Err(DbError::BadRequest("Invalid rev format".into()));
         }
@@ -372,7 +415,10 @@ impl Database {
                 }
                 bs.ddoc_written = true;
             }
-            if ctx.plugins.has_validators() {
+            // Design documents are not passed to validators (CouchDB): only admins write
+            // them, and a validator that refuses everything must stay removable.
+            if ctx.plugins.has_validators() && !id.starts_with("_design/") {
+                let started = std::time::Instant::now();
                 let new_doc = doc_json(&id, &new_rev, &path, doc.deleted, &doc.body, &atts);
                 let old_doc = match &old_winner {
                     Some(w) if !w.deleted => match self.load_body(&id, &info, &w.rev, bs)? {
@@ -381,13 +427,15 @@ impl Database {
                     },
                     _ => Value::Null,
                 };
-                self.validate(
+                let verdict = self.validate(
                     &ctx.plugins,
                     &new_doc,
                     &old_doc,
-                    &ctx.user_ctx,
+                    &ctx.caller.user_ctx,
                     &ctx.sec_obj,
-                )?;
+                );
+                bs.validating += started.elapsed();
+                verdict?;
             }
         }
         match info.tree.merge_path(new_rev.pos, &path, doc.deleted) {
@@ -449,10 +497,18 @@ impl Database {
         for (name, att) in incoming {
             let meta = match att.input {
                 AttInput::Data(bytes) => {
+                    let max = self.limits.max_att_size;
                     let bytes = match att.encoding.as_deref() {
-                        Some("gzip") => gunzip(&bytes).map_err(|_| {
-                            DbError::BadRequest(format!("Attachment {name} is not valid gzip"))
-                        })?,
+                        Some("gzip") => match gunzip(&bytes, max) {
+                            Ok(Some(b)) => b,
+                            Ok(None) => return Err(DbError::AttTooLarge(name)),
+                            Err(_) => {
+                                return Err(DbError::BadRequest(format!(
+                                    "Attachment {name} is not valid gzip"
+                                )))
+                            }
+                        },
+                        _ if bytes.len() > max => return Err(DbError::AttTooLarge(name)),
                         _ => bytes,
                     };
                     let digest = att_digest(&bytes);
@@ -507,7 +563,7 @@ impl Database {
         name: &str,
         content_type: &str,
         data: Vec<u8>,
-        user_ctx: &Value,
+        caller: &Caller,
     ) -> DbResult<String> {
         let mut doc = self.doc_for_attachment_edit(id, rev)?;
         doc.atts.insert(
@@ -521,7 +577,7 @@ impl Database {
                 encoding: None,
             },
         );
-        self.single_write(doc, user_ctx).await
+        self.single_write(doc, caller).await
     }
 
     pub async fn delete_attachment(
@@ -529,7 +585,7 @@ impl Database {
         id: &str,
         rev: Option<Rev>,
         name: &str,
-        user_ctx: &Value,
+        caller: &Caller,
     ) -> DbResult<String> {
         if rev.is_none() {
             return Err(DbError::Conflict);
@@ -538,15 +594,11 @@ impl Database {
         if doc.atts.remove(name).is_none() {
             return Err(DbError::NotFound("Document is missing attachment".into()));
         }
-        self.single_write(doc, user_ctx).await
+        self.single_write(doc, caller).await
     }
 
-    async fn single_write(
-        self: &Arc<Self>,
-        doc: IncomingDoc,
-        user_ctx: &Value,
-    ) -> DbResult<String> {
-        let mut res = self.write_docs(vec![Ok(doc)], true, user_ctx).await?;
+    async fn single_write(self: &Arc<Self>, doc: IncomingDoc, caller: &Caller) -> DbResult<String> {
+        let mut res = self.write_docs(vec![Ok(doc)], true, caller).await?;
         match res.pop() {
             Some(Ok((_, rev))) => Ok(rev),
             Some(Err((_, _, e))) => Err(e),
@@ -585,8 +637,18 @@ impl Database {
     }
 }
 
-fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
+/// Decodes gzip, or `None` when the result would be over `max` bytes. The size is measured in a
+/// first pass that keeps nothing, so a compression bomb costs CPU, never memory.
+fn gunzip(bytes: &[u8], max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let limit = max as u64 + 1;
+    let size = std::io::copy(
+        &mut flate2::read::GzDecoder::new(bytes).take(limit),
+        &mut std::io::sink(),
+    )?;
+    if size >= limit {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(size as usize);
     flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
-    Ok(out)
+    Ok(Some(out))
 }

@@ -97,4 +97,47 @@ mod tests {
         assert_ne!(h1, hash_rev(None, false, &body, &[]));
         assert_ne!(h1, hash_rev(Some(&p), false, &body, &[("x", "md5-1")]));
     }
+
+    /// Revision ids must never change between versions: nodes on different versions have to
+    /// give the same edit the same id to converge. These were computed independently (md5 of
+    /// the canonical JSON `[parent, deleted, body, [[name, digest]…]]`).
+    #[test]
+    fn golden_revision_ids() {
+        let body = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let cases = [
+            (
+                None,
+                false,
+                body(serde_json::json!({"a": 1})),
+                vec![],
+                "13cf90b4667798f88f0f9689b4dda143",
+            ),
+            (
+                Some(Rev::new(1, "967a00dff5e02add41819138abb3284d")),
+                false,
+                body(
+                    serde_json::json!({"title": "hello", "tags": ["x", "y"], "n": {"z": null, "b": true}}),
+                ),
+                vec![],
+                "ad5f45e6f2e2f1240d4314497f132145",
+            ),
+            (
+                Some(Rev::new(2, "7051cbe5c8faecd085a3fa619e6e6337")),
+                true,
+                Map::new(),
+                vec![],
+                "64f26f21e710f1f063e4fb15eef9a5d1",
+            ),
+            (
+                None,
+                false,
+                body(serde_json::json!({"text": "h\u{e9}llo \u{2603}"})),
+                vec![("photo.jpg", "md5-XrY7u+Ae7tCTyyK7j1rNww==")],
+                "0955aaa55ff5f2b719ee062ba9295626",
+            ),
+        ];
+        for (parent, deleted, body, atts, want) in cases {
+            assert_eq!(hash_rev(parent.as_ref(), deleted, &body, &atts), want);
+        }
+    }
 }

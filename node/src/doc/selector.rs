@@ -129,7 +129,8 @@ impl Selector {
     }
 
     pub fn matches(&self, doc: &Value) -> bool {
-        match_object(doc, self.0.as_object().expect("checked at parse"))
+        // `parse` only accepts objects.
+        self.0.as_object().is_some_and(|m| match_object(doc, m))
     }
 }
 
@@ -219,7 +220,8 @@ fn operator(v: Option<&Value>, op: &str, arg: &Value) -> bool {
             ) else {
                 return false;
             };
-            d != 0 && n % d == r
+            // `wrapping_rem`: `i64::MIN % -1` overflows (a panic with `%`); its remainder is 0.
+            d != 0 && n.wrapping_rem(d) == r
         }
         "$all" => v.and_then(Value::as_array).is_some_and(|a| {
             arg.as_array().is_some_and(|want| {
@@ -301,6 +303,107 @@ mod tests {
         ];
         for w in order.windows(2) {
             assert_eq!(collate(&w[0], &w[1]), Ordering::Less, "{} < {}", w[0], w[1]);
+        }
+    }
+
+    mod random {
+        use super::super::Selector;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        fn number() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(json!(i64::MIN)),
+                Just(json!(i64::MAX)),
+                Just(json!(u64::MAX)),
+                Just(json!(-1)),
+                Just(json!(0)),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|f| json!(f)),
+            ]
+        }
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                number(),
+                "[a-c.$]{0,4}".prop_map(Value::String),
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            scalar().prop_recursive(4, 32, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-c]{1,2}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const OPS: &[&str] = &[
+            "$eq",
+            "$ne",
+            "$gt",
+            "$gte",
+            "$lt",
+            "$lte",
+            "$in",
+            "$nin",
+            "$exists",
+            "$type",
+            "$size",
+            "$mod",
+            "$all",
+            "$elemMatch",
+            "$allMatch",
+            "$keyMapMatch",
+            "$not",
+            "$and",
+            "$or",
+            "$nor",
+            "$regex",
+        ];
+
+        fn selector() -> impl Strategy<Value = Value> {
+            let leaf = (
+                prop::sample::select(OPS),
+                json_value(),
+                "[a-c]{1,2}(\\.[a-c0-9])?",
+            )
+                .prop_map(|(op, arg, field)| {
+                    let arg = if op == "$mod" {
+                        json!([arg.clone(), arg])
+                    } else {
+                        arg
+                    };
+                    json!({ field: { op: arg } })
+                });
+            leaf.prop_recursive(3, 16, 3, |inner| {
+                (
+                    prop::sample::select(&["$and", "$or", "$nor"][..]),
+                    prop::collection::vec(inner.clone(), 1..3),
+                )
+                    .prop_map(|(op, subs)| json!({ op: subs }))
+            })
+        }
+
+        proptest! {
+            /// No selector and document, however odd, panics `matches`.
+            #[test]
+            fn matching_never_panics(sel in selector(), doc in json_value(), n in number()) {
+                if let Ok(s) = Selector::parse(&sel) {
+                    let _ = s.matches(&doc);
+                    let _ = s.matches(&json!({"a": n, "b": [n], "c": {"a": n}}));
+                }
+            }
+        }
+
+        #[test]
+        fn mod_of_the_smallest_integer_by_minus_one() {
+            let s = Selector::parse(&json!({"n": {"$mod": [-1, 0]}})).unwrap();
+            assert!(s.matches(&json!({ "n": i64::MIN })));
         }
     }
 }

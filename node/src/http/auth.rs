@@ -8,7 +8,9 @@
 //! `admins.names` → admin, `members.names` → write, `readers.names` → read.
 
 use super::error::{ApiError, ApiResult};
+use super::routes::{Kind, Route};
 use super::{AppState, HttpConfig, Req};
+pub use crate::db::Level;
 use crate::peer::listener::PeerKeyId;
 use axum::http::{header, Extensions, HeaderMap, Method};
 use base64::Engine;
@@ -21,17 +23,6 @@ pub enum Principal {
     /// A peer, by the key id of its client certificate.
     Peer(String),
     Anonymous,
-}
-
-/// What a peer may do on one database, in increasing order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    /// Pull: reads, `_changes`, `_revs_diff`, `_bulk_get`, `_local` checkpoints.
-    Read,
-    /// Read plus document writes.
-    Write,
-    /// Write plus design documents and `_security`.
-    Admin,
 }
 
 /// What a route needs.
@@ -67,12 +58,13 @@ pub fn principal(headers: &HeaderMap, ext: &Extensions, cfg: &HttpConfig) -> Pri
     else {
         return Principal::Anonymous;
     };
-    let Some(b64) = v
-        .strip_prefix("Basic ")
-        .or_else(|| v.strip_prefix("basic "))
-    else {
+    // The scheme name is case-insensitive (RFC 9110).
+    let Some((scheme, b64)) = v.trim_start().split_once(' ') else {
         return Principal::Anonymous;
     };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Principal::Anonymous;
+    }
     let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
         return Principal::Anonymous;
     };
@@ -87,56 +79,41 @@ pub fn principal(headers: &HeaderMap, ext: &Extensions, cfg: &HttpConfig) -> Pri
     }
 }
 
+/// Compares digests of the two, so neither the content nor the length of the secret shows in
+/// the time taken.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::Digest;
+    let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }
 
-fn classify(r: &Req) -> Need {
-    let m = &r.method;
+/// What a route needs, by kind and method. Which documents a caller may write (design
+/// documents, `_local` namespaces) is decided below, in the write path (`db::Caller`).
+fn classify(route: &Route, m: &Method) -> Need {
+    use Kind::*;
     let read_method = matches!(*m, Method::GET | Method::HEAD);
-    let segs: Vec<&str> = r.segments.iter().map(String::as_str).collect();
-    let db = |level| Need::Db(segs[0].to_string(), level);
-    match segs.as_slice() {
-        [] => Need::Open,
-        ["_session"] => Need::Open,
-        ["_up"] => Need::LoopbackOpen,
-        [first, ..] if first.starts_with('_') => Need::NodeAdmin,
-        [_] if read_method => db(Level::Read),
-        [_] if *m == Method::POST => db(Level::Write),
-        [_] => Need::NodeAdmin,
-        [_, "_all_docs"
-        | "_changes"
-        | "_bulk_get"
-        | "_revs_diff"
-        | "_local_docs"
-        | "_ensure_full_commit"] => db(Level::Read),
-        [_, "_local", ..] => db(Level::Read),
-        [_, "_revs_limit"] if read_method => db(Level::Read),
-        [_, "_revs_limit" | "_security" | "_compact" | "_view_cleanup", ..] => db(Level::Admin),
-        [_, "_bulk_docs"] => db(Level::Write),
-        [_, "_design", ..] if read_method => db(Level::Read),
-        // A view query with its parameters in a POST body is a read.
-        [_, "_design", _, "_view", _] if *m == Method::POST => db(Level::Read),
-        [_, "_design", ..] => db(Level::Admin),
-        // `_design%2Fname` as one segment (CouchDB accepts it, so the router does too).
-        [_, id, ..] if id.starts_with("_design/") && !read_method => db(Level::Admin),
-        [_, ..] if read_method => db(Level::Read),
-        [_, ..] if m.as_str() == "COPY" => {
-            let to_design = r
-                .headers
-                .get("destination")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|d| d.starts_with("_design/") || d.starts_with("_design%2F"));
-            db(if to_design {
-                Level::Admin
-            } else {
-                Level::Write
-            })
+    let db = |level| Need::Db(route.db.clone(), level);
+    match route.kind {
+        Root | Session => Need::Open,
+        Up => Need::LoopbackOpen,
+        AllDbs | Uuids | ActiveTasks | Replicate | SchedulerJobs => Need::NodeAdmin,
+        Db if read_method => db(Level::Read),
+        Db if *m == Method::POST => db(Level::Write),
+        Db => Need::NodeAdmin,
+        AllDocs | BulkGet | RevsDiff | Changes | EnsureFullCommit | View | ViewInfo => {
+            db(Level::Read)
         }
-        [_, ..] => db(Level::Write),
+        // Readers keep their own checkpoints; the write path binds them to the reader's key.
+        Local => db(Level::Read),
+        LocalDocs => db(Level::Write),
+        RevsLimit if read_method => db(Level::Read),
+        RevsLimit | Security | Compact | ViewCleanup => db(Level::Admin),
+        BulkDocs => db(Level::Write),
+        Doc | DesignDoc | Attachment | DesignAttachment if read_method => db(Level::Read),
+        Doc | DesignDoc | Attachment | DesignAttachment => db(Level::Write),
     }
 }
 
@@ -171,11 +148,18 @@ fn db_level(state: &AppState, principal: &Principal, db: &str) -> Option<Level> 
     }
 }
 
-/// The single authorization point: every request passes here before its handler runs.
-/// Returns the principal's level on the route's database, for handlers that decide per document
-/// (`_bulk_docs` and design documents).
-pub fn authorize(state: &AppState, r: &Req) -> ApiResult<Option<Level>> {
-    let need = classify(r);
+/// The single authorization point for routes: every request passes here before its handler
+/// runs. Returns the principal's level on the route's database, which travels with the
+/// request's writes (`Req::caller`) so the write path decides per document. A path that names
+/// no route answers its 400 only to an authenticated caller.
+pub fn authorize(state: &AppState, r: &Req, route: Option<&Route>) -> ApiResult<Option<Level>> {
+    let Some(route) = route else {
+        return match r.principal {
+            Principal::Anonymous => Err(ApiError::unauthorized()),
+            _ => Ok(None),
+        };
+    };
+    let need = classify(route, &r.method);
     match (&r.principal, need) {
         (Principal::Admin, _) => Ok(Some(Level::Admin)),
         (_, Need::Open) => Ok(None),

@@ -2,6 +2,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::respond::{ok, status};
+use super::stream;
 use super::{AppState, Req};
 use crate::db::{
     doc_input, AllDocsQuery, AttMode, BulkGetItem, Database, DocInput, DocOptions, DocResult,
@@ -11,6 +12,12 @@ use axum::http::{header, HeaderValue, Method};
 use axum::response::Response;
 use serde_json::{json, Value};
 use std::sync::Arc;
+
+/// Most documents one `_bulk_docs`, `_bulk_get` or `_revs_diff` takes (CouchDB's
+/// `max_bulk_docs_count` and `max_bulk_get_count` defaults).
+const MAX_BULK_COUNT: usize = 10_000;
+/// Most revisions one `_revs_diff` asks about.
+const MAX_REVS_DIFF: usize = 100_000;
 
 pub fn open(state: &AppState, name: &str) -> ApiResult<Arc<Database>> {
     Ok(state.node.db(name)?)
@@ -47,8 +54,7 @@ pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             if !doc.is_object() {
                 return Err(ApiError::bad_request("Document must be a JSON object"));
             }
-            let ctx = r.principal.user_ctx(Some(name));
-            let mut res = db.bulk_docs(vec![doc], true, &ctx).await?;
+            let mut res = db.bulk_docs(vec![doc], true, &r.caller(name)).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(super::respond::with_etag(
                     status(201, json!({"ok": true, "id": id, "rev": rev})),
@@ -87,6 +93,13 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
             "POST body must include `docs` parameter.",
         ));
     };
+    if docs.len() > MAX_BULK_COUNT {
+        return Err(crate::db::DbError::TooMany {
+            error: "max_bulk_docs_count_exceeded",
+            reason: MAX_BULK_COUNT.to_string(),
+        }
+        .into());
+    }
     let new_edits = match body.get("new_edits") {
         None => true,
         Some(Value::Bool(b)) => *b,
@@ -96,30 +109,8 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
             ))
         }
     };
-    // Design documents need the admin level, checked per document as CouchDB does.
-    let may_design = r.db_level >= Some(super::Level::Admin);
-    let inputs: Vec<DocInput> = docs
-        .into_iter()
-        .map(|d| {
-            let is_design = d
-                .get("_id")
-                .and_then(Value::as_str)
-                .is_some_and(|i| i.starts_with("_design/"));
-            if is_design && !may_design {
-                let id = d.get("_id").and_then(Value::as_str).map(str::to_string);
-                Err((
-                    id,
-                    crate::db::DbError::Forbidden(
-                        "Only database admins may write design documents.".into(),
-                    ),
-                ))
-            } else {
-                doc_input(d)
-            }
-        })
-        .collect();
-    let ctx = r.principal.user_ctx(Some(name));
-    let results = db.write_docs(inputs, new_edits, &ctx).await?;
+    let inputs: Vec<DocInput> = docs.into_iter().map(doc_input).collect();
+    let results = db.write_docs(inputs, new_edits, &r.caller(name)).await?;
     let out: Vec<Value> = results
         .iter()
         .filter(|r| new_edits || r.is_err())
@@ -138,7 +129,15 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     let Some(docs) = body.get("docs").and_then(Value::as_array) else {
         return Err(ApiError::bad_request("Missing JSON list of 'docs'."));
     };
+    if docs.len() > MAX_BULK_COUNT {
+        return Err(crate::db::DbError::TooMany {
+            error: "max_bulk_get_count_exceeded",
+            reason: MAX_BULK_COUNT.to_string(),
+        }
+        .into());
+    }
     let mut items = Vec::with_capacity(docs.len());
+    let mut seen = std::collections::HashSet::new();
     for d in docs {
         let atts_since = match d.get("atts_since") {
             Some(Value::Array(a)) => Some(
@@ -148,11 +147,16 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             ),
             _ => None,
         };
-        items.push(BulkGetItem {
+        let item = BulkGetItem {
             id: d.get("id").and_then(Value::as_str).map(str::to_string),
             rev: d.get("rev").and_then(Value::as_str).map(str::to_string),
             atts_since,
-        });
+        };
+        // The same item asked twice is answered once: a small request must not buy a
+        // large answer.
+        if seen.insert(item.clone()) {
+            items.push(item);
+        }
     }
     let flag = |k: &str| -> ApiResult<bool> {
         Ok(r.query.bool(k)? || body.get(k) == Some(&Value::Bool(true)))
@@ -160,15 +164,44 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     let opts = DocOptions {
         revs: flag("revs")?,
         latest: flag("latest")?,
+        // Attachment bytes are streamed inline by `stream::Sink::doc`.
         atts: if flag("attachments")? {
-            AttMode::Inline
+            AttMode::Follows
         } else {
             AttMode::Stub
         },
         ..Default::default()
     };
-    let out = tokio::task::block_in_place(|| db.bulk_get(items, &opts))?;
-    Ok(ok(out))
+    Ok(stream::response(
+        axum::http::StatusCode::OK,
+        "application/json",
+        db,
+        move |db, out| {
+            out.write(b"{\"results\":[")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.write(b",")?;
+                }
+                out.write(b"{\"id\":")?;
+                out.json(&item.id)?;
+                out.write(b",\"docs\":[")?;
+                let docs = db
+                    .bulk_get_item(item, &opts)
+                    .map_err(std::io::Error::other)?;
+                for (j, d) in docs.into_iter().enumerate() {
+                    if j > 0 {
+                        out.write(b",")?;
+                    }
+                    match d {
+                        Ok(rev) => stream::wrapped_doc(out, db, "ok", rev)?,
+                        Err(e) => out.json(&e)?,
+                    }
+                }
+                out.write(b"]}")?;
+            }
+            out.write(b"]}\n")
+        },
+    ))
 }
 
 pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
@@ -180,6 +213,19 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     let Value::Object(body) = r.json().await? else {
         return Err(ApiError::bad_request("Request body must be a JSON object"));
     };
+    let revs: usize = body
+        .values()
+        .map(|v| v.as_array().map_or(1, Vec::len))
+        .sum();
+    if body.len() > MAX_BULK_COUNT || revs > MAX_REVS_DIFF {
+        return Err(crate::db::DbError::TooMany {
+            error: "too_large",
+            reason: format!(
+                "_revs_diff takes at most {MAX_BULK_COUNT} documents and {MAX_REVS_DIFF} revisions"
+            ),
+        }
+        .into());
+    }
     Ok(ok(db.revs_diff(body)?))
 }
 

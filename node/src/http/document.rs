@@ -4,6 +4,7 @@ use super::database::open;
 use super::error::{ApiError, ApiResult};
 use super::multipart;
 use super::respond::{ok, status, with_etag};
+use super::stream;
 use super::{AppState, Req};
 use crate::db::{AttMode, DocOptions, OpenRevs, RevisionOut};
 use crate::doc::parse::{parse_doc, AttInput, IncomingDoc};
@@ -85,22 +86,36 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     OpenRevs::List(revs)
                 };
                 let multipart = r.accepts("multipart/mixed");
-                if multipart {
-                    // CouchDB always sends attachment bodies in multipart answers.
+                if multipart || opts.atts == AttMode::Inline {
+                    // CouchDB always sends attachment bodies in multipart answers; inline
+                    // ones are streamed into the JSON by `stream::Sink::doc`.
                     opts.atts = AttMode::Follows;
                 }
                 let results = tokio::task::block_in_place(|| db.open_revs(id, &which, &opts))?;
                 if multipart {
-                    return open_revs_multipart(&db, results);
+                    return Ok(open_revs_multipart(db, results));
                 }
-                let out: Vec<Value> = results
-                    .into_iter()
-                    .map(|r| match r {
-                        Ok(o) => json!({"ok": Value::Object(o.doc)}),
-                        Err(rev) => json!({ "missing": rev }),
-                    })
-                    .collect();
-                return Ok(ok(Value::Array(out)));
+                return Ok(stream::response(
+                    StatusCode::OK,
+                    "application/json",
+                    db,
+                    move |db, out| {
+                        out.write(b"[")?;
+                        for (i, res) in results.into_iter().enumerate() {
+                            if i > 0 {
+                                out.write(b",")?;
+                            }
+                            match res {
+                                Ok(o) => stream::wrapped_doc(out, db, "ok", o)?,
+                                Err(rev) => out.json(&json!({ "missing": rev }))?,
+                            }
+                        }
+                        out.write(b"]\n")
+                    },
+                ));
+            }
+            if opts.atts == AttMode::Inline {
+                opts.atts = AttMode::Follows;
             }
             let rev = requested_rev(r)?;
             let out = db.get_doc(id, rev.as_ref(), &opts)?;
@@ -110,21 +125,28 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            Ok(with_etag(ok(Value::Object(out.doc)), &rev_s))
+            if out.follows.is_empty() {
+                return Ok(with_etag(ok(Value::Object(out.doc)), &rev_s));
+            }
+            let resp = stream::response(StatusCode::OK, "application/json", db, move |db, w| {
+                w.doc(db, out)?;
+                w.write(b"\n")
+            });
+            Ok(with_etag(resp, &rev_s))
         }
         Method::PUT => {
             let new_edits = r.query.bool_or("new_edits", true)?;
             let mut doc = read_doc_body(r).await?;
             doc.id = Some(id.to_string());
-            crate::doc::parse::validate_doc_id(id).map_err(crate::db::DbError::from)?;
             if doc.rev.is_none() && !doc.bad_rev {
                 if let Some(rev) = requested_rev(r)? {
                     doc.raw_rev = Some(rev.to_string());
                     doc.rev = Some(rev);
                 }
             }
-            let ctx = r.principal.user_ctx(Some(db_name));
-            let mut res = db.write_docs(vec![Ok(doc)], new_edits, &ctx).await?;
+            let mut res = db
+                .write_docs(vec![Ok(doc)], new_edits, &r.caller(db_name))
+                .await?;
             match res.pop() {
                 Some(Ok((id, rev))) => {
                     let code = if r.query.get("batch") == Some("ok") {
@@ -146,8 +168,7 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 return Err(crate::db::DbError::Conflict.into());
             };
             let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
-            let ctx = r.principal.user_ctx(Some(db_name));
-            let mut res = db.bulk_docs(vec![doc], true, &ctx).await?;
+            let mut res = db.bulk_docs(vec![doc], true, &r.caller(db_name)).await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(with_etag(
                     ok(json!({"ok": true, "id": id, "rev": rev})),
@@ -209,62 +230,56 @@ async fn read_doc_body(r: &mut Req) -> ApiResult<IncomingDoc> {
     Ok(parse_doc(json).map_err(crate::db::DbError::from)?)
 }
 
+/// `open_revs` as `multipart/mixed`: one part per revision, a `multipart/related` part (the
+/// JSON, then each attachment's bytes) for revisions with attachments. Streamed.
 fn open_revs_multipart(
-    db: &crate::db::Database,
+    db: std::sync::Arc<crate::db::Database>,
     results: Vec<Result<RevisionOut, String>>,
-) -> ApiResult<Response> {
+) -> Response {
     let outer = crate::db::random_hex(16);
-    let json_ct = ("Content-Type".to_string(), "application/json".to_string());
-    let mut parts = Vec::with_capacity(results.len());
-    for res in results {
-        match res {
-            Err(rev) => parts.push((
-                vec![(
-                    "Content-Type".to_string(),
-                    "application/json; error=\"true\"".to_string(),
-                )],
-                serde_json::to_vec(&json!({ "missing": rev })).unwrap_or_default(),
-            )),
-            Ok(out) if out.follows.is_empty() => parts.push((
-                vec![json_ct.clone()],
-                serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default(),
-            )),
-            Ok(out) => {
-                let inner = crate::db::random_hex(16);
-                let mut inner_parts = vec![(
-                    vec![json_ct.clone()],
-                    serde_json::to_vec(&Value::Object(out.doc)).unwrap_or_default(),
-                )];
-                for (name, meta) in &out.follows {
-                    let data = db.attachment_bytes(&meta.digest)?;
-                    inner_parts.push((
-                        vec![
-                            (
-                                "Content-Disposition".to_string(),
-                                format!("attachment; filename=\"{name}\""),
-                            ),
-                            ("Content-Type".to_string(), meta.content_type.clone()),
-                            ("Content-Length".to_string(), data.len().to_string()),
-                        ],
-                        data,
-                    ));
+    let ctype = format!("multipart/mixed; boundary=\"{outer}\"");
+    stream::response(StatusCode::OK, &ctype, db, move |db, w| {
+        for res in results {
+            w.write(format!("--{outer}\r\n").as_bytes())?;
+            match res {
+                Err(rev) => {
+                    w.write(b"Content-Type: application/json; error=\"true\"\r\n\r\n")?;
+                    w.json(&json!({ "missing": rev }))?;
                 }
-                parts.push((
-                    vec![(
-                        "Content-Type".to_string(),
-                        format!("multipart/related; boundary=\"{inner}\""),
-                    )],
-                    multipart::build(&inner, &inner_parts),
-                ));
+                Ok(out) if out.follows.is_empty() => {
+                    w.write(b"Content-Type: application/json\r\n\r\n")?;
+                    w.json(&Value::Object(out.doc))?;
+                }
+                Ok(out) => {
+                    let inner = crate::db::random_hex(16);
+                    w.write(
+                        format!(
+                            "Content-Type: multipart/related; boundary=\"{inner}\"\r\n\r\n\
+                             --{inner}\r\nContent-Type: application/json\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )?;
+                    w.json(&Value::Object(out.doc))?;
+                    w.write(b"\r\n")?;
+                    for (name, meta) in &out.follows {
+                        w.write(
+                            format!(
+                                "--{inner}\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
+                                 Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+                                meta.content_type, meta.length
+                            )
+                            .as_bytes(),
+                        )?;
+                        w.attachment(db, meta)?;
+                        w.write(b"\r\n")?;
+                    }
+                    w.write(format!("--{inner}--").as_bytes())?;
+                }
             }
+            w.write(b"\r\n")?;
         }
-    }
-    let body = multipart::build(&outer, &parts);
-    let mut resp = Response::new(Body::from(body));
-    if let Ok(v) = HeaderValue::from_str(&format!("multipart/mixed; boundary=\"{outer}\"")) {
-        resp.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    Ok(resp)
+        w.write(format!("--{outer}--").as_bytes())
+    })
 }
 
 async fn copy(
@@ -292,8 +307,9 @@ async fn copy(
         Some(rv) => src.insert("_rev".into(), json!(rv)),
         None => src.remove("_rev"),
     };
-    let ctx = r.principal.user_ctx(Some(db.name()));
-    let mut res = db.bulk_docs(vec![Value::Object(src)], true, &ctx).await?;
+    let mut res = db
+        .bulk_docs(vec![Value::Object(src)], true, &r.caller(db.name()))
+        .await?;
     match res.pop() {
         Some(Ok((id, rev))) => Ok(with_etag(
             status(201, json!({"ok": true, "id": id, "rev": rev})),
@@ -355,8 +371,9 @@ pub async fn attachment(
             };
             crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
             let data = r.bytes().await?.to_vec();
-            let ctx = r.principal.user_ctx(Some(db_name));
-            let new_rev = db.put_attachment(id, rev, name, &ctype, data, &ctx).await?;
+            let new_rev = db
+                .put_attachment(id, rev, name, &ctype, data, &r.caller(db_name))
+                .await?;
             Ok(with_etag(
                 status(201, json!({"ok": true, "id": id, "rev": new_rev})),
                 &new_rev,
@@ -364,8 +381,9 @@ pub async fn attachment(
         }
         Method::DELETE => {
             let rev = requested_rev(r)?;
-            let ctx = r.principal.user_ctx(Some(db_name));
-            let new_rev = db.delete_attachment(id, rev, name, &ctx).await?;
+            let new_rev = db
+                .delete_attachment(id, rev, name, &r.caller(db_name))
+                .await?;
             Ok(with_etag(
                 ok(json!({"ok": true, "id": id, "rev": new_rev})),
                 &new_rev,
@@ -401,7 +419,7 @@ pub async fn local(
 ) -> ApiResult<Response> {
     let db = open(state, db_name)?;
     match r.method.clone() {
-        Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id)?)),
+        Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id, &r.caller(db_name))?)),
         Method::PUT => {
             let json = r.json().await?;
             let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
@@ -409,8 +427,9 @@ pub async fn local(
             if doc.raw_rev.is_none() {
                 doc.raw_rev = r.query.get("rev").map(str::to_string);
             }
-            let ctx = r.principal.user_ctx(Some(db_name));
-            let mut res = db.write_docs(vec![Ok(doc)], true, &ctx).await?;
+            let mut res = db
+                .write_docs(vec![Ok(doc)], true, &r.caller(db_name))
+                .await?;
             match res.pop() {
                 Some(Ok((id, rev))) => Ok(status(201, json!({"ok": true, "id": id, "rev": rev}))),
                 Some(Err((_, _, e))) => Err(e.into()),
@@ -419,7 +438,7 @@ pub async fn local(
         }
         Method::DELETE => {
             let rev = r.query.get("rev").map(str::to_string);
-            match db.delete_local(local_id, rev).await? {
+            match db.delete_local(local_id, rev, &r.caller(db_name)).await? {
                 Ok((id, rev)) => Ok(ok(json!({"ok": true, "id": id, "rev": rev}))),
                 Err((_, _, e)) => Err(e.into()),
             }

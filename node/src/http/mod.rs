@@ -10,7 +10,9 @@ mod multipart;
 mod query;
 mod replicate;
 mod respond;
+pub mod routes;
 mod server;
+mod stream;
 mod view;
 
 pub use auth::{Level, Principal};
@@ -100,6 +102,23 @@ impl Req {
         }
     }
 
+    /// Who this request writes and reads as on `db`: its principal with the level the
+    /// authorization point found. The write path decides per document from it.
+    pub fn caller(&self, db: &str) -> crate::db::Caller {
+        crate::db::Caller {
+            user_ctx: self.principal.user_ctx(Some(db)),
+            level: match self.principal {
+                Principal::Admin => Level::Admin,
+                // Anonymous requests never reach database routes; `Read` grants nothing more.
+                _ => self.db_level.unwrap_or(Level::Read),
+            },
+            peer: match &self.principal {
+                Principal::Peer(k) => Some(k.clone()),
+                _ => None,
+            },
+        }
+    }
+
     pub fn content_type(&self) -> &str {
         self.headers
             .get(header::CONTENT_TYPE)
@@ -152,20 +171,23 @@ impl Req {
     }
 }
 
-fn split_path(path: &str) -> Vec<String> {
-    let mut segs: Vec<String> = path
+/// The path's segments, each percent-decoded after splitting (so `a%2Fb` is one id); a
+/// trailing slash is dropped. Bytes that are not UTF-8 after decoding are a 400, never replaced.
+fn split_path(path: &str) -> ApiResult<Vec<String>> {
+    let mut segs = path
         .trim_start_matches('/')
         .split('/')
         .map(|s| {
             percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ApiError::bad_request("The request path is not valid UTF-8."))
         })
-        .collect();
+        .collect::<ApiResult<Vec<String>>>()?;
     if segs.last().is_some_and(String::is_empty) {
         segs.pop();
     }
-    segs
+    Ok(segs)
 }
 
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
@@ -180,9 +202,13 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         let (parts, body) = req.into_parts();
         let principal = auth::principal(&parts.headers, &parts.extensions, &state.config);
+        let segments = match split_path(parts.uri.path()) {
+            Ok(s) => s,
+            Err(e) => return e.into_response(),
+        };
         let r = Req {
             method: parts.method,
-            segments: split_path(parts.uri.path()),
+            segments,
             query: Query::parse(parts.uri.query()),
             headers: parts.headers,
             body: std::sync::Mutex::new(Some(body)),
@@ -220,53 +246,39 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 }
 
 async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
-    r.db_level = auth::authorize(state, &r)?;
-    let segs = r.segments.clone();
-    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    match segs.as_slice() {
-        [] | [""] => server::root(state, &r),
-        ["_up"] => server::up(&r),
-        ["_all_dbs"] => server::all_dbs(state, &r),
-        ["_uuids"] => server::uuids(&r),
-        ["_session"] => server::session(&r),
-        ["_active_tasks"] => replicate::active_tasks(state, &r),
-        ["_replicate"] => replicate::replicate(state, &mut r).await,
-        ["_scheduler", "jobs"] => replicate::scheduler_jobs(state, &r),
-        [name, ..] if name.starts_with('_') && !matches!(*name, "_replicator" | "_users") => {
-            Err(ApiError::new(
-                400,
-                "illegal_database_name",
-                format!("Name: '{name}'. Only lowercase characters (a-z), digits (0-9), and any of the characters _, $, (, ), +, -, and / are allowed. Must begin with a letter."),
-            ))
-        }
-        [db] => database::db_root(state, &mut r, db).await,
-        [db, "_all_docs"] => database::all_docs(state, &mut r, db).await,
-        [db, "_bulk_docs"] => database::bulk_docs(state, &mut r, db).await,
-        [db, "_bulk_get"] => database::bulk_get(state, &mut r, db).await,
-        [db, "_revs_diff"] => database::revs_diff(state, &mut r, db).await,
-        [db, "_changes"] => changes::changes(state, &mut r, db).await,
-        [db, "_ensure_full_commit"] => database::ensure_full_commit(state, &r, db),
-        [db, "_compact", ..] => database::compact(state, &r, db),
-        [db, "_view_cleanup"] => database::view_cleanup(state, &r, db),
-        [db, "_security"] => database::security(state, &mut r, db).await,
-        [db, "_revs_limit"] => database::revs_limit(state, &mut r, db).await,
-        [db, "_local_docs"] => database::local_docs(state, &r, db),
-        [db, "_local", id] => document::local(state, &mut r, db, id).await,
-        [_, "_local", ..] => Err(ApiError::bad_request("_local documents do not accept attachments.")),
-        [db, id] if id.starts_with("_design/") => document::doc(state, &mut r, db, id).await,
-        [db, "_design", name] => document::doc(state, &mut r, db, &format!("_design/{name}")).await,
-        [db, "_design", name, "_view", v] => view::view(state, &mut r, db, name, v).await,
-        [db, "_design", name, "_info"] => view::info(state, &r, db, name),
-        [db, "_design", name, att @ ..] => {
-            document::attachment(state, &mut r, db, &format!("_design/{name}"), &att.join("/")).await
-        }
-        [_, id] if id.starts_with('_') => Err(ApiError::new(
-            400,
-            "illegal_docid",
-            "Only reserved document ids may start with underscore.",
-        )),
-        [db, id] => document::doc(state, &mut r, db, id).await,
-        [db, id, att @ ..] => document::attachment(state, &mut r, db, id, &att.join("/")).await,
+    use routes::Kind::*;
+    let segs: Vec<&str> = r.segments.iter().map(String::as_str).collect();
+    let parsed = routes::Route::parse(&segs);
+    r.db_level = auth::authorize(state, &r, parsed.as_ref().ok())?;
+    let rt = parsed?;
+    let (db, id, sub) = (rt.db.as_str(), rt.id.as_str(), rt.sub.as_str());
+    let r = &mut r;
+    match rt.kind {
+        Root => server::root(state, r),
+        Up => server::up(r),
+        AllDbs => server::all_dbs(state, r),
+        Uuids => server::uuids(r),
+        Session => server::session(r),
+        ActiveTasks => replicate::active_tasks(state, r),
+        Replicate => replicate::replicate(state, r).await,
+        SchedulerJobs => replicate::scheduler_jobs(state, r),
+        Db => database::db_root(state, r, db).await,
+        AllDocs => database::all_docs(state, r, db).await,
+        BulkDocs => database::bulk_docs(state, r, db).await,
+        BulkGet => database::bulk_get(state, r, db).await,
+        RevsDiff => database::revs_diff(state, r, db).await,
+        Changes => changes::changes(state, r, db).await,
+        EnsureFullCommit => database::ensure_full_commit(state, r, db),
+        Compact => database::compact(state, r, db),
+        ViewCleanup => database::view_cleanup(state, r, db),
+        Security => database::security(state, r, db).await,
+        RevsLimit => database::revs_limit(state, r, db).await,
+        LocalDocs => database::local_docs(state, r, db),
+        Local => document::local(state, r, db, id).await,
+        Doc | DesignDoc => document::doc(state, r, db, id).await,
+        View => view::view(state, r, db, id.strip_prefix("_design/").unwrap_or(id), sub).await,
+        ViewInfo => view::info(state, r, db, id.strip_prefix("_design/").unwrap_or(id)),
+        Attachment | DesignAttachment => document::attachment(state, r, db, id, sub).await,
     }
 }
 

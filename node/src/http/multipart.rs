@@ -80,9 +80,11 @@ pub fn parse<'a>(body: &'a [u8], boundary: &str) -> ApiResult<Vec<Part<'a>>> {
 }
 
 /// One part to send: its headers and its content.
+#[cfg(test)]
 pub type OutPart = (Vec<(String, String)>, Vec<u8>);
 
 /// Builds a multipart body from (headers, content) parts.
+#[cfg(test)]
 pub fn build(boundary: &str, parts: &[OutPart]) -> Vec<u8> {
     let mut out = Vec::new();
     for (headers, content) in parts {

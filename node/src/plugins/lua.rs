@@ -26,6 +26,21 @@ struct Budget {
     timeout: std::time::Duration,
 }
 
+impl Budget {
+    /// Pays `steps` (VM instructions, or their equivalent in C string work); an error once the
+    /// CPU budget or the deadline is passed.
+    fn charge(&mut self, steps: u64) -> Result<(), String> {
+        self.used = self.used.saturating_add(steps);
+        if self.used > self.limit {
+            Err(format!("CPU limit exceeded ({} instructions)", self.limit))
+        } else if Instant::now() > self.deadline {
+            Err(format!("time limit exceeded ({:?})", self.timeout))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 struct State {
     lua: Lua,
     /// `pcall` wrapper that returns thrown tables instead of raising them.
@@ -93,24 +108,16 @@ impl State {
             timeout: limits.timeout,
         }));
         let b = budget.clone();
+        let charge: super::lua_strings::Charge = Arc::new(move |steps| lock(&b).charge(steps));
+        super::lua_strings::install(&lua, charge).map_err(err)?;
+        let b = budget.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_EVERY),
             move |_, _| {
-                let mut b = lock(&b);
-                b.used += HOOK_EVERY as u64;
-                if b.used > b.limit {
-                    Err(mlua::Error::runtime(format!(
-                        "CPU limit exceeded ({} instructions)",
-                        b.limit
-                    )))
-                } else if Instant::now() > b.deadline {
-                    Err(mlua::Error::runtime(format!(
-                        "time limit exceeded ({:?})",
-                        b.timeout
-                    )))
-                } else {
-                    Ok(VmState::Continue)
-                }
+                lock(&b)
+                    .charge(HOOK_EVERY as u64)
+                    .map(|()| VmState::Continue)
+                    .map_err(mlua::Error::runtime)
             },
         )
         .map_err(err)?;
@@ -338,6 +345,62 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn backtracking_patterns_stop_at_the_time_limit() {
+        let limits = Limits {
+            timeout: std::time::Duration::from_millis(300),
+            cpu: u64::MAX,
+            ..Limits::default()
+        };
+        let started = Instant::now();
+        let e = one(
+            r#"function() return string.find(("a"):rep(200), ("a-"):rep(4).."b") end"#,
+            limits,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("time limit"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(800));
+    }
+
+    #[test]
+    fn string_functions_behave_as_in_lua() {
+        let out = one(
+            r#"function()
+                 local words = {}
+                 for w in ("one two  three"):gmatch("%a+") do words[#words + 1] = w end
+                 local s, n = ("hello world"):gsub("o", "0")
+                 local t = ("$name is $age"):gsub("%$(%w+)", {name = "Ann", age = 7})
+                 local f = ("abc"):gsub("%w", function(c) return c:upper() .. "." end)
+                 local a, b, k, v = ("key=val"):find("(%w+)=(%w+)")
+                 return {words = words, s = s, n = n, t = t, f = f, a = a, b = b, k = k, v = v,
+                         m = ("2024-05"):match("^(%d+)-(%d+)$"), p = ("a.b"):find(".", 1, true),
+                         e = ("x"):gsub("", "-"), r = ("ab"):rep(3, ","),
+                         pos = ("hello"):match("()ll()")}
+               end"#,
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"words": ["one", "two", "three"], "s": "hell0 w0rld", "n": 2,
+                   "t": "Ann is 7", "f": "A.B.C.", "a": 1, "b": 7, "k": "key", "v": "val",
+                   "m": "2024", "p": 2, "e": "-x-", "r": "ab,ab,ab", "pos": 3})
+        );
+    }
+
+    #[test]
+    fn huge_repetitions_are_refused_by_the_budget() {
+        let limits = Limits {
+            cpu: 1_000_000,
+            ..Limits::default()
+        };
+        let e = one(r#"function() return #string.rep("x", 1e9) end"#, limits)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPU limit"), "{e}");
     }
 
     #[test]

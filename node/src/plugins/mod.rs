@@ -9,6 +9,8 @@
 
 pub mod design;
 mod lua;
+mod lua_pattern;
+mod lua_strings;
 mod wasm;
 
 pub use design::{DbPlugins, DesignFns};

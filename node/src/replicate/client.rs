@@ -21,6 +21,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one request may take (longpoll requests add their own timeout to this).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Largest answer read from a remote endpoint (a `_bulk_get` batch with inline attachments).
+const MAX_RESPONSE_BYTES: usize = 512 << 20;
 
 enum Transport {
     Http,
@@ -328,11 +330,11 @@ impl Remote {
                 .map_err(|e| e.to_string())?;
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
+            // A peer cannot make the replicator hold more than this for one answer.
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading the answer: {e}"))?
                 .to_bytes();
             Ok(Response { status, body })
         };

@@ -169,11 +169,13 @@ impl Endpoint {
 
     pub async fn get_local(&self, id: &str) -> ReplResult<Option<Value>> {
         match self {
-            Endpoint::Local { node, name } => match Self::local_db(node, name)?.get_local(id) {
-                Ok(v) => Ok(Some(v)),
-                Err(DbError::NotFound(_)) => Ok(None),
-                Err(e) => Err(db_err(e)),
-            },
+            Endpoint::Local { node, name } => {
+                match Self::local_db(node, name)?.get_local(id, &crate::db::Caller::node(name)) {
+                    Ok(v) => Ok(Some(v)),
+                    Err(DbError::NotFound(_)) => Ok(None),
+                    Err(e) => Err(db_err(e)),
+                }
+            }
             Endpoint::Remote { remote, .. } => {
                 let rel = format!("/_local/{}", encode_query(id));
                 let r = remote
@@ -193,7 +195,7 @@ impl Endpoint {
             Endpoint::Local { node, name } => {
                 doc["_id"] = json!(format!("_local/{id}"));
                 let db = Self::local_db(node, name)?;
-                let ctx = crate::db::admin_ctx(name);
+                let ctx = crate::db::Caller::node(name);
                 let mut res = db.bulk_docs(vec![doc], true, &ctx).await.map_err(db_err)?;
                 match res.pop() {
                     Some(Ok((_, rev))) => Ok(LocalPut::Ok(rev)),
@@ -452,7 +454,7 @@ impl Endpoint {
         match self {
             Endpoint::Local { node, name } => {
                 let db = Self::local_db(node, name)?;
-                let ctx = crate::db::admin_ctx(name);
+                let ctx = crate::db::Caller::node(name);
                 let res = db.bulk_docs(docs, false, &ctx).await.map_err(db_err)?;
                 Ok(res
                     .into_iter()

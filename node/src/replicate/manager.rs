@@ -193,7 +193,7 @@ async fn write_state(
             None => d.remove("_replication_stats"),
         };
         match db
-            .bulk_docs(vec![Value::Object(d)], true, &crate::db::admin_ctx(DB))
+            .bulk_docs(vec![Value::Object(d)], true, &crate::db::Caller::node(DB))
             .await
         {
             Ok(mut r) => match r.pop() {

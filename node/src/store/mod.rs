@@ -95,6 +95,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let dbs_dir = dir.join("dbs");
         std::fs::create_dir_all(&dbs_dir)?;
+        // The data directory is its owner's alone (the binary's umask covers what is created
+        // inside; this covers directories made by older versions or other tools).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let node = open_sled(&dir.join("node"))?;
         Ok(Store {
             inner: Arc::new(StoreInner { dbs_dir, node }),
@@ -495,7 +501,17 @@ impl DbStore {
 
     /// Local documents in id order.
     pub fn locals(&self) -> impl Iterator<Item = Result<(String, serde_json::Value)>> {
-        self.tree.scan_prefix([b'l']).map(|r| {
+        self.locals_with_prefix("")
+    }
+
+    /// Local documents whose id starts with `prefix`, in id order.
+    pub fn locals_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(String, serde_json::Value)>> {
+        let mut key = vec![b'l'];
+        key.extend_from_slice(prefix.as_bytes());
+        self.tree.scan_prefix(key).map(|r| {
             let (k, v) = r?;
             let id = String::from_utf8(k[1..].to_vec())
                 .map_err(|_| StoreError::Corrupt("local id".into()))?;

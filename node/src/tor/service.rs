@@ -226,19 +226,11 @@ fn allowed_clients(tor: &Tor, node: &Node) -> BTreeSet<[u8; 32]> {
     if !tor.options.restricted {
         return keys;
     }
-    for name in node.all_dbs() {
-        let Ok(sec) = node.db(&name).and_then(|db| db.security()) else {
-            continue;
-        };
-        for section in ["admins", "members", "readers"] {
-            let names = sec[section]["names"].as_array().into_iter().flatten();
-            keys.extend(
-                names
-                    .filter_map(|n| n.as_str())
-                    .filter_map(|n| crate::peer::parse_key_id(n).ok()),
-            );
-        }
-    }
+    keys.extend(
+        node.peer_keys()
+            .iter()
+            .filter_map(|n| crate::peer::parse_key_id(n).ok()),
+    );
     keys
 }
 
