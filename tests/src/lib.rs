@@ -516,6 +516,12 @@ impl PeerNode {
         format!("httpkey://127.0.0.1:{port}/{}/{db}", self.key_id())
     }
 
+    /// A client with this node's own identity, pinning `other`'s key (what this node's
+    /// replicator presents to `other`).
+    pub fn client_of(&self, other: &PeerNode) -> PeerClient {
+        other.client(&node_identity(&self.dir.0))
+    }
+
     /// Creates `db` (if needed) and lets `other` write to it.
     pub fn allow(&self, db: &str, other: &PeerNode) {
         let _ = self.node.put(&format!("/{db}"), &serde_json::json!({}));
