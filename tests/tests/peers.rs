@@ -460,21 +460,39 @@ fn two_nodes_replicate_over_httpkey_urls() {
 fn peer_connections_are_capped() {
     let dir = TempDir::new("cap");
     let port = free_port();
-    let _node = Node::start_with(
+    // 8 connections: one for keys no `_security` names, seven for known ones.
+    let node = Node::start_with(
         &dir.0,
         &[
             "--peer",
             &format!("127.0.0.1:{port}"),
             "--max-peer-connections",
-            "2",
+            "8",
         ],
     );
     let key = *node_identity(&dir.0).public_key();
-    let id = Identity::generate().unwrap();
-    let client = PeerClient::new(&id, key, format!("127.0.0.1:{port}").parse().unwrap());
-    let open = || -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (s1, s2, known) = (
+        Identity::generate().unwrap(),
+        Identity::generate().unwrap(),
+        Identity::generate().unwrap(),
+    );
+    node.put("/db", &json!({}));
+    node.put(
+        "/db/_security",
+        &json!({"readers": {"names": [known.key_id()], "roles": []}}),
+    );
+    let (c1, c2, ck) = (
+        PeerClient::new(&s1, key, addr),
+        PeerClient::new(&s2, key, addr),
+        PeerClient::new(&known, key, addr),
+    );
+    let open = |client: &PeerClient| -> std::io::Result<
+        rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    > {
         let name = rustls::pki_types::ServerName::try_from("thali.peer").unwrap();
-        let conn = rustls::ClientConnection::new(client.config.clone(), name).map_err(std::io::Error::other)?;
+        let conn = rustls::ClientConnection::new(client.config.clone(), name)
+            .map_err(std::io::Error::other)?;
         let tcp = std::net::TcpStream::connect(client.addr)?;
         tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
         let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -483,27 +501,24 @@ fn peer_connections_are_capped() {
         }
         Ok(s)
     };
-    let a = open().unwrap();
-    let b = open().unwrap();
-    // Give the server a moment to count both.
+    let held = open(&c1).unwrap();
+    // Give the server a moment to count it.
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(
-        open().is_err(),
-        "a third connection was accepted past the limit of 2"
+        c2.try_req("GET", "/", None).is_err(),
+        "a second stranger got past the strangers' single slot"
     );
-    drop(a);
+    // A key some `_security` names has slots of its own.
+    assert_eq!(ck.get("/db").status, 200);
+    drop(held);
     // The freed slot is usable again.
     let mut ok = false;
     for _ in 0..50 {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        if client
-            .try_req("GET", "/", None)
-            .is_ok_and(|r| r.status == 200)
-        {
+        if c2.try_req("GET", "/", None).is_ok_and(|r| r.status == 200) {
             ok = true;
             break;
         }
     }
     assert!(ok, "no connection accepted after one was closed");
-    drop(b);
 }
