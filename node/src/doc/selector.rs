@@ -342,33 +342,15 @@ mod tests {
             })
         }
 
-        const OPS: &[&str] = &[
-            "$eq",
-            "$ne",
-            "$gt",
-            "$gte",
-            "$lt",
-            "$lte",
-            "$in",
-            "$nin",
-            "$exists",
-            "$type",
-            "$size",
-            "$mod",
-            "$all",
-            "$elemMatch",
-            "$allMatch",
-            "$keyMapMatch",
-            "$not",
-            "$and",
-            "$or",
-            "$nor",
-            "$regex",
-        ];
+        fn ops() -> Vec<&'static str> {
+            let mut v = super::super::OPERATORS.to_vec();
+            v.extend(["$regex", "$bogus"]);
+            v
+        }
 
         fn selector() -> impl Strategy<Value = Value> {
             let leaf = (
-                prop::sample::select(OPS),
+                prop::sample::select(ops()),
                 json_value(),
                 "[a-c]{1,2}(\\.[a-c0-9])?",
             )
