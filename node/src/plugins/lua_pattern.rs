@@ -103,7 +103,7 @@ impl<'a, M: Meter> Matcher<'a, M> {
 
     fn step(&mut self) -> R<()> {
         self.steps += 1;
-        if self.steps % CHECK_EVERY == 0 {
+        if self.steps.is_multiple_of(CHECK_EVERY) {
             self.meter
                 .charge(CHECK_EVERY)
                 .map_err(PatternError::Budget)?;
