@@ -48,7 +48,6 @@ struct Hold {
     counts: (u64, u64, u64),
     /// The generation written to.
     data: DbStore,
-    ddoc_written: bool,
 }
 
 /// Who writes (their level decides what they may write; validators see their `userCtx`),
@@ -190,10 +189,6 @@ impl Database {
             .await
             .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
             hold.data.durable(hold.ticket).await?;
-            if hold.ddoc_written {
-                let this = self.clone();
-                let _ = tokio::task::spawn_blocking(move || this.reload_plugins()).await;
-            }
             let (seq, docs, deleted) = hold.counts;
             self.updates.send_modify(|s| *s = (*s).max(seq));
             // After the feed moved: whoever sees the counts finds the documents in `_changes`.
@@ -228,7 +223,6 @@ impl Database {
                     ticket,
                     counts,
                     data,
-                    ddoc_written: false,
                 });
             }
         }
@@ -281,13 +275,18 @@ impl Database {
             bs.batch.put_meta("doc_del_count", &st.doc_del_count);
         }
         let ticket = bs.data.apply(bs.batch)?;
+        if bs.ddoc_written {
+            // Still under the write lock, so no write runs between a design document becoming
+            // readable and its functions being in force (compiling hits the cache filled when
+            // the document was checked above).
+            self.reload_plugins();
+        }
         let counts = (st.update_seq, st.doc_count, st.doc_del_count);
         Ok(Hold {
             results,
             ticket,
             counts,
             data: bs.data,
-            ddoc_written: bs.ddoc_written,
         })
     }
 
