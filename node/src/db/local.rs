@@ -81,30 +81,27 @@ impl Database {
         Ok(rev)
     }
 
-    /// Stored local documents under `prefix`, counting this batch's own writes.
+    /// Local documents under `prefix` once this batch is applied.
     fn count_locals(&self, prefix: &str, bs: &super::write::BatchState) -> DbResult<usize> {
-        let mut n = 0;
+        let mut ids = std::collections::HashSet::new();
         for r in bs.data.locals_with_prefix(prefix) {
-            let (id, _) = r?;
-            if !matches!(bs.locals.get(&id), Some(None)) {
-                n += 1;
+            ids.insert(r?.0);
+        }
+        for (id, doc) in bs.locals.iter().filter(|(k, _)| k.starts_with(prefix)) {
+            if doc.is_some() {
+                ids.insert(id.clone());
+            } else {
+                ids.remove(id);
             }
         }
-        n += bs
-            .locals
-            .iter()
-            .filter(|(k, v)| v.is_some() && k.starts_with(prefix))
-            .filter(|(k, _)| bs.data.local(k).ok().flatten().is_none())
-            .count();
-        Ok(n)
+        Ok(ids.len())
     }
 
     pub fn get_local(&self, local_id: &str, caller: &Caller) -> DbResult<Value> {
         self.check_alive()?;
         let stored = caller.local_key(local_id)?;
-        let mut doc = self.data().local(&stored)?.ok_or_else(DbError::missing)?;
-        doc["_id"] = json!(format!("_local/{local_id}"));
-        Ok(doc)
+        // Stored with the `_id` the caller named (`write_local_in`).
+        self.data().local(&stored)?.ok_or_else(DbError::missing)
     }
 
     pub async fn delete_local(

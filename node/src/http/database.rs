@@ -172,27 +172,19 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
         db,
         move |db, out| {
             out.write(b"{\"results\":[")?;
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.write(b",")?;
-                }
+            out.list(&items, |out, item| {
                 out.write(b"{\"id\":")?;
                 out.json(&item.id)?;
                 out.write(b",\"docs\":[")?;
                 let docs = db
                     .bulk_get_item(item, &opts)
                     .map_err(std::io::Error::other)?;
-                for (j, d) in docs.into_iter().enumerate() {
-                    if j > 0 {
-                        out.write(b",")?;
-                    }
-                    match d {
-                        Ok(rev) => stream::wrapped_doc(out, db, "ok", rev)?,
-                        Err(e) => out.json(&e)?,
-                    }
-                }
-                out.write(b"]}")?;
-            }
+                out.list(docs, |out, d| match d {
+                    Ok(rev) => stream::wrapped_doc(out, db, "ok", rev),
+                    Err(e) => out.json(&e),
+                })?;
+                out.write(b"]}")
+            })?;
             out.write(b"]}\n")
         },
     ))

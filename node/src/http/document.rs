@@ -101,15 +101,10 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     db,
                     move |db, out| {
                         out.write(b"[")?;
-                        for (i, res) in results.into_iter().enumerate() {
-                            if i > 0 {
-                                out.write(b",")?;
-                            }
-                            match res {
-                                Ok(o) => stream::wrapped_doc(out, db, "ok", o)?,
-                                Err(rev) => out.json(&json!({ "missing": rev }))?,
-                            }
-                        }
+                        out.list(results, |out, res| match res {
+                            Ok(o) => stream::wrapped_doc(out, db, "ok", o),
+                            Err(rev) => out.json(&json!({ "missing": rev })),
+                        })?;
                         out.write(b"]\n")
                     },
                 ));

@@ -46,6 +46,21 @@ impl Sink {
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
     }
 
+    /// Writes `items` separated by commas, each by `f`.
+    pub fn list<T>(
+        &mut self,
+        items: impl IntoIterator<Item = T>,
+        mut f: impl FnMut(&mut Sink, T) -> io::Result<()>,
+    ) -> io::Result<()> {
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.write(b",")?;
+            }
+            f(self, item)?;
+        }
+        Ok(())
+    }
+
     pub fn json(&mut self, v: &impl serde::Serialize) -> io::Result<()> {
         serde_json::to_writer(&mut self.buf, v)?;
         if self.buf.len() >= CHUNK {
