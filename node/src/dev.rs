@@ -78,7 +78,7 @@ pub async fn run(node: Arc<Node>, dir: PathBuf, mut shutdown: watch::Receiver<bo
                     sync(&node, &dir, &db, &ddoc).await;
                 }
             }
-            _ = crate::replicate::cancelled(&mut shutdown) => return,
+            _ = crate::sys::shutdown::cancelled(&mut shutdown) => return,
         }
     }
 }

@@ -10,5 +10,9 @@ pub mod plugins;
 pub mod replicate;
 pub mod serve;
 pub mod store;
+pub mod sys;
 pub mod tor;
 pub mod view;
+
+#[cfg(test)]
+mod layers;

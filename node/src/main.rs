@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use thali_node::serve::{run, ServeConfig};
 
-// sled and JSON handling allocate heavily; mimalloc cut write CPU noticeably over glibc malloc.
+// The store and JSON handling allocate heavily; mimalloc cut write CPU noticeably over glibc
+// malloc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -34,6 +35,14 @@ enum Command {
     },
     /// Replicate SOURCE to TARGET (through the running node, or in-process when none runs).
     Replicate(thali_node::cli::ReplicateArgs),
+    /// Copy a stopped node's store to the other storage engine, verify it and switch to it.
+    Migrate {
+        #[arg(long, default_value = "./thali-data")]
+        data: PathBuf,
+        /// The engine to move to.
+        #[arg(long)]
+        to: thali_node::store::Kind,
+    },
     /// Print the HTTP API's route table as JSON (kinds, path templates, methods).
     Routes,
     /// Manage which peer keys may use a database (edits its `_security` on the running node).
@@ -83,7 +92,9 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
                 // arti's crates log their routine work at info; the node's own lines stay at info.
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,tor_=warn,arti_=warn")
+                    tracing_subscriber::EnvFilter::new(
+                        "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn",
+                    )
                 }),
         )
         .with_writer(std::io::stderr)
@@ -123,6 +134,7 @@ fn main() -> std::process::ExitCode {
             };
             thali_node::cli::peer(&data, node, action)
         }
+        Command::Migrate { data, to } => thali_node::cli::migrate(&data, to),
         Command::Replicate(args) => rt.block_on(thali_node::cli::replicate(args)),
         Command::Serve(cfg) => rt.block_on(run(cfg)).map_err(Into::into),
     };

@@ -47,6 +47,16 @@ pub struct ServeConfig {
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub plugin_timeout_ms: u64,
+    /// Storage engine of a new data directory (`fjall` or `sled`); an existing one keeps the
+    /// engine it records (`thali migrate` converts it).
+    #[arg(long)]
+    pub storage: Option<crate::store::Kind>,
+    /// The node's block cache, in bytes, shared by every database and index.
+    #[arg(long, default_value_t = crate::store::DEFAULT_CACHE)]
+    pub cache_size: u64,
+    /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
+    #[arg(long, default_value_t = 500)]
+    pub max_dbs_open: usize,
     /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
     /// every save.
     #[arg(long, value_name = "DIR")]
@@ -81,22 +91,8 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
         Err(e) => return Err(ServeError::DataDir(file, e)),
     }
     let pw = crate::db::random_hex(16);
-    write_private(&file, pw.as_bytes()).map_err(|e| ServeError::DataDir(file.clone(), e))?;
+    crate::sys::files::write_private(&file, pw.as_bytes()).map_err(|e| ServeError::DataDir(file.clone(), e))?;
     Ok((pw, true))
-}
-
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 async fn bind(addr: &SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
@@ -120,7 +116,12 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let node = Node::open(
         &cfg.data,
+        &crate::store::Options {
+            engine: cfg.storage,
+            cache_bytes: cfg.cache_size,
+        },
         Limits {
+            max_dbs_open: cfg.max_dbs_open.max(1),
             max_doc_size: cfg.max_doc_size,
             // An attachment may be as large as a request could carry it uncompressed.
             max_att_size: cfg.max_request_size,
@@ -144,7 +145,11 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone(), &identity));
     let replicator = crate::replicate::Replicator::new(
         node.clone(),
-        crate::peer::Dialer::new(identity.clone(), tor.clone()),
+        crate::peer::Dialer::new(
+            identity.clone(),
+            tor.clone()
+                .map(|t| t as Arc<dyn crate::peer::dial::OnionConnect>),
+        ),
     );
     let manager = tokio::spawn(crate::replicate::manager::run(
         replicator.clone(),

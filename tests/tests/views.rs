@@ -534,14 +534,17 @@ fn wasm_views_update_incrementally() {
     incremental("wasm");
 }
 
-fn index_dirs(dir: &TempDir) -> usize {
-    std::fs::read_dir(dir.0.join("dbs/db/views")).map_or(0, |d| d.count())
+/// Keyspaces on disk (the engine keeps each in its own folder; a dropped one's folder goes).
+fn keyspace_dirs(dir: &TempDir) -> usize {
+    std::fs::read_dir(dir.0.join("fjall/keyspaces")).map_or(0, |d| d.count())
 }
 
 #[test]
 fn a_changed_design_document_gets_a_new_index_and_cleanup_removes_the_old() {
     let (dir, n) = start("views-rebuild");
     dataset(&n, "db");
+    let base = keyspace_dirs(&dir);
+    let index_dirs = |dir: &TempDir| keyspace_dirs(dir) - base;
     assert_eq!(n.put("/db/_design/v", &design("lua")).status, 201);
     assert_eq!(q(&n, "db", "by_type", "")["rows"][0]["value"], 435);
     let sig1 = n.get("/db/_design/v/_info").json()["view_index"]["signature"].clone();

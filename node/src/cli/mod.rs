@@ -1,6 +1,7 @@
-//! Command-line tools besides `serve`: `thali id`, `thali peer allow|deny|list` and
-//! `thali replicate`. `peer` talks to the running node's local HTTP API (sled allows one
-//! process per store); `replicate` does too when a node runs, and replicates in-process when not.
+//! Command-line tools besides `serve`: `thali id`, `thali peer allow|deny|list`,
+//! `thali replicate` and `thali migrate`. `peer` talks to the running node's local HTTP API (the
+//! store allows one process per data directory); `replicate` does too when a node runs, and
+//! replicates in-process when not; `migrate` needs the node stopped.
 
 mod replicate;
 pub use replicate::{replicate, ReplicateArgs};
@@ -191,4 +192,21 @@ fn request(
         status,
         serde_json::from_str(body.trim()).unwrap_or(Value::Null),
     ))
+}
+
+/// `thali migrate`: the node must be stopped (the engine's lock says so otherwise).
+pub fn migrate(data: &Path, to: crate::store::Kind) -> CliResult {
+    let started = std::time::Instant::now();
+    let r = crate::store::migrate::migrate(data, to, crate::store::DEFAULT_CACHE)?;
+    println!(
+        "migrated {} from {} to {}: {} keyspaces, {} entries ({} bytes) copied and verified in {:.1} s",
+        data.display(),
+        r.from.map(|k| k.name()).unwrap_or("?"),
+        to.name(),
+        r.keyspaces,
+        r.entries,
+        r.bytes,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

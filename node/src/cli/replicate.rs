@@ -269,7 +269,7 @@ async fn in_process(
     spec: Spec,
 ) -> Result<(Value, Result<Value, String>), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&args.data)?;
-    let node = Node::open(&args.data, Limits::default()).map_err(|e| {
+    let node = Node::open(&args.data, &Default::default(), Limits::default()).map_err(|e| {
         format!(
             "no node answers on {} and the data directory cannot be opened: {e}",
             args.node

@@ -147,4 +147,10 @@ impl From<StoreError> for DbError {
     }
 }
 
+impl From<crate::store::gateway::Gone> for DbError {
+    fn from(e: crate::store::gateway::Gone) -> Self {
+        DbError::Internal(e.to_string())
+    }
+}
+
 pub type DbResult<T> = Result<T, DbError>;

@@ -39,6 +39,8 @@ pub struct Limits {
     pub max_att_size: usize,
     /// Sandbox limits of design-document plugins.
     pub plugins: crate::plugins::Limits,
+    /// Most databases open at once; the least recently used idle ones close beyond.
+    pub max_dbs_open: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             max_doc_size: 8_000_000,
             max_att_size: 256 << 20,
             plugins: crate::plugins::Limits::default(),
+            max_dbs_open: 500,
         }
     }
 }
@@ -59,6 +62,10 @@ pub struct Node {
     limits: Limits,
     /// Serialises create/delete so a name is never half created.
     admin_lock: Mutex<()>,
+    /// Per-name locks of databases being loaded.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Ticks of database use, for closing the least recently used.
+    clock: AtomicU64,
     host: Arc<crate::plugins::Host>,
     /// Bumped whenever some `_security` changes or a database comes or goes.
     security_epoch: Arc<AtomicU64>,
@@ -94,8 +101,12 @@ pub fn validate_db_name(name: &str) -> DbResult<()> {
 }
 
 impl Node {
-    pub fn open(dir: &Path, limits: Limits) -> DbResult<Arc<Node>> {
-        let store = Store::open(dir)?;
+    pub fn open(
+        dir: &Path,
+        store_opts: &crate::store::Options,
+        limits: Limits,
+    ) -> DbResult<Arc<Node>> {
+        let store = Store::open(dir, store_opts)?;
         let uuid = match store.node_meta::<String>("uuid")? {
             Some(u) => u,
             None => {
@@ -112,6 +123,8 @@ impl Node {
             uuid,
             limits,
             admin_lock: Mutex::new(()),
+            opening: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
             host,
             security_epoch: Arc::new(AtomicU64::new(1)),
             peer_keys: Mutex::new((0, Arc::default())),
@@ -129,7 +142,7 @@ impl Node {
         }
         let mut keys = HashSet::new();
         for name in self.all_dbs() {
-            let Ok(sec) = self.db(&name).and_then(|db| db.security()) else {
+            let Ok(sec) = self.security_of(&name) else {
                 continue;
             };
             for section in ["admins", "members", "readers"] {
@@ -149,55 +162,110 @@ impl Node {
     }
 
     pub fn all_dbs(&self) -> Vec<String> {
-        self.store.list_databases()
-    }
-
-    /// Flushes every open database (at shutdown).
-    pub fn flush(&self) -> DbResult<()> {
-        let dbs: Vec<Arc<Database>> = self
-            .dbs
-            .read()
-            .map_err(poisoned)?
-            .values()
-            .cloned()
-            .collect();
-        for db in dbs {
-            db.data().flush_blocking()?;
+        match self.store.list_databases() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the catalog of databases");
+                Vec::new()
+            }
         }
-        Ok(())
     }
 
-    /// Opens an existing database.
+    /// Makes every write durable (at shutdown).
+    pub fn flush(&self) -> DbResult<()> {
+        Ok(self.store.persist()?)
+    }
+
+    /// Opens an existing database (or finds it open). Loading one (its design documents
+    /// compiled) holds only that name's lock, not the node's.
     pub fn db(&self, name: &str) -> DbResult<Arc<Database>> {
         if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
+            db.touch(&self.clock);
             return Ok(db.clone());
         }
-        let _g = self.admin_lock.lock().map_err(poisoned)?;
+        let name_lock = {
+            let mut opening = self.opening.lock().map_err(poisoned)?;
+            opening.entry(name.to_string()).or_default().clone()
+        };
+        let _n = name_lock.lock().map_err(poisoned)?;
         if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
             return Ok(db.clone());
         }
-        let data = self
-            .store
-            .open_database(name, false)?
-            .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        self.register(name, data)
+        let res = (|| {
+            let data = self
+                .store
+                .open_database(name, false)?
+                .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
+            let db = self.load(name, data)?;
+            // A deletion may have run while this one loaded.
+            let _g = self.admin_lock.lock().map_err(poisoned)?;
+            if !self.store.database_exists(name)? {
+                return Err(DbError::NotFound("Database does not exist.".into()));
+            }
+            self.register(name, db.clone())?;
+            Ok(db)
+        })();
+        if let Ok(mut opening) = self.opening.lock() {
+            opening.remove(name);
+        }
+        res
     }
 
-    /// Loads an opened store as a database and enters it in the registry.
-    fn register(&self, name: &str, data: DbStore) -> DbResult<Arc<Database>> {
-        let db = Arc::new(Database::load(
+    fn load(&self, name: &str, data: DbStore) -> DbResult<Arc<Database>> {
+        Ok(Arc::new(Database::load(
             name,
             data,
             self.limits.clone(),
             self.host.clone(),
             self.security_epoch.clone(),
-        )?);
-        self.dbs
-            .write()
-            .map_err(poisoned)?
-            .insert(name.to_string(), db.clone());
+        )?))
+    }
+
+    /// Enters a loaded database in the registry, closing the least recently used idle ones
+    /// beyond `max_dbs_open`.
+    fn register(&self, name: &str, db: Arc<Database>) -> DbResult<()> {
+        db.touch(&self.clock);
+        let mut dbs = self.dbs.write().map_err(poisoned)?;
+        dbs.insert(name.to_string(), db.clone());
+        if dbs.len() > self.limits.max_dbs_open {
+            // Idle: nobody but the registry holds it (requests, feeds and replications hold a
+            // reference while they use one).
+            let mut idle: Vec<(u64, String)> = dbs
+                .iter()
+                .filter(|(n, d)| n.as_str() != name && Arc::strong_count(d) == 1)
+                .map(|(n, d)| (d.last_used.load(Ordering::Relaxed), n.clone()))
+                .collect();
+            idle.sort();
+            let excess = dbs.len() - self.limits.max_dbs_open;
+            for (_, n) in idle.into_iter().take(excess) {
+                if let Some(d) = dbs.get(&n) {
+                    if d.close() {
+                        dbs.remove(&n);
+                        tracing::debug!(db = %n, "idle database closed");
+                    }
+                }
+            }
+        }
+        drop(dbs);
         resolve::spawn(&db);
-        Ok(db)
+        Ok(())
+    }
+
+    /// How many databases are open.
+    pub fn open_dbs(&self) -> usize {
+        self.dbs.read().map(|d| d.len()).unwrap_or(0)
+    }
+
+    /// A database's `_security`, without loading it (no design documents compiled).
+    pub fn security_of(&self, name: &str) -> DbResult<Value> {
+        if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
+            return db.security();
+        }
+        let data = self
+            .store
+            .open_database(name, false)?
+            .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
+        Ok(data.meta("security")?.unwrap_or_else(|| json!({})))
     }
 
     /// `_active_tasks` entries of open databases: index updates and conflict resolvers.
@@ -217,14 +285,15 @@ impl Node {
     pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
         validate_db_name(name)?;
         let _g = self.admin_lock.lock().map_err(poisoned)?;
-        if self.store.database_exists(name) {
+        if self.store.database_exists(name)? {
             return Err(DbError::FileExists);
         }
         let data = self
             .store
             .open_database(name, true)?
             .ok_or_else(|| DbError::Internal("database vanished".into()))?;
-        let db = self.register(name, data)?;
+        let db = self.load(name, data)?;
+        self.register(name, db.clone())?;
         self.security_epoch.fetch_add(1, Ordering::SeqCst);
         tracing::info!(db = name, "database created");
         Ok(db)
@@ -273,6 +342,10 @@ pub struct Database {
     updates: watch::Sender<u64>,
     compact_running: AtomicBool,
     deleted: AtomicBool,
+    /// Closed as idle by the registry: a stale handle (the resolver's) may not write.
+    closed: AtomicBool,
+    /// The registry's clock when last looked up.
+    last_used: AtomicU64,
     /// The node's count of `_security` changes (`Node::peer_keys` caches by it).
     security_epoch: Arc<AtomicU64>,
     limits: Limits,
@@ -309,6 +382,8 @@ impl Database {
             updates,
             compact_running: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
             limits,
             host,
             plugins: RwLock::new(Arc::default()),
@@ -335,15 +410,34 @@ impl Database {
         &self.name
     }
 
+    /// Deleted, or closed by the registry (then a fresh handle comes from `Node::db`).
     pub fn is_deleted(&self) -> bool {
-        self.deleted.load(Ordering::SeqCst)
+        self.deleted.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst)
     }
 
     fn check_alive(&self) -> DbResult<()> {
-        if self.is_deleted() {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(DbError::Internal("database handle closed; open it again".into()))
+        } else if self.is_deleted() {
             Err(DbError::NotFound("Database does not exist.".into()))
         } else {
             Ok(())
+        }
+    }
+
+    fn touch(&self, clock: &AtomicU64) {
+        let t = clock.fetch_add(1, Ordering::Relaxed);
+        self.last_used.store(t, Ordering::Relaxed);
+    }
+
+    /// Closes this handle unless a write holds it: no write can follow on it.
+    fn close(&self) -> bool {
+        match self.write.try_lock() {
+            Ok(_st) => {
+                self.closed.store(true, Ordering::SeqCst);
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -440,6 +534,7 @@ impl Database {
     async fn put_meta<T: serde::Serialize>(&self, name: &str, v: &T) -> DbResult<()> {
         let (data, ticket) = {
             let _st = self.write.lock().map_err(poisoned)?;
+            self.check_alive()?;
             let mut b = crate::store::WriteBatch::new();
             b.put_meta(name, v);
             let data = self.data();

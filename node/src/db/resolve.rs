@@ -169,9 +169,9 @@ impl Database {
         for id in ids {
             let this = self.clone();
             let (d, f, i) = (ddoc.to_string(), func.clone(), id.clone());
-            let planned = tokio::task::spawn_blocking(move || this.plan_resolution(&i, &d, &f))
+            let planned = crate::store::gateway::run(move || this.plan_resolution(&i, &d, &f))
                 .await
-                .unwrap_or_else(|e| Err(DbError::Internal(e.to_string())));
+                .unwrap_or_else(|e| Err(e.into()));
             let outcome = match planned {
                 Ok(Outcome::Write { leaves, docs, rev }) => {
                     let ids: Vec<String> = leaves.iter().map(Rev::to_string).collect();

@@ -12,8 +12,9 @@
 use super::read::DocOptions;
 use super::{Database, DbError, DbResult};
 use crate::plugins::design::{DesignFns, Reduce};
-use crate::store::index::{self, row_key, row_view, view_prefix, IndexBatch, IndexStore};
-use crate::view::collate;
+use crate::store::gateway;
+use crate::store::index::{row_key, row_view, view_prefix, IndexBatch, IndexStore};
+use crate::doc::collate;
 use crate::view::reduce::{ReduceError, Reducer};
 use crate::view::{Update, ViewQuery};
 use serde_json::{json, Map, Value};
@@ -95,7 +96,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn now() -> u64 {
-    crate::replicate::stats::unix_now()
+    crate::sys::clock::unix_now()
 }
 
 impl From<ReduceError> for DbError {
@@ -128,7 +129,7 @@ impl Timing {
 /// One emitted row, ready to store: view number, row key, JSON `[key, value]`.
 type Row = (u16, Vec<u8>, Vec<u8>);
 
-/// A key range of an index, as sled takes it.
+/// A key range of an index, as the store takes it.
 type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 /// A reduce group being gathered: its collation bytes, the key shown, its `(key, id, value)`
@@ -188,7 +189,7 @@ impl Database {
         if let Some(i) = open.get(sig) {
             return Ok(i.clone());
         }
-        let store = IndexStore::open(&self.data().index_root().join(sig))?;
+        let store = self.data().index(sig)?;
         let idx = Arc::new(ViewIndex {
             sig: sig.to_string(),
             ddoc: ddoc.to_string(),
@@ -211,9 +212,7 @@ impl Database {
             return Ok(());
         }
         let (this, i, f) = (self.clone(), idx.clone(), fns.clone());
-        tokio::task::spawn_blocking(move || this.update_index(&i, &f))
-            .await
-            .map_err(|e| DbError::Internal(format!("index task failed: {e}")))?
+        gateway::run(move || this.update_index(&i, &f)).await?
     }
 
     /// Runs the map functions over the changes since the index's sequence.
@@ -480,7 +479,7 @@ impl Database {
         };
         let (this, i, q2) = (self.clone(), idx.clone(), q.clone());
         let view_n = t.view;
-        let out = tokio::task::spawn_blocking(move || match reducer {
+        let out = gateway::run(move || match reducer {
             Some(r) => {
                 let seq = i.store.seq()?;
                 let key = format!("reduce {view_n} {q2:?}");
@@ -488,8 +487,7 @@ impl Database {
             }
             None => this.map_rows(&i, view_n, &q2),
         })
-        .await
-        .map_err(|e| DbError::Internal(format!("query task failed: {e}")))??;
+        .await??;
         if q.update == Update::Lazy {
             let (this, fns) = (self.clone(), t.fns.clone());
             tokio::spawn(async move {
@@ -779,15 +777,15 @@ impl Database {
             .iter()
             .filter_map(|d| d.view_sig.as_ref())
             .collect();
-        let root = self.data().index_root();
+        let data = self.data();
         let mut removed = 0;
-        for sig in index::list(&root) {
+        for sig in data.index_sigs()? {
             if live.contains(&&sig) {
                 continue;
             }
             let gone = lock(&self.views.open).remove(&sig);
             drop(gone);
-            index::remove(&root, &sig)?;
+            data.drop_index(&sig)?;
             tracing::info!(db = %self.name, sig = %sig, "unused view index removed");
             removed += 1;
         }

@@ -182,12 +182,11 @@ impl Database {
         loop {
             let this = self.clone();
             let c = ctx.clone();
-            let (hold, rest) = tokio::task::spawn_blocking(move || {
+            let (hold, rest) = crate::store::gateway::run(move || {
                 let mut p = pending;
                 this.write_blocking(&mut p, new_edits, &c).map(|h| (h, p))
             })
-            .await
-            .map_err(|e| DbError::Internal(format!("write task failed: {e}")))??;
+            .await??;
             hold.data.durable(hold.ticket).await?;
             let (seq, docs, deleted) = hold.counts;
             self.updates.send_modify(|s| *s = (*s).max(seq));

@@ -11,7 +11,7 @@ use super::error::{ApiError, ApiResult};
 use super::routes::{Kind, Route};
 use super::{AppState, HttpConfig, Req};
 pub use crate::db::Level;
-use crate::peer::listener::PeerKeyId;
+use crate::peer::PeerKeyId;
 use axum::http::{header, Extensions, HeaderMap, Method};
 use base64::Engine;
 use serde_json::{json, Value};

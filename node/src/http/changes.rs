@@ -154,7 +154,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
     };
 
     if feed == Feed::Normal || cq.descending {
-        let (rows, last, pending) = tokio::task::block_in_place(|| db.changes(&cq))?;
+        let (rows, last, pending) = crate::store::gateway::scan(|| db.changes(&cq))?;
         return Ok(results_response(&rows, last, Some(pending)));
     }
 
@@ -204,7 +204,7 @@ async fn run_feed(
         updates.borrow_and_update();
         let db2 = db.clone();
         let q2 = cq.clone();
-        let res = tokio::task::spawn_blocking(move || db2.changes(&q2)).await;
+        let res = crate::store::gateway::run(move || db2.changes(&q2)).await;
         let Ok(Ok((rows, last, _))) = res else { return };
         if feed == Feed::Longpoll {
             if !rows.is_empty() {

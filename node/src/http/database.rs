@@ -265,7 +265,7 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             ));
         }
     }
-    let out = tokio::task::block_in_place(|| db.all_docs(&query))?;
+    let out = crate::store::gateway::scan(|| db.all_docs(&query))?;
     Ok(ok(out))
 }
 

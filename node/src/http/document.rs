@@ -91,7 +91,7 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     // ones are streamed into the JSON by `stream::Sink::doc`.
                     opts.atts = AttMode::Follows;
                 }
-                let results = tokio::task::block_in_place(|| db.open_revs(id, &which, &opts))?;
+                let results = crate::store::gateway::scan(|| db.open_revs(id, &which, &opts))?;
                 if multipart {
                     return Ok(open_revs_multipart(db, results));
                 }

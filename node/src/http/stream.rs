@@ -150,9 +150,8 @@ pub fn response(
     produce: impl FnOnce(&Database, &mut Sink) -> io::Result<()> + Send + 'static,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(IN_FLIGHT);
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _g = span.enter();
+    // The producer's result travels through the channel; the task's own is not needed.
+    let _task = crate::store::gateway::spawn(move || {
         let mut sink = Sink {
             buf: Vec::with_capacity(CHUNK),
             tx,

@@ -2,7 +2,8 @@
 //! resolver), with mutual TLS on top for httpkey URLs. The replicator's one way out.
 
 use super::{HttpKeyUrl, Identity};
-use crate::tor::{is_onion, Tor};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -12,14 +13,28 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A connected stream of either kind.
 pub type Stream = Box<dyn Io>;
 
+/// Whether `host` is an onion address (reached through Tor only, never resolved).
+pub fn is_onion(host: &str) -> bool {
+    host.trim_end_matches('.')
+        .to_ascii_lowercase()
+        .ends_with(".onion")
+}
+
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<Stream, String>> + Send + 'a>>;
+
+/// How onion hosts are reached: the `tor` module implements it above this layer.
+pub trait OnionConnect: Send + Sync {
+    fn connect<'a>(&'a self, host: &'a str, port: u16, timeout: Duration) -> Connecting<'a>;
+}
+
 pub struct Dialer {
     pub identity: Arc<Identity>,
     /// Present when the node runs with `--tor`.
-    pub tor: Option<Arc<Tor>>,
+    pub tor: Option<Arc<dyn OnionConnect>>,
 }
 
 impl Dialer {
-    pub fn new(identity: Arc<Identity>, tor: Option<Arc<Tor>>) -> Arc<Dialer> {
+    pub fn new(identity: Arc<Identity>, tor: Option<Arc<dyn OnionConnect>>) -> Arc<Dialer> {
         Arc::new(Dialer { identity, tor })
     }
 
@@ -29,7 +44,7 @@ impl Dialer {
             let tor = self.tor.as_ref().ok_or_else(|| {
                 format!("{host} is an onion address: it can only be reached by a node started with --tor")
             })?;
-            return Ok(Box::new(tor.connect(host, port, timeout).await?));
+            return tor.connect(host, port, timeout).await;
         }
         let addr = if host.contains(':') {
             format!("[{host}]:{port}")

@@ -89,7 +89,7 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = KeyPair::generate_for(&PKCS_ED25519)
                     .map_err(|e| IdentityError::Cert(e.to_string()))?;
-                crate::serve::write_private(&path, key.serialize_pem().as_bytes())
+                crate::sys::files::write_private(&path, key.serialize_pem().as_bytes())
                     .map_err(|e| IdentityError::Io(shown.clone(), e))?;
                 tracing::info!(file = %shown, "generated the node identity");
                 key
@@ -207,3 +207,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Attached to requests that arrived over the peer listener: the client's key id.
+#[derive(Clone, Debug)]
+pub struct PeerKeyId(pub String);

@@ -16,9 +16,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-/// Attached to requests that arrived over the peer listener: the client's key id.
-#[derive(Clone, Debug)]
-pub struct PeerKeyId(pub String);
+use super::identity::PeerKeyId;
 
 /// Time to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,4 +11,4 @@ pub mod tls;
 
 pub use dial::Dialer;
 pub use httpkey::{HttpKeyUrl, PeerKey};
-pub use identity::{key_id, parse_key_id, Identity};
+pub use identity::{key_id, parse_key_id, Identity, PeerKeyId};

@@ -134,7 +134,7 @@ impl Source {
             Language::Lua => None,
         };
         let material = json!([
-            crate::view::collate::VERSION,
+            crate::doc::collate::VERSION,
             format!("{:?}", self.language),
             self.views,
             self.options,

@@ -196,12 +196,12 @@ impl Remote {
         } else {
             format!("{host}:{port}")
         };
-        if crate::tor::is_onion(&host) && dialer.tor.is_none() {
+        if crate::peer::dial::is_onion(&host) && dialer.tor.is_none() {
             return Err(ReplError::BadSpec(format!(
                 "{display}: {host} is an onion address: only a node started with --tor can reach it"
             )));
         }
-        let retries = retries.unwrap_or(if crate::tor::is_onion(&host) {
+        let retries = retries.unwrap_or(if crate::peer::dial::is_onion(&host) {
             ONION_RETRIES
         } else {
             DEFAULT_RETRIES
@@ -253,7 +253,7 @@ impl Remote {
     }
 
     fn connect_timeout(&self) -> Duration {
-        if crate::tor::is_onion(&self.host) {
+        if crate::peer::dial::is_onion(&self.host) {
             crate::tor::CONNECT_TIMEOUT
         } else {
             CONNECT_TIMEOUT

@@ -259,7 +259,7 @@ impl Endpoint {
                     }
                 }
                 let mut updates = db.subscribe();
-                let mut res = tokio::task::block_in_place(|| db.changes(&q)).map_err(db_err)?;
+                let mut res = crate::store::gateway::scan(|| db.changes(&q)).map_err(db_err)?;
                 if res.0.is_empty() {
                     if let Some(wait) = wait {
                         let _ = tokio::time::timeout(
@@ -267,7 +267,7 @@ impl Endpoint {
                             updates.wait_for(|s| *s > q.since || db.is_deleted()),
                         )
                         .await;
-                        res = tokio::task::block_in_place(|| db.changes(&q)).map_err(db_err)?;
+                        res = crate::store::gateway::scan(|| db.changes(&q)).map_err(db_err)?;
                     }
                 }
                 let (rows, last, pending) = res;
@@ -356,7 +356,7 @@ impl Endpoint {
         let v = match self {
             Endpoint::Local { node, name } => {
                 let db = Self::local_db(node, name)?;
-                tokio::task::block_in_place(|| db.revs_diff(req)).map_err(db_err)?
+                crate::store::gateway::scan(|| db.revs_diff(req)).map_err(db_err)?
             }
             Endpoint::Remote { remote, .. } => {
                 let r = remote
@@ -408,7 +408,7 @@ impl Endpoint {
                     ..Default::default()
                 };
                 let v =
-                    tokio::task::block_in_place(|| db.bulk_get(items, &opts)).map_err(db_err)?;
+                    crate::store::gateway::scan(|| db.bulk_get(items, &opts)).map_err(db_err)?;
                 Ok(bulk_get_results(&v))
             }
             Endpoint::Remote { remote, bulk_get } => {

@@ -47,7 +47,7 @@ pub async fn run(rep: Arc<Replicator>, mut shutdown: watch::Receiver<bool>) {
             since,
             ..Default::default()
         };
-        match tokio::task::block_in_place(|| db.changes(&q)) {
+        match crate::store::gateway::scan(|| db.changes(&q)) {
             Ok((rows, last, _)) => {
                 for row in rows {
                     let Ok(v) = serde_json::from_str::<Value>(&row.json) else {

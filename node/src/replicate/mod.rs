@@ -217,9 +217,7 @@ impl Replicator {
 
 /// Resolves once `flag` turns true (or its sender is gone). Holds no borrow across awaits, so
 /// it can sit in a `select!` of a `Send` future.
-pub(crate) async fn cancelled(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|c| *c).await;
-}
+pub(crate) use crate::sys::shutdown::cancelled;
 
 /// Runs a job until it completes, fails for good, or is cancelled. Transient errors restart it
 /// from its checkpoint after an exponential backoff; a one-shot replication gives up after

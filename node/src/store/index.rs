@@ -1,7 +1,6 @@
-//! View indexes on disk: one sled instance per design-document signature under
-//! `dbs/<name>/views/<signature>/`, beside the database's generations (compaction of the
-//! database does not touch them; deleting the database removes them; `_view_cleanup` removes
-//! those no design document uses any more).
+//! View indexes: one keyspace per design-document signature (`db<id>.v.<sig>`, see the
+//! store's module doc). Compaction of the database does not touch them; deleting the database
+//! drops them; `_view_cleanup` drops those no design document uses any more.
 //!
 //! | prefix | key                                            | value                          |
 //! |--------|------------------------------------------------|--------------------------------|
@@ -10,18 +9,18 @@
 //! | `c`    | u16 BE view                                    | u64 BE row count               |
 //! | `m`    | `seq`                                          | u64 BE: database sequence indexed up to |
 //!
-//! A batch of documents and the sequence they bring the index to are one atomic `apply_batch`,
-//! so after a crash the index is consistent at some sequence and resumes from there. Index
-//! writes are not fsynced one by one (an index can always be rebuilt); a build flushes at its end.
+//! A batch of documents and the sequence they bring the index to are one atomic batch, so
+//! after a crash the index is consistent at some sequence and resumes from there. Index writes
+//! are not fsynced one by one (an index can always be rebuilt); a build persists at its end.
 
-use super::Result;
+use super::engine::{self, Keyspace};
+use super::{Bytes, Result, Store};
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
 
 /// One design document's index.
 pub struct IndexStore {
-    db: sled::Db,
-    dir: PathBuf,
+    store: Store,
+    ks: Keyspace,
 }
 
 /// The entries of one view, for range scans: `[u16 BE view]`.
@@ -48,22 +47,22 @@ pub fn row_view(key: &[u8]) -> Option<u16> {
 
 #[derive(Default)]
 pub struct IndexBatch {
-    batch: sled::Batch,
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl IndexBatch {
     pub fn put_row(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.insert(key, value);
+        self.ops.push((key.to_vec(), Some(value.to_vec())));
     }
     pub fn del_row(&mut self, key: &[u8]) {
-        self.batch.remove(key);
+        self.ops.push((key.to_vec(), None));
     }
     /// The rows a document emitted (so its next version can remove them).
     pub fn set_doc_rows(&mut self, id: &str, keys: &[Vec<u8>]) {
         let mut k = vec![b'i'];
         k.extend_from_slice(id.as_bytes());
         if keys.is_empty() {
-            self.batch.remove(k);
+            self.ops.push((k, None));
             return;
         }
         let mut v = Vec::new();
@@ -71,54 +70,44 @@ impl IndexBatch {
             v.extend_from_slice(&(key.len() as u32).to_be_bytes());
             v.extend_from_slice(key);
         }
-        self.batch.insert(k, v);
+        self.ops.push((k, Some(v)));
     }
     pub fn set_count(&mut self, view: u16, n: u64) {
         let mut k = vec![b'c'];
         k.extend_from_slice(&view.to_be_bytes());
-        self.batch.insert(k, &n.to_be_bytes());
+        self.ops.push((k, Some(n.to_be_bytes().to_vec())));
     }
     pub fn set_seq(&mut self, seq: u64) {
-        self.batch.insert(b"mseq", &seq.to_be_bytes());
+        self.ops.push((b"mseq".to_vec(), Some(seq.to_be_bytes().to_vec())));
     }
 }
 
-fn u64_of(v: Option<sled::IVec>) -> u64 {
+fn u64_of(v: Option<Bytes>) -> u64 {
     v.and_then(|b| b.as_ref().try_into().ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
 }
 
 impl IndexStore {
-    pub fn open(dir: &Path) -> Result<IndexStore> {
-        std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(32 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
-        Ok(IndexStore {
-            db,
-            dir: dir.to_path_buf(),
-        })
+    pub(super) fn new(store: Store, ks: Keyspace) -> IndexStore {
+        IndexStore { store, ks }
     }
 
     pub fn seq(&self) -> Result<u64> {
-        Ok(u64_of(self.db.get(b"mseq")?))
+        Ok(u64_of(self.ks.get(b"mseq")?))
     }
 
     pub fn count(&self, view: u16) -> Result<u64> {
         let mut k = vec![b'c'];
         k.extend_from_slice(&view.to_be_bytes());
-        Ok(u64_of(self.db.get(k)?))
+        Ok(u64_of(self.ks.get(&k)?))
     }
 
     /// The row keys `id` emitted when last indexed.
     pub fn doc_rows(&self, id: &str) -> Result<Vec<Vec<u8>>> {
         let mut k = vec![b'i'];
         k.extend_from_slice(id.as_bytes());
-        let Some(v) = self.db.get(k)? else {
+        let Some(v) = self.ks.get(&k)? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
@@ -133,37 +122,24 @@ impl IndexStore {
     }
 
     pub fn apply(&self, b: IndexBatch) -> Result<()> {
-        self.db.apply_batch(b.batch)?;
-        Ok(())
+        let mut batch = engine::Batch::default();
+        for (k, v) in b.ops {
+            match v {
+                Some(v) => batch.put(&self.ks, k, v),
+                None => batch.del(&self.ks, k),
+            }
+        }
+        self.store.inner.engine.commit(batch)
     }
 
+    /// Makes the index's writes durable (the whole engine's, in fact).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.store.persist()
     }
 
     /// Rows (full key, JSON `[key, value]`) within bounds, ascending or descending.
-    pub fn rows(
-        &self,
-        lo: Bound<Vec<u8>>,
-        hi: Bound<Vec<u8>>,
-        descending: bool,
-    ) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec)>> + Send> {
-        let empty = match (&lo, &hi) {
-            (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
-                a > b
-            }
-            _ => false,
-        };
-        if empty {
-            return Box::new(std::iter::empty());
-        }
-        let r = self.db.range((lo, hi));
-        if descending {
-            Box::new(r.rev().map(|x| x.map_err(Into::into)))
-        } else {
-            Box::new(r.map(|x| x.map_err(Into::into)))
-        }
+    pub fn rows(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, descending: bool) -> engine::Iter {
+        self.ks.range(lo, hi, descending)
     }
 
     /// How many rows lie within bounds (keys only; for `offset`).
@@ -172,24 +148,6 @@ impl IndexStore {
     }
 
     pub fn size_on_disk(&self) -> u64 {
-        super::dir_size(&self.dir)
-    }
-}
-
-/// The signatures that have an index directory under `root`.
-pub fn list(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .collect()
-}
-
-/// Deletes the index of `sig` (its instance must be closed, or about to be dropped).
-pub fn remove(root: &Path, sig: &str) -> Result<()> {
-    match std::fs::remove_dir_all(root.join(sig)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-        _ => Ok(()),
+        self.ks.disk_size()
     }
 }

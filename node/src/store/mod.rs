@@ -1,12 +1,23 @@
-//! The on-disk layout in sled. Only this module knows sled.
+//! The document store: databases and view indexes as keyspaces of one engine per node
+//! (`engine`: fjall by default, sled selectable). Only this module and its children know the
+//! engine; `db` speaks to [`Store`], [`DbStore`] and [`index::IndexStore`].
 //!
-//! Each database is its own sled instance under `DIR/dbs/<name>/g<N>/`, where `CURRENT` names
-//! the live generation. Compaction writes the live data into generation N+1, switches
-//! `CURRENT` atomically (write + rename) and deletes generation N, so the space of old
-//! revisions really goes back to the file system; deleting a database removes its directory.
-//! Node-wide metadata (the uuid) lives in a small sled instance under `DIR/node/`.
+//! A data directory records its engine in `DIR/engine` and keeps it (`thali migrate` copies a
+//! stopped node's data to the other one). The engine lives in `DIR/<engine>/`. Its keyspace
+//! `node` holds the node's metadata and the catalog of databases:
 //!
-//! Within a database, keys are prefixed by kind so that one atomic `apply_batch` covers
+//! | key            | value                                                   |
+//! |----------------|---------------------------------------------------------|
+//! | `n` name       | node metadata (JSON), e.g. the uuid                     |
+//! | `c` db name    | [`CatalogEntry`]: the database's id and live generation |
+//! | `i`            | the last database id handed out (u64 BE)                |
+//!
+//! Database `<id>` keeps its data in keyspace `db<id>.g<gen>` and view index `<sig>` in
+//! `db<id>.v.<sig>`. A database exists once its catalog entry is durable; deleting it removes
+//! the entry first and then its keyspaces, so a crash in between leaves only keyspaces that the
+//! next start drops (as it drops generations that an interrupted compaction left).
+//!
+//! Within a database's keyspace, keys are prefixed by kind so that one atomic batch covers
 //! everything a write touches:
 //!
 //! | prefix | key                               | value                       |
@@ -18,31 +29,60 @@
 //! | `a`    | attachment digest                 | raw bytes                   |
 //! | `m`    | meta name                         | JSON value                  |
 //!
-//! Durability: [`DbStore::durable`] is a group commit: writers that applied their batch before a
-//! flush started share that flush.
+//! Durability: [`Store::durable`] is a group commit over the whole node: writers (to any
+//! database) that committed their batch before a flush started share that flush.
 
+pub mod engine;
+pub mod gateway;
 pub mod index;
 mod layout;
+pub mod migrate;
 
+pub use engine::{Bytes, Kind};
 pub use layout::{AttMeta, DocInfo, RevBody, SeqEntry};
 
+use engine::{Batch, Engine, Keyspace};
 use layout::*;
-use serde::{de::DeserializeOwned, Serialize};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
+    #[error("storage engine: {0}")]
+    Engine(String),
     #[error("file system error: {0}")]
     Io(#[from] std::io::Error),
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How to open a data directory's store.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The engine for a new data directory; an existing one must match or be `None`.
+    pub engine: Option<Kind>,
+    /// The node's one block cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            engine: None,
+            cache_bytes: DEFAULT_CACHE,
+        }
+    }
+}
+
+/// Enough for the working set of a laptop's databases, small enough for a phone.
+pub const DEFAULT_CACHE: u64 = 32 << 20;
 
 #[derive(Clone)]
 pub struct Store {
@@ -50,172 +90,298 @@ pub struct Store {
 }
 
 struct StoreInner {
-    dbs_dir: PathBuf,
-    node: sled::Db,
+    engine: Arc<dyn Engine>,
+    node: Keyspace,
+    /// Serialises catalog changes.
+    catalog: Mutex<()>,
+    /// Count of committed batches; a flush that starts after reading N makes 1..=N durable.
+    applied: AtomicU64,
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+/// A database's entry in the catalog.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub id: u64,
+    pub gen: u64,
 }
 
 /// Returned by [`DbStore::apply`]; pass it to [`DbStore::durable`].
 #[must_use]
 pub struct Ticket(u64);
 
-fn open_sled(dir: &Path) -> Result<sled::Db> {
-    Ok(sled::Config::new()
-        .path(dir)
-        .cache_capacity(64 * 1024 * 1024)
-        .mode(sled::Mode::HighThroughput)
-        // Every write flushes explicitly (group commit); no background flusher needed.
-        .flush_every_ms(None)
-        .open()?)
+fn data_keyspace(e: CatalogEntry) -> String {
+    format!("db{}.g{}", e.id, e.gen)
 }
 
-/// Database names may hold `/`; everything else they may hold is safe in a file name.
-fn dir_name(db: &str) -> String {
-    db.replace('/', "%2F")
+fn index_keyspace(id: u64, sig: &str) -> String {
+    format!("db{id}.v.{sig}")
 }
 
-fn db_name(dir: &str) -> String {
-    dir.replace("%2F", "/")
+fn catalog_key(name: &str) -> Vec<u8> {
+    let mut k = vec![b'c'];
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
-/// Writes `contents` to `path` atomically (temp file, fsync, rename, fsync of the directory).
-fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
+/// The engine a data directory records, if it records one.
+pub fn recorded_engine(dir: &Path) -> Result<Option<Kind>> {
+    match std::fs::read_to_string(dir.join("engine")) {
+        Ok(s) => s.parse().map(Some).map_err(StoreError::Config),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("dbs").exists() || dir.join("node").exists() {
+                return Err(StoreError::Config(format!(
+                    "{} holds the store layout of thali before engines were selectable (a sled \
+                     instance per database), which this version does not read; replicate its \
+                     databases into a new data directory with the older binary",
+                    dir.display()
+                )));
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store> {
-        let dbs_dir = dir.join("dbs");
-        std::fs::create_dir_all(&dbs_dir)?;
+    pub fn open(dir: &Path, opts: &Options) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
         // The data directory is its owner's alone (the binary's umask covers what is created
         // inside; this covers directories made by older versions or other tools).
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        let node = open_sled(&dir.join("node"))?;
-        Ok(Store {
-            inner: Arc::new(StoreInner { dbs_dir, node }),
-        })
+        let kind = match (recorded_engine(dir)?, opts.engine) {
+            (Some(have), Some(want)) if have != want => {
+                return Err(StoreError::Config(format!(
+                    "{} uses the {} engine, not {}; `thali migrate --data DIR --to {}` converts it",
+                    dir.display(),
+                    have.name(),
+                    want.name(),
+                    want.name()
+                )))
+            }
+            (Some(have), _) => have,
+            (None, want) => {
+                let kind = want.unwrap_or(Kind::Fjall);
+                crate::sys::files::write_atomic(&dir.join("engine"), kind.name().as_bytes())?;
+                kind
+            }
+        };
+        let engine = engine::open(kind, &dir.join(kind.name()), opts.cache_bytes)?;
+        let node = engine.keyspace("node")?;
+        let store = Store {
+            inner: Arc::new(StoreInner {
+                engine,
+                node,
+                catalog: Mutex::new(()),
+                applied: AtomicU64::new(0),
+                flushed: tokio::sync::Mutex::new(0),
+            }),
+        };
+        store.drop_orphans()?;
+        Ok(store)
     }
 
-    pub fn node_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        self.inner.node.get(key)?.map(|v| decode(&v)).transpose()
+    pub fn engine_kind(&self) -> Kind {
+        self.inner.engine.kind()
     }
 
-    pub fn set_node_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
-        self.inner.node.insert(key, encode(v))?;
-        self.inner.node.flush()?;
+    /// Bytes on disk of the whole store.
+    pub fn disk_size(&self) -> u64 {
+        self.inner.engine.disk_size()
+    }
+
+    /// Drops keyspaces the catalog does not name: generations an interrupted compaction left,
+    /// databases whose deletion was cut short.
+    fn drop_orphans(&self) -> Result<()> {
+        let live: std::collections::HashMap<u64, u64> = self
+            .catalog()?
+            .into_iter()
+            .map(|(_, e)| (e.id, e.gen))
+            .collect();
+        for name in self.inner.engine.keyspaces()? {
+            let Some(rest) = name.strip_prefix("db") else {
+                continue;
+            };
+            let Some((id, what)) = rest.split_once('.') else {
+                continue;
+            };
+            let Ok(id) = id.parse::<u64>() else { continue };
+            let keep = match live.get(&id) {
+                None => false,
+                Some(gen) => what.starts_with("v.") || what == format!("g{gen}"),
+            };
+            if !keep {
+                tracing::info!(keyspace = %name, "dropping an orphaned keyspace");
+                self.inner.engine.drop_keyspace(&name)?;
+            }
+        }
         Ok(())
     }
 
-    pub fn list_databases(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.inner.dbs_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().join("CURRENT").exists())
-            .filter_map(|e| e.file_name().to_str().map(db_name))
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Opens a database, creating it when `create` is set. A database exists once its
-    /// `CURRENT` file is durable.
-    pub fn open_database(&self, name: &str, create: bool) -> Result<Option<DbStore>> {
-        let dir = self.inner.dbs_dir.join(dir_name(name));
-        let current = dir.join("CURRENT");
-        let gen = match std::fs::read_to_string(&current) {
-            Ok(s) => s
-                .trim()
-                .strip_prefix('g')
-                .and_then(|n| n.parse::<u64>().ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("{}", current.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !create {
-                    return Ok(None);
-                }
-                // A leftover directory without CURRENT is a creation that never finished.
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir)?;
-                // sled locks its files: open the instance once and keep it.
-                let store = DbStore::open(dir.clone(), 1)?;
-                store.flush_blocking()?;
-                write_atomic(&current, b"g1")?;
-                return Ok(Some(store));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        // Generations other than the current one are leftovers of an interrupted compaction.
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let n = entry.file_name();
-            let n = n.to_string_lossy();
-            if n.starts_with('g') && n != format!("g{gen}") {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        Ok(Some(DbStore::open(dir, gen)?))
-    }
-
-    /// Whether a database exists, without opening it (sled allows one instance per file).
-    pub fn database_exists(&self, name: &str) -> bool {
+    fn catalog(&self) -> Result<Vec<(String, CatalogEntry)>> {
         self.inner
-            .dbs_dir
-            .join(dir_name(name))
-            .join("CURRENT")
-            .exists()
+            .node
+            .prefix(b"c")
+            .map(|r| {
+                let (k, v) = r?;
+                let name = String::from_utf8(k[1..].to_vec())
+                    .map_err(|_| StoreError::Corrupt("catalog key".into()))?;
+                Ok((name, decode(&v)?))
+            })
+            .collect()
     }
 
+    fn entry(&self, name: &str) -> Result<Option<CatalogEntry>> {
+        self.inner
+            .node
+            .get(&catalog_key(name))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Commits a batch to the node keyspace and waits until it is durable.
+    fn commit_node(&self, batch: Batch) -> Result<()> {
+        self.inner.engine.commit(batch)?;
+        self.inner.engine.persist()
+    }
+
+    pub fn node_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let mut k = vec![b'n'];
+        k.extend_from_slice(key.as_bytes());
+        self.inner.node.get(&k)?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn set_node_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
+        let mut k = vec![b'n'];
+        k.extend_from_slice(key.as_bytes());
+        let mut b = Batch::default();
+        b.put(&self.inner.node, k, encode(v));
+        self.commit_node(b)
+    }
+
+    pub fn list_databases(&self) -> Result<Vec<String>> {
+        Ok(self.catalog()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Opens a database, creating it when `create` is set.
+    pub fn open_database(&self, name: &str, create: bool) -> Result<Option<DbStore>> {
+        let _g = self.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = match self.entry(name)? {
+            Some(e) => e,
+            None if !create => return Ok(None),
+            None => {
+                let last = self
+                    .inner
+                    .node
+                    .get(b"i")?
+                    .and_then(|v| v.as_ref().try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                let e = CatalogEntry {
+                    id: last + 1,
+                    gen: 1,
+                };
+                let mut b = Batch::default();
+                b.put(&self.inner.node, b"i".to_vec(), e.id.to_be_bytes().to_vec());
+                b.put(&self.inner.node, catalog_key(name), encode(&e));
+                self.commit_node(b)?;
+                e
+            }
+        };
+        Ok(Some(self.db_store(name, entry)?))
+    }
+
+    fn db_store(&self, name: &str, entry: CatalogEntry) -> Result<DbStore> {
+        let ks = self.inner.engine.keyspace(&data_keyspace(entry))?;
+        Ok(DbStore {
+            inner: Arc::new(DbInner {
+                store: self.clone(),
+                name: name.to_string(),
+                entry,
+                ks,
+                retired: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn database_exists(&self, name: &str) -> Result<bool> {
+        Ok(self.entry(name)?.is_some())
+    }
+
+    /// Deletes a database and its view indexes; their space goes back to the file system.
     pub fn drop_database(&self, name: &str) -> Result<bool> {
-        let dir = self.inner.dbs_dir.join(dir_name(name));
-        let current = dir.join("CURRENT");
-        if !current.exists() {
+        let _g = self.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = self.entry(name)? else {
             return Ok(false);
+        };
+        let mut b = Batch::default();
+        b.del(&self.inner.node, catalog_key(name));
+        self.commit_node(b)?;
+        let prefix = format!("db{}.", entry.id);
+        for ks in self.inner.engine.keyspaces()? {
+            if ks.starts_with(&prefix) {
+                self.inner.engine.drop_keyspace(&ks)?;
+            }
         }
-        // Removing CURRENT first makes the deletion atomic; the rest is cleanup.
-        std::fs::remove_file(&current)?;
-        std::fs::File::open(&dir)?.sync_all()?;
-        std::fs::remove_dir_all(&dir)?;
         Ok(true)
     }
+
+    /// Commits a batch; durable after [`Store::durable`] with the ticket.
+    fn commit(&self, batch: Batch) -> Result<Ticket> {
+        self.inner.engine.commit(batch)?;
+        Ok(Ticket(
+            self.inner.applied.fetch_add(1, Ordering::SeqCst) + 1,
+        ))
+    }
+
+    /// Waits until the batch behind `ticket` is on disk. Concurrent callers share one flush.
+    pub async fn durable(&self, ticket: Ticket) -> Result<()> {
+        let mut flushed = self.inner.flushed.lock().await;
+        if *flushed >= ticket.0 {
+            return Ok(());
+        }
+        let target = self.inner.applied.load(Ordering::SeqCst);
+        let engine = self.inner.engine.clone();
+        tokio::task::spawn_blocking(move || engine.persist())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        *flushed = target;
+        Ok(())
+    }
+
+    /// Makes everything committed durable (at shutdown, and for tools).
+    pub fn persist(&self) -> Result<()> {
+        self.inner.engine.persist()
+    }
 }
 
-fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// One database: its own sled instance (one generation of it).
+/// One database: a keyspace of the node's engine (one generation of it).
 #[derive(Clone)]
 pub struct DbStore {
     inner: Arc<DbInner>,
-    tree: sled::Tree,
 }
 
 struct DbInner {
-    db: sled::Db,
-    dir: PathBuf,
-    gen: u64,
-    /// Count of applied batches; a flush that starts after reading N makes batches 1..=N durable.
-    applied: AtomicU64,
-    flushed: tokio::sync::Mutex<u64>,
+    store: Store,
+    name: String,
+    entry: CatalogEntry,
+    ks: Keyspace,
+    /// Set when compaction replaced this generation: its keyspace goes once the last reader
+    /// holding it is done.
+    retired: AtomicBool,
+}
+
+impl Drop for DbInner {
+    fn drop(&mut self) {
+        if self.retired.load(Ordering::SeqCst) {
+            if let Err(e) = self.store.inner.engine.drop_keyspace(self.ks.name()) {
+                tracing::warn!(keyspace = %self.ks.name(), error = %e, "old generation not dropped");
+            }
+        }
+    }
 }
 
 /// The next generation of a database being filled by compaction.
@@ -233,16 +399,27 @@ impl NextGeneration {
         self.store.doc_info(id)
     }
 
-    /// Makes this generation the database's current one and deletes the old one.
+    /// Makes this generation the database's current one; the old one is dropped once no
+    /// reader holds it.
     pub fn commit(self, old: &DbStore) -> Result<DbStore> {
-        self.store.inner.db.flush()?;
-        write_atomic(
-            &self.store.inner.dir.join("CURRENT"),
-            format!("g{}", self.store.inner.gen).as_bytes(),
-        )?;
-        // Readers still holding the old generation keep reading it (unlinked files stay
-        // readable); no writer can, since compaction holds the write lock.
-        let _ = std::fs::remove_dir_all(old.inner.dir.join(format!("g{}", old.inner.gen)));
+        let store = &old.inner.store;
+        let _g = store.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        store.inner.engine.persist()?;
+        let mut b = Batch::default();
+        b.put(
+            &store.inner.node,
+            catalog_key(&old.inner.name),
+            encode(&self.store.inner.entry),
+        );
+        if store.entry(&old.inner.name)?.map(|e| e.gen) != Some(old.inner.entry.gen) {
+            return Err(StoreError::Corrupt(format!(
+                "database {} changed during compaction",
+                old.inner.name
+            )));
+        }
+        store.commit_node(b)?;
+        old.inner.retired.store(true, Ordering::SeqCst);
+        self.store.inner.retired.store(false, Ordering::SeqCst);
         Ok(self.store)
     }
 }
@@ -250,27 +427,21 @@ impl NextGeneration {
 /// The writes of one atomic update.
 #[derive(Default)]
 pub struct WriteBatch {
-    batch: sled::Batch,
-    empty: bool,
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl WriteBatch {
     pub fn new() -> Self {
-        WriteBatch {
-            batch: sled::Batch::default(),
-            empty: true,
-        }
+        WriteBatch::default()
     }
     fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
-        self.empty = false;
-        self.batch.insert(k, v);
+        self.ops.push((k, Some(v)));
     }
     fn del(&mut self, k: Vec<u8>) {
-        self.empty = false;
-        self.batch.remove(k);
+        self.ops.push((k, None));
     }
     pub fn is_empty(&self) -> bool {
-        self.empty
+        self.ops.is_empty()
     }
     pub fn put_doc_info(&mut self, id: &str, info: &DocInfo) {
         self.put(doc_key(id), encode(info));
@@ -313,74 +484,88 @@ impl WriteBatch {
 }
 
 impl DbStore {
-    fn open(dir: PathBuf, gen: u64) -> Result<DbStore> {
-        let db = open_sled(&dir.join(format!("g{gen}")))?;
-        let tree: sled::Tree = (*db).clone();
-        Ok(DbStore {
-            inner: Arc::new(DbInner {
-                db,
-                dir,
-                gen,
-                applied: AtomicU64::new(0),
-                flushed: tokio::sync::Mutex::new(0),
-            }),
-            tree,
-        })
-    }
-
-    /// Starts an empty next generation (for compaction).
+    /// Starts an empty next generation (for compaction); dropped unless committed.
     pub fn next_generation(&self) -> Result<NextGeneration> {
-        let gen = self.inner.gen + 1;
-        let path = self.inner.dir.join(format!("g{gen}"));
-        let _ = std::fs::remove_dir_all(&path);
-        Ok(NextGeneration {
-            store: DbStore::open(self.inner.dir.clone(), gen)?,
-        })
+        let entry = CatalogEntry {
+            id: self.inner.entry.id,
+            gen: self.inner.entry.gen + 1,
+        };
+        let engine = &self.inner.store.inner.engine;
+        // A leftover of a compaction cut short in this process.
+        engine.drop_keyspace(&data_keyspace(entry))?;
+        let store = self.inner.store.db_store(&self.inner.name, entry)?;
+        store.inner.retired.store(true, Ordering::SeqCst);
+        Ok(NextGeneration { store })
     }
 
-    /// Applies a batch atomically. The result is visible at once and durable after
+    /// Commits a batch atomically. The result is visible at once and durable after
     /// [`DbStore::durable`] with the returned ticket.
     pub fn apply(&self, batch: WriteBatch) -> Result<Ticket> {
-        if !batch.empty {
-            self.tree.apply_batch(batch.batch)?;
+        let mut b = Batch::default();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => b.put(&self.inner.ks, k, v),
+                None => b.del(&self.inner.ks, k),
+            }
         }
-        Ok(Ticket(
-            self.inner.applied.fetch_add(1, Ordering::SeqCst) + 1,
-        ))
+        self.inner.store.commit(b)
     }
 
-    /// Waits until the batch behind `ticket` is on disk. Concurrent callers share one flush.
+    /// Waits until the batch behind `ticket` is on disk (shared with every other writer).
     pub async fn durable(&self, ticket: Ticket) -> Result<()> {
-        let mut flushed = self.inner.flushed.lock().await;
-        if *flushed >= ticket.0 {
-            return Ok(());
-        }
-        let target = self.inner.applied.load(Ordering::SeqCst);
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        *flushed = target;
-        Ok(())
+        self.inner.store.durable(ticket).await
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.store.persist()
     }
 
-    /// The live generation's size (view indexes beside it are not counted).
+    /// The live generation's size on disk (view indexes not counted).
     pub fn size_on_disk(&self) -> u64 {
-        dir_size(&self.inner.dir.join(format!("g{}", self.inner.gen)))
+        self.inner.ks.disk_size()
     }
 
-    /// Where this database's view indexes live (`store::index`).
-    pub fn index_root(&self) -> PathBuf {
-        self.inner.dir.join("views")
+    /// Opens (or creates) the view index of signature `sig`.
+    pub fn index(&self, sig: &str) -> Result<index::IndexStore> {
+        let ks = self
+            .inner
+            .store
+            .inner
+            .engine
+            .keyspace(&index_keyspace(self.inner.entry.id, sig))?;
+        Ok(index::IndexStore::new(self.inner.store.clone(), ks))
+    }
+
+    /// The signatures that have an index.
+    pub fn index_sigs(&self) -> Result<Vec<String>> {
+        let prefix = index_keyspace(self.inner.entry.id, "");
+        Ok(self
+            .inner
+            .store
+            .inner
+            .engine
+            .keyspaces()?
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes the index of `sig` (its handles should be dropped; fjall keeps the files until
+    /// they are).
+    pub fn drop_index(&self, sig: &str) -> Result<()> {
+        self.inner
+            .store
+            .inner
+            .engine
+            .drop_keyspace(&index_keyspace(self.inner.entry.id, sig))
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.inner.ks.get(key)?.map(|v| decode(&v)).transpose()
     }
 
     pub fn doc_info(&self, id: &str) -> Result<Option<DocInfo>> {
-        self.tree.get(doc_key(id))?.map(|v| decode(&v)).transpose()
+        self.get(&doc_key(id))
     }
 
     /// The body of `rev`: the current one in `info`, or the one stored under its own key.
@@ -392,32 +577,23 @@ impl DbStore {
     }
 
     pub fn body(&self, id: &str, rev: &str) -> Result<Option<RevBody>> {
-        self.tree
-            .get(body_key(id, rev))?
-            .map(|v| decode(&v))
-            .transpose()
+        self.get(&body_key(id, rev))
     }
 
     pub fn att(&self, digest: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree.get(att_key(digest))?.map(|v| v.to_vec()))
+        Ok(self.inner.ks.get(&att_key(digest))?.map(|v| v.to_vec()))
     }
 
     pub fn has_att(&self, digest: &str) -> Result<bool> {
-        Ok(self.tree.contains_key(att_key(digest))?)
+        Ok(self.inner.ks.get(&att_key(digest))?.is_some())
     }
 
     pub fn local(&self, id: &str) -> Result<Option<serde_json::Value>> {
-        self.tree
-            .get(local_key(id))?
-            .map(|v| decode(&v))
-            .transpose()
+        self.get(&local_key(id))
     }
 
     pub fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
-        self.tree
-            .get(meta_key(name))?
-            .map(|v| decode(&v))
-            .transpose()
+        self.get(&meta_key(name))
     }
 
     /// Documents by id (raw byte order) within `[start, end]` bounds, ascending or descending.
@@ -428,7 +604,6 @@ impl DbStore {
         end_inclusive: bool,
         descending: bool,
     ) -> impl Iterator<Item = Result<(String, DocInfo)>> {
-        use std::ops::Bound;
         let (lo, hi) = if descending {
             (end, start)
         } else {
@@ -449,15 +624,7 @@ impl DbStore {
             Some(k) => Bound::Excluded(doc_key(k)),
             None => Bound::Excluded(vec![b'd' + 1]),
         };
-        let empty = matches!((&lo_b, &hi_b), (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) if a > b);
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if empty {
-            Box::new(std::iter::empty())
-        } else if descending {
-            Box::new(self.tree.range((lo_b, hi_b)).rev())
-        } else {
-            Box::new(self.tree.range((lo_b, hi_b)))
-        };
-        iter.map(|r| {
+        self.inner.ks.range(lo_b, hi_b, descending).map(|r| {
             let (k, v) = r?;
             let id = String::from_utf8(k[1..].to_vec())
                 .map_err(|_| StoreError::Corrupt("doc id".into()))?;
@@ -471,27 +638,34 @@ impl DbStore {
         since: u64,
         descending: bool,
     ) -> impl Iterator<Item = Result<(u64, SeqEntry)>> {
-        let lo = seq_key(since.saturating_add(1));
-        let hi = vec![b's' + 1];
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if descending {
-            Box::new(self.tree.range(seq_key(0)..hi).rev())
+        let lo = if descending {
+            seq_key(0)
         } else {
-            Box::new(self.tree.range(lo..hi))
+            seq_key(since.saturating_add(1))
         };
-        iter.map(|r| {
-            let (k, v) = r?;
-            let seq = k
-                .get(1..9)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt("seq key".into()))?;
-            Ok((seq, decode(&v)?))
-        })
+        let hi = vec![b's' + 1];
+        self.inner
+            .ks
+            .range(Bound::Included(lo), Bound::Excluded(hi), descending)
+            .map(|r| {
+                let (k, v) = r?;
+                let seq = k
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("seq key".into()))?;
+                Ok((seq, decode(&v)?))
+            })
+    }
+
+    /// Every entry of this database's keyspace, raw (for `thali migrate`).
+    pub fn raw_entries(&self) -> engine::Iter {
+        self.inner.ks.range(Bound::Unbounded, Bound::Unbounded, false)
     }
 
     /// Meta entries (name, raw JSON value).
     pub fn metas(&self) -> impl Iterator<Item = Result<(String, serde_json::Value)>> {
-        self.tree.scan_prefix([b'm']).map(|r| {
+        self.inner.ks.prefix(b"m").map(|r| {
             let (k, v) = r?;
             let name = String::from_utf8(k[1..].to_vec())
                 .map_err(|_| StoreError::Corrupt("meta key".into()))?;
@@ -511,7 +685,7 @@ impl DbStore {
     ) -> impl Iterator<Item = Result<(String, serde_json::Value)>> {
         let mut key = vec![b'l'];
         key.extend_from_slice(prefix.as_bytes());
-        self.tree.scan_prefix(key).map(|r| {
+        self.inner.ks.prefix(&key).map(|r| {
             let (k, v) = r?;
             let id = String::from_utf8(k[1..].to_vec())
                 .map_err(|_| StoreError::Corrupt("local id".into()))?;
@@ -528,3 +702,6 @@ fn encode<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests;

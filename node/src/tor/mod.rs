@@ -217,10 +217,20 @@ impl Tor {
 }
 
 /// True for hosts that must be reached through Tor.
-pub fn is_onion(host: &str) -> bool {
-    host.trim_end_matches('.')
-        .to_ascii_lowercase()
-        .ends_with(".onion")
+pub use crate::peer::dial::is_onion;
+
+impl crate::peer::dial::OnionConnect for Tor {
+    fn connect<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+        timeout: Duration,
+    ) -> crate::peer::dial::Connecting<'a> {
+        Box::pin(async move {
+            let s: crate::peer::dial::Stream = Box::new(Tor::connect(self, host, port, timeout).await?);
+            Ok(s)
+        })
+    }
 }
 
 pub use service::run;

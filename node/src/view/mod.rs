@@ -1,10 +1,10 @@
-//! Views, the pure parts: CouchDB's key collation as bytes (`collate`), reduce functions
-//! (`reduce`) and the query a view request asks (`ViewQuery`). The index itself lives in
-//! `db::views` (maintenance and queries) and `store::index` (its sled instance).
+//! Views, the pure parts: reduce functions (`reduce`) and the query a view request asks
+//! (`ViewQuery`). Key collation is `doc::collate`; the index itself lives in `db::views`
+//! (maintenance and queries) and `store::index` (its keyspace).
 
-pub mod collate;
 pub mod reduce;
 
+use crate::doc::collate;
 use serde_json::Value;
 
 /// When a query brings the index up to date.

@@ -2,7 +2,7 @@
 //! `_approx_count_distinct`), the driver for custom ones (first pass over chunks of rows, then
 //! rereduce), and CouchDB's `reduce_limit` check on their output.
 
-use super::collate;
+use crate::doc::collate;
 use crate::plugins::{Func, PluginError};
 use md5::{Digest, Md5};
 use serde_json::{json, Map, Number, Value};

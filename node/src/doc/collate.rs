@@ -1,5 +1,5 @@
 //! CouchDB's view collation as bytes: `encode` maps a JSON key to a byte string whose plain
-//! byte order is the collation order, so indexes are sled range scans.
+//! byte order is the collation order, so indexes are range scans of the store.
 //!
 //! Order (CouchDB's `couch_ejson_compare`): null < false < true < numbers < strings < arrays <
 //! objects. Numbers by value; strings by the Unicode Collation Algorithm with the root locale at

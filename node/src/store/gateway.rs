@@ -1,0 +1,43 @@
+//! The one way engine work leaves the async workers. Writes, flushes, index builds and scans
+//! can block for milliseconds to seconds (an fsync, a cold range read); running them on a
+//! runtime worker would stall every other request on it. Point reads of single records stay
+//! inline: they cost microseconds from the block cache.
+//!
+//! - [`run`] / [`spawn`]: owned work on tokio's blocking pool, awaited or not.
+//! - [`scan`]: borrowed work in place, after telling a multi-threaded runtime to move its other
+//!   tasks off this worker; plain call elsewhere (a current-thread runtime, a plain thread),
+//!   where `block_in_place` would panic.
+
+/// Runs `f` on the blocking pool. Errors only if the task panicked or the runtime is gone.
+pub async fn run<T, F>(f: F) -> Result<T, Gone>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    spawn(f).await.map_err(|e| Gone(e.to_string()))
+}
+
+/// Starts `f` on the blocking pool (in the caller's tracing span) without waiting for it.
+pub fn spawn<T, F>(f: F) -> tokio::task::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+}
+
+/// Runs borrowed blocking work on this thread without starving the runtime.
+pub fn scan<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// A blocking task that did not finish (it panicked, or the runtime shut down).
+#[derive(Debug, thiserror::Error)]
+#[error("storage task failed: {0}")]
+pub struct Gone(pub String);

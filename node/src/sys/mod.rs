@@ -1,0 +1,6 @@
+//! The bottom layer: small helpers over the operating system that every other module may use
+//! and that use nothing of the node.
+
+pub mod clock;
+pub mod files;
+pub mod shutdown;
