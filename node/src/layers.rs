@@ -6,10 +6,9 @@ use std::path::Path;
 
 /// `module → layer` from the `## Layers` table (rows `| n | `a`, `b` | … |`).
 fn table() -> HashMap<String, u32> {
-    let doc = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md"),
-    )
-    .expect("ARCHITECTURE.md");
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md"))
+            .expect("ARCHITECTURE.md");
     let section = doc
         .split("\n## Layers")
         .nth(1)
@@ -57,7 +56,11 @@ fn modules_use_only_lower_layers() {
     let mut wrong = Vec::new();
     let mut seen = 0;
     for entry in std::fs::read_dir(&src).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().trim_end_matches(".rs").to_string();
+        let name = entry
+            .file_name()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_string();
         if matches!(name.as_str(), "lib" | "main" | "layers") {
             continue;
         }
@@ -91,5 +94,8 @@ fn modules_use_only_lower_layers() {
 
 #[test]
 fn the_checker_sees_uses() {
-    assert_eq!(uses("use crate::db::Node; x crate::sys::files"), ["db", "sys"]);
+    assert_eq!(
+        uses("use crate::db::Node; x crate::sys::files"),
+        ["db", "sys"]
+    );
 }

@@ -91,7 +91,8 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
         Err(e) => return Err(ServeError::DataDir(file, e)),
     }
     let pw = crate::db::random_hex(16);
-    crate::sys::files::write_private(&file, pw.as_bytes()).map_err(|e| ServeError::DataDir(file.clone(), e))?;
+    crate::sys::files::write_private(&file, pw.as_bytes())
+        .map_err(|e| ServeError::DataDir(file.clone(), e))?;
     Ok((pw, true))
 }
 

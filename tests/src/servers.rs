@@ -51,11 +51,16 @@ pub fn start_thali(root: &std::path::Path) -> Target {
     let dir = crate::TempDir::new("bench-thali");
     let port = crate::free_port();
     let peer_port = crate::free_port();
-    let child = Command::new(root.join("target/release/thali"))
-        .args(["serve", "--data"])
+    let mut cmd = Command::new(root.join("target/release/thali"));
+    cmd.args(["serve", "--data"])
         .arg(&dir.0)
         .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{peer_port}")])
+        .args(["--peer", &format!("127.0.0.1:{peer_port}")]);
+    // Every benchmark takes `--storage fjall|sled` (the node's default otherwise).
+    if let Some(engine) = arg_str("--storage") {
+        cmd.args(["--storage", &engine]);
+    }
+    let child = cmd
         .env("THALI_ADMIN_PASSWORD", crate::PASSWORD)
         .env("THALI_LOG", "warn")
         .stdout(Stdio::null())
@@ -152,6 +157,42 @@ pub fn pouchdb_replicate(root: &std::path::Path, src: &str, dst: &str) -> serde_
 }
 
 /// The number after `--name` on the command line, or `default`.
+/// The value after `name` on the command line, if any.
+pub fn arg_str(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// Resident memory of a process, in bytes (Linux `/proc`).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of every file under `p`.
+pub fn dir_bytes(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 pub fn arg_usize(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

@@ -16,7 +16,8 @@ fn acknowledged_writes_survive_kill_9() {
     let dir = TempDir::new("durable");
     let mut node = Node::start(&dir.0);
     node.put("/db", &json!({}));
-    let ddoc = json!({"language": "lua", "views": {"all": {"map": "function(doc) emit(doc._id, 1) end"}}});
+    let ddoc =
+        json!({"language": "lua", "views": {"all": {"map": "function(doc) emit(doc._id, 1) end"}}});
     assert_eq!(node.put("/db/_design/v", &ddoc).status, 201);
     let job = json!({"source": "db", "target": "copy", "create_target": true, "continuous": true});
     assert_eq!(node.put("/_replicator/copy", &job).status, 201);
@@ -106,32 +107,57 @@ fn acknowledged_writes_survive_kill_9() {
         let rows = all["rows"].as_array().unwrap();
         let revs: HashMap<&str, &str> = rows
             .iter()
-            .map(|r| (r["id"].as_str().unwrap(), r["value"]["rev"].as_str().unwrap()))
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap(),
+                    r["value"]["rev"].as_str().unwrap(),
+                )
+            })
             .collect();
         for (id, rev) in acked.iter() {
-            assert_eq!(revs.get(id.as_str()), Some(&rev.as_str()), "round {round}: acknowledged {id} lost");
+            assert_eq!(
+                revs.get(id.as_str()),
+                Some(&rev.as_str()),
+                "round {round}: acknowledged {id} lost"
+            );
         }
         // The database is consistent: counts match what _all_docs and _changes see.
-        assert_eq!(info["doc_count"].as_u64().unwrap() as usize, rows.len(), "round {round}");
+        assert_eq!(
+            info["doc_count"].as_u64().unwrap() as usize,
+            rows.len(),
+            "round {round}"
+        );
         let changes = node.get("/db/_changes").json();
         assert_eq!(changes["results"].as_array().unwrap().len(), rows.len());
         assert_eq!(changes["last_seq"], info["update_seq"]);
         // The index agrees with the documents (one row each, the design document aside).
         let view = node.get("/db/_design/v/_view/all?limit=0").json();
-        assert_eq!(view["total_rows"].as_u64().unwrap() as usize, rows.len() - 1, "round {round}: {view}");
+        assert_eq!(
+            view["total_rows"].as_u64().unwrap() as usize,
+            rows.len() - 1,
+            "round {round}: {view}"
+        );
         // The replica opens and holds no more than its source.
         let copy = node.get("/copy");
         assert_eq!(copy.status, 200, "round {round}");
         assert!(copy.json()["doc_count"].as_u64().unwrap() as usize <= rows.len());
         if round % 10 == 9 {
-            eprintln!("cycle {}: {} acknowledged writes verified, {} docs", round + 1, acked.len(), rows.len());
+            eprintln!(
+                "cycle {}: {} acknowledged writes verified, {} docs",
+                round + 1,
+                acked.len(),
+                rows.len()
+            );
         }
     }
     // The replication resumes after the last restart and catches up.
     let want = node.get("/db").json()["doc_count"].clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     while node.get("/copy").json()["doc_count"] != want {
-        assert!(Instant::now() < deadline, "the replica never caught up with {want}");
+        assert!(
+            Instant::now() < deadline,
+            "the replica never caught up with {want}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(

@@ -6,9 +6,10 @@
 mod replicate;
 pub use replicate::{replicate, ReplicateArgs};
 
+use crate::db::{Level, Security};
 use crate::peer::{parse_key_id, Identity};
 use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -74,12 +75,6 @@ fn admin_password(data: &Path) -> Result<String, &'static str> {
         )
 }
 
-const SECTIONS: [(&str, &str); 3] = [
-    ("admins", "admin"),
-    ("members", "write"),
-    ("readers", "read"),
-];
-
 pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
     let password = admin_password(data)?;
     let db = match &cmd {
@@ -89,71 +84,41 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
     };
     crate::db::validate_db_name(&db).map_err(|e| e.reason())?;
     let path = format!("/{}/_security", db.replace('/', "%2F"));
-    let (status, mut sec) =
+    let (status, sec) =
         request(node, &password, "GET", &path, None, TIMEOUT).map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("reading {path}: HTTP {status}: {sec}").into());
     }
-    if !sec.is_object() {
-        sec = json!({});
-    }
+    let mut sec = Security::stored(Some(sec));
     match cmd {
         PeerCommand::List { .. } => {
-            for (section, level) in SECTIONS {
-                for name in sec[section]["names"].as_array().into_iter().flatten() {
-                    println!("{level}\t{}", name.as_str().unwrap_or(""));
-                }
+            for (name, level) in sec.grants() {
+                println!("{}\t{name}", level.name());
             }
             return Ok(());
         }
         PeerCommand::Allow { key, level, .. } => {
             parse_key_id(&key)?;
-            let section = SECTIONS
-                .iter()
-                .find(|(_, l)| *l == level)
-                .map(|(s, _)| *s)
+            let l = Level::parse(&level)
                 .ok_or_else(|| format!("level must be read, write or admin, not {level:?}"))?;
-            remove_key(&mut sec, &key);
-            let names = &mut sec[section]["names"];
-            if !names.is_array() {
-                *names = json!([]);
-            }
-            if let Some(a) = names.as_array_mut() {
-                a.push(json!(key));
-            }
+            sec.grant(&key, l);
             println!("{key} may now {level} {db}");
         }
         PeerCommand::Deny { key, .. } => {
             parse_key_id(&key)?;
-            if !remove_key(&mut sec, &key) {
+            if !sec.revoke(&key) {
                 println!("{key} had no access to {db}");
                 return Ok(());
             }
             println!("{key} may no longer use {db}");
         }
     }
-    let (status, body) =
-        request(node, &password, "PUT", &path, Some(&sec), TIMEOUT).map_err(|e| e.to_string())?;
+    let (status, body) = request(node, &password, "PUT", &path, Some(sec.as_value()), TIMEOUT)
+        .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("writing {path}: HTTP {status}: {body}").into());
     }
     Ok(())
-}
-
-fn remove_key(sec: &mut Value, key: &str) -> bool {
-    let mut removed = false;
-    for (section, _) in SECTIONS {
-        if let Some(a) = sec
-            .get_mut(section)
-            .and_then(|s| s.get_mut("names"))
-            .and_then(Value::as_array_mut)
-        {
-            let before = a.len();
-            a.retain(|n| n != key);
-            removed |= a.len() != before;
-        }
-    }
-    removed
 }
 
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));

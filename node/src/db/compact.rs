@@ -35,8 +35,8 @@ impl Database {
         tokio::spawn(async move {
             let db = this.clone();
             let span = tracing::info_span!("compaction", db = %this.name);
-            let res = crate::store::gateway::run(move || span.in_scope(|| db.compact_blocking()))
-                .await;
+            let res =
+                crate::store::gateway::run(move || span.in_scope(|| db.compact_blocking())).await;
             match res {
                 Ok(Ok(s)) => tracing::info!(
                     db = %this.name,

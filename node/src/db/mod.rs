@@ -9,6 +9,7 @@ mod local;
 mod plugins;
 mod read;
 mod resolve;
+mod security;
 mod views;
 mod write;
 
@@ -16,6 +17,7 @@ pub use access::{admin_ctx, Caller, Level};
 pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
 pub use error::{DbError, DbResult};
 pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
+pub use security::Security;
 pub use write::{doc_input, DocInput, DocResult};
 
 use crate::store::{DbStore, Store};
@@ -145,10 +147,7 @@ impl Node {
             let Ok(sec) = self.security_of(&name) else {
                 continue;
             };
-            for section in ["admins", "members", "readers"] {
-                let names = sec[section]["names"].as_array().into_iter().flatten();
-                keys.extend(names.filter_map(|n| n.as_str()).map(str::to_string));
-            }
+            keys.extend(sec.grants().map(|(k, _)| k.to_string()));
         }
         let keys = Arc::new(keys);
         if let Ok(mut c) = self.peer_keys.lock() {
@@ -196,10 +195,15 @@ impl Node {
                 .store
                 .open_database(name, false)?
                 .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-            let db = self.load(name, data)?;
-            // A deletion may have run while this one loaded.
+            let db = self.load(name, data.clone())?;
+            // A creation may have registered the database meanwhile (keep that one: there is
+            // one handle per database, or two write locks would guard one keyspace), or a
+            // deletion removed it (or a new one took its name).
             let _g = self.admin_lock.lock().map_err(poisoned)?;
-            if !self.store.database_exists(name)? {
+            if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
+                return Ok(db.clone());
+            }
+            if !self.store.is_current(&data)? {
                 return Err(DbError::NotFound("Database does not exist.".into()));
             }
             self.register(name, db.clone())?;
@@ -257,7 +261,7 @@ impl Node {
     }
 
     /// A database's `_security`, without loading it (no design documents compiled).
-    pub fn security_of(&self, name: &str) -> DbResult<Value> {
+    pub fn security_of(&self, name: &str) -> DbResult<Security> {
         if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
             return db.security();
         }
@@ -265,7 +269,7 @@ impl Node {
             .store
             .open_database(name, false)?
             .ok_or_else(|| DbError::NotFound("Database does not exist.".into()))?;
-        Ok(data.meta("security")?.unwrap_or_else(|| json!({})))
+        Ok(Security::stored(data.meta("security")?))
     }
 
     /// `_active_tasks` entries of open databases: index updates and conflict resolvers.
@@ -417,7 +421,9 @@ impl Database {
 
     fn check_alive(&self) -> DbResult<()> {
         if self.closed.load(Ordering::SeqCst) {
-            Err(DbError::Internal("database handle closed; open it again".into()))
+            Err(DbError::Internal(
+                "database handle closed; open it again".into(),
+            ))
         } else if self.is_deleted() {
             Err(DbError::NotFound("Database does not exist.".into()))
         } else {
@@ -460,7 +466,7 @@ impl Database {
             "update_seq": self.update_seq(),
             "purge_seq": 0,
             "compact_running": self.compact_running.load(Ordering::SeqCst),
-            "sizes": {"file": disk_size, "external": 0, "active": 0},
+            "sizes": {"file": disk_size, "external": 0, "active": disk_size},
             "disk_size": disk_size,
             "instance_start_time": "0",
             "disk_format_version": 1,
@@ -499,34 +505,15 @@ impl Database {
         Ok(())
     }
 
-    pub fn security(&self) -> DbResult<Value> {
+    pub fn security(&self) -> DbResult<Security> {
         self.check_alive()?;
-        Ok(self.data().meta("security")?.unwrap_or_else(|| json!({})))
+        Ok(Security::stored(self.data().meta("security")?))
     }
 
     pub async fn set_security(&self, sec: Value) -> DbResult<()> {
         self.check_alive()?;
-        let Value::Object(obj) = &sec else {
-            return Err(DbError::BadRequest(
-                "Security object must be a JSON object".into(),
-            ));
-        };
-        for key in ["admins", "members", "readers"] {
-            if let Some(v) = obj.get(key) {
-                let ok = v.is_object()
-                    && ["names", "roles"].iter().all(|f| match v.get(*f) {
-                        None => true,
-                        Some(Value::Array(a)) => a.iter().all(Value::is_string),
-                        Some(_) => false,
-                    });
-                if !ok {
-                    return Err(DbError::BadRequest(format!(
-                        "{key} must be an object with names and roles as arrays of strings"
-                    )));
-                }
-            }
-        }
-        self.put_meta("security", &sec).await?;
+        let sec = Security::parse(sec).map_err(DbError::BadRequest)?;
+        self.put_meta("security", sec.as_value()).await?;
         self.security_epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -543,5 +530,72 @@ impl Database {
         };
         data.durable(ticket).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(max: usize) -> (std::path::PathBuf, Arc<Node>) {
+        let dir = std::env::temp_dir().join(format!("thali-lru-{}", random_hex(6)));
+        let limits = Limits {
+            max_dbs_open: max,
+            ..Default::default()
+        };
+        let node = Node::open(&dir, &Default::default(), limits).unwrap();
+        (dir, node)
+    }
+
+    async fn put(db: &Arc<Database>, id: &str) {
+        let r = db
+            .bulk_docs(vec![json!({ "_id": id })], true, &Caller::node(db.name()))
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "{id}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_databases_close_beyond_max_dbs_open() {
+        let (dir, node) = node(3);
+        for i in 0..8 {
+            let db = node.create_db(&format!("db{i}")).unwrap();
+            put(&db, "a").await;
+        }
+        // `_replicator` and the eight: never more than three open.
+        assert!(node.open_dbs() <= 3, "{} open", node.open_dbs());
+        // A database in use is never closed under its user.
+        let held = node.db("db0").unwrap();
+        for i in 1..8 {
+            let db = node.db(&format!("db{i}")).unwrap();
+            put(&db, "b").await;
+        }
+        assert!(!held.is_deleted());
+        put(&held, "b").await;
+        // Reopened ones kept every write and their counters.
+        for i in 0..8 {
+            let db = node.db(&format!("db{i}")).unwrap();
+            assert_eq!(db.doc_count(), 2, "db{i}");
+            assert_eq!(db.update_seq(), 2, "db{i}");
+        }
+        drop(held);
+        // A handle closed by the registry refuses writes; the registry hands out a fresh one.
+        let stale = node.db("db1").unwrap();
+        let weak = Arc::downgrade(&stale);
+        drop(stale);
+        for i in 2..8 {
+            node.db(&format!("db{i}")).unwrap();
+        }
+        if let Some(stale) = weak.upgrade() {
+            assert!(stale.is_deleted());
+            let r = stale
+                .bulk_docs(vec![json!({"_id": "late"})], true, &Caller::node("db1"))
+                .await;
+            assert!(r.is_err());
+        }
+        let db1 = node.db("db1").unwrap();
+        assert!(db1.get_doc("late", None, &Default::default()).is_err());
+        drop(node);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -11,10 +11,10 @@
 
 use super::read::DocOptions;
 use super::{Database, DbError, DbResult};
+use crate::doc::collate;
 use crate::plugins::design::{DesignFns, Reduce};
 use crate::store::gateway;
 use crate::store::index::{row_key, row_view, view_prefix, IndexBatch, IndexStore};
-use crate::doc::collate;
 use crate::view::reduce::{ReduceError, Reducer};
 use crate::view::{Update, ViewQuery};
 use serde_json::{json, Map, Value};

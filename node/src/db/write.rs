@@ -136,7 +136,7 @@ impl Database {
         self.check_alive()?;
         let plugins = self.plugins();
         let sec_obj = if plugins.has_validators() {
-            self.security()?
+            self.security()?.as_value().clone()
         } else {
             Value::Null
         };

@@ -117,34 +117,12 @@ fn classify(route: &Route, m: &Method) -> Need {
     }
 }
 
-/// A peer's level on a database from its `_security` object, if any.
-pub fn level_in(sec: &Value, key: &str) -> Option<Level> {
-    let has = |section: &str| {
-        sec.get(section)
-            .and_then(|s| s.get("names"))
-            .and_then(Value::as_array)
-            .is_some_and(|names| names.iter().any(|n| n == key))
-    };
-    if has("admins") {
-        Some(Level::Admin)
-    } else if has("members") {
-        Some(Level::Write)
-    } else if has("readers") {
-        Some(Level::Read)
-    } else {
-        None
-    }
-}
-
 /// The principal's level on `db` (the local admin has every level).
 fn db_level(state: &AppState, principal: &Principal, db: &str) -> Option<Level> {
     match principal {
         Principal::Admin => Some(Level::Admin),
         Principal::Anonymous => None,
-        Principal::Peer(key) => {
-            let sec = state.node.db(db).ok()?.security().ok()?;
-            level_in(&sec, key)
-        }
+        Principal::Peer(key) => state.node.security_of(db).ok()?.level_of(key),
     }
 }
 

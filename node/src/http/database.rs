@@ -301,7 +301,7 @@ pub fn view_cleanup(state: &AppState, r: &Req, name: &str) -> ApiResult<Response
 pub async fn security(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
     let db = open(state, name)?;
     match r.method {
-        Method::GET | Method::HEAD => Ok(ok(db.security()?)),
+        Method::GET | Method::HEAD => Ok(ok(db.security()?.as_value().clone())),
         Method::PUT => {
             let body = r.json().await?;
             db.set_security(body).await?;

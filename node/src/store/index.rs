@@ -78,7 +78,8 @@ impl IndexBatch {
         self.ops.push((k, Some(n.to_be_bytes().to_vec())));
     }
     pub fn set_seq(&mut self, seq: u64) {
-        self.ops.push((b"mseq".to_vec(), Some(seq.to_be_bytes().to_vec())));
+        self.ops
+            .push((b"mseq".to_vec(), Some(seq.to_be_bytes().to_vec())));
     }
 }
 

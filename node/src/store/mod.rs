@@ -307,6 +307,13 @@ impl Store {
         })
     }
 
+    /// Whether `db` is still the catalog's database of its name (not deleted, not replaced).
+    pub fn is_current(&self, db: &DbStore) -> Result<bool> {
+        Ok(self
+            .entry(&db.inner.name)?
+            .is_some_and(|e| e.id == db.inner.entry.id))
+    }
+
     pub fn database_exists(&self, name: &str) -> Result<bool> {
         Ok(self.entry(name)?.is_some())
     }
@@ -403,7 +410,11 @@ impl NextGeneration {
     /// reader holds it.
     pub fn commit(self, old: &DbStore) -> Result<DbStore> {
         let store = &old.inner.store;
-        let _g = store.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = store
+            .inner
+            .catalog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         store.inner.engine.persist()?;
         let mut b = Batch::default();
         b.put(
@@ -660,7 +671,9 @@ impl DbStore {
 
     /// Every entry of this database's keyspace, raw (for `thali migrate`).
     pub fn raw_entries(&self) -> engine::Iter {
-        self.inner.ks.range(Bound::Unbounded, Bound::Unbounded, false)
+        self.inner
+            .ks
+            .range(Bound::Unbounded, Bound::Unbounded, false)
     }
 
     /// Meta entries (name, raw JSON value).

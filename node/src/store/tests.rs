@@ -72,11 +72,17 @@ async fn documents_ranges_and_changes(kind: Kind) {
     let db = store.open_database("db", true).unwrap().unwrap();
     fill(&db, 20).await;
     let ids = |it: Vec<(String, DocInfo)>| it.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
-    let all: Vec<_> = db.docs(None, None, true, false).map(|r| r.unwrap()).collect();
+    let all: Vec<_> = db
+        .docs(None, None, true, false)
+        .map(|r| r.unwrap())
+        .collect();
     assert_eq!(all.len(), 20);
     assert_eq!(all[3].1.seq, 4);
     let some = db.docs(Some("d005"), Some("d008"), false, false);
-    assert_eq!(ids(some.map(|r| r.unwrap()).collect()), ["d005", "d006", "d007"]);
+    assert_eq!(
+        ids(some.map(|r| r.unwrap()).collect()),
+        ["d005", "d006", "d007"]
+    );
     let desc = db.docs(Some("d008"), Some("d005"), true, true);
     assert_eq!(
         ids(desc.map(|r| r.unwrap()).collect()),
@@ -269,7 +275,10 @@ async fn migrate_there_and_back(kind: Kind) {
     );
     assert!(matches!(e, Err(StoreError::Config(_))));
     let store = open(&dir, other);
-    assert_eq!(store.node_meta::<String>("uuid").unwrap().as_deref(), Some("u-1"));
+    assert_eq!(
+        store.node_meta::<String>("uuid").unwrap().as_deref(),
+        Some("u-1")
+    );
     let db = store.open_database("db", false).unwrap().unwrap();
     assert_eq!(db.docs(None, None, true, false).count(), 40);
     assert_eq!(db.changes(0, false).count(), 40);

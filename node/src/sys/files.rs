@@ -17,7 +17,6 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-
 /// Writes `contents` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -31,4 +30,3 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
-

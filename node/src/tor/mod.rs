@@ -227,7 +227,8 @@ impl crate::peer::dial::OnionConnect for Tor {
         timeout: Duration,
     ) -> crate::peer::dial::Connecting<'a> {
         Box::pin(async move {
-            let s: crate::peer::dial::Stream = Box::new(Tor::connect(self, host, port, timeout).await?);
+            let s: crate::peer::dial::Stream =
+                Box::new(Tor::connect(self, host, port, timeout).await?);
             Ok(s)
         })
     }

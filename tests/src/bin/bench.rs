@@ -1,8 +1,12 @@
 //! Benchmark: this node against pouchdb-server 4.2 (npm) on the same machine, same workload,
 //! one run. Prints each figure for both servers and their ratio.
 //!
-//! Usage: `cargo run --release -p thali-tests --bin thali-bench [-- --quick] [--thali-only]`
-//! (needs `npm ci` in tests/interop and builds the release `thali`).
+//! Then this node's memory and disk: resident memory idle and after the workload (its databases
+//! deleted), and the store's size after loading 100k documents, after deleting them and
+//! compacting, and after deleting the database.
+//!
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench [-- --quick] [--thali-only]
+//! [--storage fjall|sled]` (needs `npm ci` in tests/interop and builds the release `thali`).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -12,7 +16,9 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use thali_tests::servers::{pouchdb_replicate, start_pouchdb_server, start_thali, Target};
+use thali_tests::servers::{
+    dir_bytes, pouchdb_replicate, rss_bytes, start_pouchdb_server, start_thali, Target,
+};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -203,6 +209,86 @@ async fn run(
     fig
 }
 
+const MB: f64 = 1024.0 * 1024.0;
+
+/// Waits until `db` reports no compaction running (bounded).
+async fn compacted(c: &HttpClient, t: &Target, db: &str) {
+    for _ in 0..1200 {
+        let (_, b) = call(c, t, "GET", &format!("/{db}"), None).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        if v["compact_running"] == false {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{db}: compaction did not finish");
+}
+
+/// The node's memory after the workload and the store's disk use through a load / delete /
+/// compact / drop cycle of `n` documents. Prints as it goes.
+async fn memory_and_disk(t: Arc<Target>, idle_rss: u64, n: usize) {
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let pid = t.child.id();
+    for db in ["bench", "bench_put", "bench_copy"] {
+        let _ = call(&c, &t, "DELETE", &format!("/{db}"), None).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let after_rss = rss_bytes(pid);
+    let disk = |what: &str| {
+        println!(
+            "  store on disk {what:<38} {:>8.1} MB",
+            dir_bytes(&t._dir.0) as f64 / MB
+        )
+    };
+    println!();
+    println!(
+        "thali memory (RSS): idle {:.1} MB, after the workload with its databases deleted {:.1} MB",
+        idle_rss as f64 / MB,
+        after_rss as f64 / MB
+    );
+    disk("with the workload's databases deleted");
+    assert!(call(&c, &t, "PUT", "/disk", None).await.0 < 300);
+    let mut revs = Vec::with_capacity(n);
+    for start in (0..n).step_by(1000) {
+        let docs: Vec<Value> = (start..(start + 1000).min(n)).map(doc).collect();
+        let body = serde_json::to_vec(&json!({ "docs": docs })).unwrap();
+        let (s, b) = call(&c, &t, "POST", "/disk/_bulk_docs", Some(body)).await;
+        assert_eq!(s, 201);
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        revs.extend(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["rev"].as_str().unwrap().to_string()),
+        );
+    }
+    disk(&format!("after loading {n} docs"));
+    println!("  RSS after loading: {:.1} MB", rss_bytes(pid) as f64 / MB);
+    for start in (0..n).step_by(1000) {
+        let docs: Vec<Value> = (start..(start + 1000).min(n))
+            .map(|i| json!({"_id": format!("doc{i:08}"), "_rev": revs[i], "_deleted": true}))
+            .collect();
+        let body = serde_json::to_vec(&json!({ "docs": docs })).unwrap();
+        assert_eq!(
+            call(&c, &t, "POST", "/disk/_bulk_docs", Some(body)).await.0,
+            201
+        );
+    }
+    disk("after deleting them");
+    assert_eq!(
+        call(&c, &t, "POST", "/disk/_compact", Some(b"{}".to_vec()))
+            .await
+            .0,
+        202
+    );
+    compacted(&c, &t, "disk").await;
+    disk("after compacting");
+    assert!(call(&c, &t, "DELETE", "/disk", None).await.0 < 300);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    disk("after deleting the database");
+    println!("  RSS at the end: {:.1} MB", rss_bytes(pid) as f64 / MB);
+}
+
 fn nodelay(s: std::net::TcpStream) -> std::net::TcpStream {
     s.set_nodelay(true).unwrap();
     s
@@ -326,8 +412,15 @@ fn main() {
         .unwrap();
     println!("workload: {n_docs} docs via _bulk_docs, {n_put} PUTs and {n_get} GETs by 32 clients, full _changes x3, PouchDB replication of {n_docs} docs");
     let thali = Arc::new(start_thali(&root));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let idle_rss = rss_bytes(thali.child.id());
     let a = rt.block_on(run(thali.clone(), &root, n_docs, n_put, n_get));
     let [keep, fresh] = peer_vs_loopback(&thali, n_docs, quick);
+    rt.block_on(memory_and_disk(
+        thali.clone(),
+        idle_rss,
+        if quick { 10_000 } else { 100_000 },
+    ));
     drop(thali);
     if thali_only {
         println!(

@@ -90,11 +90,7 @@ impl Deref for Keyspace {
 impl Keyspace {
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn prefix(&self, prefix: &[u8]) -> Iter {
-        self.range(
-            Bound::Included(prefix.to_vec()),
-            prefix_end(prefix),
-            false,
-        )
+        self.range(Bound::Included(prefix.to_vec()), prefix_end(prefix), false)
     }
 
     fn downcast<T: 'static>(&self) -> Result<&T> {
@@ -196,9 +192,21 @@ mod tests {
     #[test]
     fn empty_ranges() {
         let b = |s: &[u8]| s.to_vec();
-        assert!(is_empty_range(&Bound::Included(b(b"b")), &Bound::Included(b(b"a"))));
-        assert!(!is_empty_range(&Bound::Included(b(b"a")), &Bound::Included(b(b"a"))));
-        assert!(is_empty_range(&Bound::Included(b(b"a")), &Bound::Excluded(b(b"a"))));
-        assert!(!is_empty_range(&Bound::Unbounded, &Bound::Excluded(b(b"a"))));
+        assert!(is_empty_range(
+            &Bound::Included(b(b"b")),
+            &Bound::Included(b(b"a"))
+        ));
+        assert!(!is_empty_range(
+            &Bound::Included(b(b"a")),
+            &Bound::Included(b(b"a"))
+        ));
+        assert!(is_empty_range(
+            &Bound::Included(b(b"a")),
+            &Bound::Excluded(b(b"a"))
+        ));
+        assert!(!is_empty_range(
+            &Bound::Unbounded,
+            &Bound::Excluded(b(b"a"))
+        ));
     }
 }
