@@ -16,7 +16,9 @@ mod write;
 pub use access::{admin_ctx, Caller, Level};
 pub use changes::{ChangeRow, ChangesQuery, FilterFn, Style};
 pub use error::{DbError, DbResult};
-pub use read::{AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut};
+pub use read::{
+    AllDocsPart, AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut,
+};
 pub use security::Security;
 pub use write::{doc_input, DocInput, DocResult};
 

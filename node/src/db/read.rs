@@ -68,6 +68,16 @@ pub struct BulkGetItem {
     pub atts_since: Option<Vec<Rev>>,
 }
 
+/// What `Database::all_docs_with` emits.
+pub enum AllDocsPart {
+    /// Before the first row; `offset` is `None` for a `keys` query (CouchDB answers `null`).
+    Head {
+        total_rows: u64,
+        offset: Option<usize>,
+    },
+    Row(Value),
+}
+
 impl Database {
     fn info_of(&self, id: &str) -> DbResult<DocInfo> {
         self.check_alive()?;
@@ -400,8 +410,31 @@ impl Database {
         Ok(json!({ "results": results }))
     }
 
-    /// `_all_docs`.
+    /// `_all_docs` as one JSON value (small answers; HTTP streams `all_docs_with`).
     pub fn all_docs(&self, q: &AllDocsQuery) -> DbResult<Value> {
+        let mut head = (0, None);
+        let mut rows = Vec::new();
+        self.all_docs_with(q, &mut |part| {
+            match part {
+                AllDocsPart::Head { total_rows, offset } => head = (total_rows, offset),
+                AllDocsPart::Row(r) => rows.push(r),
+            }
+            Ok(())
+        })?;
+        let mut out = json!({"total_rows": head.0, "offset": head.1, "rows": rows});
+        if q.update_seq {
+            out["update_seq"] = json!(self.update_seq());
+        }
+        Ok(out)
+    }
+
+    /// `_all_docs` piece by piece: the head once before the first row, then each row, so an
+    /// answer of any size is never held whole.
+    pub fn all_docs_with(
+        &self,
+        q: &AllDocsQuery,
+        emit: &mut dyn FnMut(AllDocsPart) -> DbResult<()>,
+    ) -> DbResult<()> {
         self.check_alive()?;
         let doc_opts = DocOptions {
             conflicts: q.conflicts,
@@ -414,66 +447,76 @@ impl Database {
         };
         let total_rows = self.doc_count();
         let data = self.data();
-        let mut rows = Vec::new();
-        let mut offset = q.skip;
         let limit = q.limit.unwrap_or(usize::MAX);
         if let Some(keys) = &q.keys {
+            emit(AllDocsPart::Head {
+                total_rows,
+                offset: None,
+            })?;
             for key in keys.iter().skip(q.skip).take(limit) {
-                let Some(id) = key.as_str() else {
-                    rows.push(json!({"key": key, "error": "not_found"}));
-                    continue;
+                let row = match key.as_str() {
+                    None => json!({"key": key, "error": "not_found"}),
+                    Some(id) => match data.doc_info(id)? {
+                        Some(info) if !info.tree.is_empty() => {
+                            self.all_docs_row(id, &info, q.include_docs, &doc_opts, true)?
+                        }
+                        _ => json!({"key": id, "error": "not_found"}),
+                    },
                 };
-                match self.data().doc_info(id)? {
-                    Some(info) if !info.tree.is_empty() => {
-                        rows.push(self.all_docs_row(id, &info, q.include_docs, &doc_opts, true)?)
-                    }
-                    _ => rows.push(json!({"key": id, "error": "not_found"})),
-                }
+                emit(AllDocsPart::Row(row))?;
             }
-        } else {
-            if let Some(start) = q.start.as_deref() {
-                // Rows before the start key (in the feed's direction) count toward `offset`.
-                let live = |r: &crate::store::Result<(String, DocInfo)>| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted));
-                let before = if q.descending {
-                    let up_to = data
-                        .docs(None, Some(start), true, false)
-                        .filter(live)
-                        .count();
-                    (total_rows as usize).saturating_sub(up_to)
-                } else {
-                    data.docs(None, Some(start), false, false)
-                        .filter(live)
-                        .count()
-                };
-                offset += before;
-            }
-            let iter = data.docs(
-                q.start.as_deref(),
-                q.end.as_deref(),
-                q.inclusive_end,
-                q.descending,
-            );
-            let mut skipped = 0;
-            for r in iter {
-                let (id, info) = r?;
-                if info.tree.winner().is_none_or(|w| w.deleted) {
-                    continue;
-                }
-                if skipped < q.skip {
-                    skipped += 1;
-                    continue;
-                }
-                if rows.len() >= limit {
-                    break;
-                }
-                rows.push(self.all_docs_row(&id, &info, q.include_docs, &doc_opts, false)?);
-            }
+            return Ok(());
         }
-        let mut out = json!({"total_rows": total_rows, "offset": offset, "rows": rows});
-        if q.update_seq {
-            out["update_seq"] = json!(self.update_seq());
+        let mut offset = q.skip;
+        if let Some(start) = q.start.as_deref() {
+            // Rows before the start key (in the feed's direction) count toward `offset`.
+            let live = |r: &crate::store::Result<(String, DocInfo)>| matches!(r, Ok((_, i)) if i.tree.winner().is_some_and(|w| !w.deleted));
+            let before = if q.descending {
+                let up_to = data
+                    .docs(None, Some(start), true, false)
+                    .filter(live)
+                    .count();
+                (total_rows as usize).saturating_sub(up_to)
+            } else {
+                data.docs(None, Some(start), false, false)
+                    .filter(live)
+                    .count()
+            };
+            offset += before;
         }
-        Ok(out)
+        emit(AllDocsPart::Head {
+            total_rows,
+            offset: Some(offset),
+        })?;
+        let iter = data.docs(
+            q.start.as_deref(),
+            q.end.as_deref(),
+            q.inclusive_end,
+            q.descending,
+        );
+        let (mut skipped, mut sent) = (0, 0);
+        for r in iter {
+            let (id, info) = r?;
+            if info.tree.winner().is_none_or(|w| w.deleted) {
+                continue;
+            }
+            if skipped < q.skip {
+                skipped += 1;
+                continue;
+            }
+            if sent >= limit {
+                break;
+            }
+            sent += 1;
+            emit(AllDocsPart::Row(self.all_docs_row(
+                &id,
+                &info,
+                q.include_docs,
+                &doc_opts,
+                false,
+            )?))?;
+        }
+        Ok(())
     }
 
     fn all_docs_row(

@@ -5,7 +5,8 @@ use super::respond::{ok, status};
 use super::stream;
 use super::{AppState, Req};
 use crate::db::{
-    doc_input, AllDocsQuery, AttMode, BulkGetItem, Database, DocInput, DocOptions, DocResult,
+    doc_input, AllDocsPart, AllDocsQuery, AttMode, BulkGetItem, Database, DbError, DocInput,
+    DocOptions, DocResult,
 };
 use crate::doc::Rev;
 use axum::http::{header, HeaderValue, Method};
@@ -265,8 +266,44 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             ));
         }
     }
-    let out = crate::store::gateway::scan(|| db.all_docs(&query))?;
-    Ok(ok(out))
+    // Streamed: `_all_docs` of a large database would otherwise be held whole, twice (as
+    // values, then as text).
+    Ok(super::stream::response(
+        axum::http::StatusCode::OK,
+        "application/json",
+        db,
+        move |db, sink| {
+            let cut = |e: std::io::Error| DbError::Internal(e.to_string());
+            let mut first = true;
+            let res = db.all_docs_with(&query, &mut |part| {
+                match part {
+                    AllDocsPart::Head { total_rows, offset } => sink
+                        .write(b"{\"total_rows\":")
+                        .and_then(|()| sink.json(&total_rows))
+                        .and_then(|()| sink.write(b",\"offset\":"))
+                        .and_then(|()| sink.json(&offset))
+                        .and_then(|()| sink.write(b",\"rows\":[")),
+                    AllDocsPart::Row(row) => {
+                        if !std::mem::take(&mut first) {
+                            sink.write(b",").map_err(cut)?;
+                        }
+                        sink.json(&row)
+                    }
+                }
+                .map_err(cut)
+            });
+            if let Err(e) = res {
+                // Headers are gone: the best left is to cut the answer short.
+                return Err(std::io::Error::other(e.to_string()));
+            }
+            sink.write(b"]")?;
+            if query.update_seq {
+                sink.write(b",\"update_seq\":")?;
+                sink.json(&db.update_seq())?;
+            }
+            sink.write(b"}")
+        },
+    ))
 }
 
 /// Every write is durable before it is answered, so there is nothing left to commit; the

@@ -228,7 +228,7 @@ async fn view_indexes(kind: Kind) {
     idx.flush().unwrap();
     assert_eq!(idx.seq().unwrap(), 9);
     assert_eq!(idx.count(0).unwrap(), 2);
-    assert_eq!(idx.doc_rows("d1").unwrap(), [k1.clone()]);
+    assert_eq!(idx.doc_rows("d1").unwrap(), std::slice::from_ref(&k1));
     let lo = std::ops::Bound::Included(index::view_prefix(0));
     let hi = engine::prefix_end(&index::view_prefix(0));
     let rows: Vec<Vec<u8>> = idx
@@ -262,7 +262,7 @@ async fn migrate_there_and_back(kind: Kind) {
     }
     let r = migrate::migrate(&dir.0, other, 8 << 20).unwrap();
     assert_eq!(r.from, Some(kind));
-    assert!(r.entries >= 40 * 2 + 1, "{r:?}");
+    assert!(r.entries > 40 * 2, "{r:?}");
     assert_eq!(recorded_engine(&dir.0).unwrap(), Some(other));
     assert!(!dir.0.join(kind.name()).exists());
     // The old engine is refused by name; the new one opens with everything.
