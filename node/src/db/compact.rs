@@ -36,7 +36,7 @@ impl Database {
             let db = this.clone();
             let span = tracing::info_span!("compaction", db = %this.name);
             let res =
-                crate::store::gateway::run(move || span.in_scope(|| db.compact_blocking())).await;
+                crate::store::gateway::long(move || span.in_scope(|| db.compact_blocking())).await;
             match res {
                 Ok(Ok(s)) => tracing::info!(
                     db = %this.name,

@@ -212,7 +212,7 @@ impl Database {
             return Ok(());
         }
         let (this, i, f) = (self.clone(), idx.clone(), fns.clone());
-        gateway::run(move || this.update_index(&i, &f)).await?
+        gateway::long(move || this.update_index(&i, &f)).await?
     }
 
     /// Runs the map functions over the changes since the index's sequence.
