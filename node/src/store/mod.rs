@@ -352,9 +352,9 @@ impl Store {
         }
         let target = self.inner.applied.load(Ordering::SeqCst);
         let engine = self.inner.engine.clone();
-        tokio::task::spawn_blocking(move || engine.persist())
+        gateway::long(move || engine.persist())
             .await
-            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+            .map_err(|e| StoreError::Corrupt(e.to_string()))??;
         *flushed = target;
         Ok(())
     }
