@@ -229,7 +229,7 @@ impl Database {
         let mut bs = BatchState {
             data,
             batch: WriteBatch::new(),
-            infos: HashMap::new(),
+            infos: HashMap::with_capacity(docs.len()),
             bodies: HashMap::new(),
             locals: HashMap::new(),
             changed: false,
@@ -337,7 +337,7 @@ impl Database {
         if doc.bad_rev {
             return Err(DbError::BadRequest("Invalid rev format".into()));
         }
-        let size = serde_json::to_vec(&doc.body).map(|v| v.len()).unwrap_or(0);
+        let size = crate::doc::rev::json_len(&doc.body);
         if size > self.limits.max_doc_size {
             return Err(DbError::DocTooLarge(id));
         }

@@ -85,17 +85,17 @@ pub fn validate_doc_id(id: &str) -> Result<(), ParseError> {
 }
 
 pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
-    let Value::Object(map) = value else {
+    let Value::Object(mut map) = value else {
         return Err(ParseError::BadRequest(
             "Document must be a JSON object".into(),
         ));
     };
     let mut doc = IncomingDoc::default();
-    for (k, v) in map {
-        if !k.starts_with('_') {
-            doc.body.insert(k, v);
-            continue;
-        }
+    // The special members are taken out and the rest of the map becomes the body as it is,
+    // without rebuilding it.
+    let special: Vec<String> = map.keys().filter(|k| k.starts_with('_')).cloned().collect();
+    for k in special {
+        let Some(v) = map.remove(&k) else { continue };
         match k.as_str() {
             "_id" => match v {
                 Value::String(s) => {
@@ -132,6 +132,11 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
                 )))
             }
         }
+    }
+    if doc.body.is_empty() {
+        doc.body = map;
+    } else {
+        doc.body.append(&mut map);
     }
     if let (Some(rev), Some((start, ids))) = (&doc.rev, &doc.revisions) {
         if rev.pos != *start || ids.first() != Some(&rev.id) {

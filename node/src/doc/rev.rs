@@ -62,15 +62,65 @@ pub fn hash_rev(
     body: &Map<String, Value>,
     atts: &[(&str, &str)],
 ) -> String {
-    let canonical = serde_json::json!([parent.map(|r| r.to_string()), deleted, body, atts,]);
-    // Serialising a Value cannot fail.
-    let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
-    hex::encode(Md5::digest(&bytes))
+    // Serialised straight into the hasher: a tuple is a JSON array, so the bytes are those of
+    // `[parent, deleted, body, atts]` without copying the body or buffering its text.
+    let mut hasher = HashWriter(Md5::new());
+    let parent = parent.map(|r| r.to_string());
+    // Writing into a hasher cannot fail, nor can serialising these types.
+    let _ = serde_json::to_writer(&mut hasher, &(parent, deleted, body, atts));
+    hex::encode(hasher.0.finalize())
+}
+
+/// `io::Write` into an md5 hasher.
+struct HashWriter(Md5);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `v` serialised as compact JSON, without building the text.
+pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_is_md5_of_the_canonical_array() {
+        let body: Map<String, Value> =
+            serde_json::from_str(r#"{"b":[1,2.5,"x\"y"],"a":{"z":null,"k":true}}"#).unwrap();
+        let parent = Rev::parse("2-abc").unwrap();
+        let atts = [("f.txt", "md5-xyz")];
+        let canonical = serde_json::json!(["2-abc", false, body, atts]);
+        let expected = hex::encode(Md5::digest(serde_json::to_vec(&canonical).unwrap()));
+        assert_eq!(hash_rev(Some(&parent), false, &body, &atts), expected);
+        let empty = serde_json::to_vec(&serde_json::json!([null, true, {}, []])).unwrap();
+        assert_eq!(
+            hash_rev(None, true, &Map::new(), &[]),
+            hex::encode(Md5::digest(empty))
+        );
+        assert_eq!(json_len(&body), serde_json::to_vec(&body).unwrap().len());
+    }
 
     #[test]
     fn parse_and_print() {

@@ -89,8 +89,9 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     }
     let db = open(state, name)?;
     r.require_json()?;
-    let body = r.json().await?;
-    let Some(docs) = body.get("docs").and_then(Value::as_array).cloned() else {
+    let mut body = r.json().await?;
+    // Taken, not cloned: the documents are the bulk of the request.
+    let Some(Value::Array(docs)) = body.get_mut("docs").map(Value::take) else {
         return Err(ApiError::bad_request(
             "POST body must include `docs` parameter.",
         ));

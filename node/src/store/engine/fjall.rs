@@ -39,6 +39,11 @@ impl FjallEngine {
             .cache_size(cache_bytes)
             .max_journaling_size(64 << 20)
             .max_write_buffer_size(Some(64 << 20))
+            // With two or more workers, fjall 3.1's worker 0 hands every compaction request
+            // back to the queue and takes it again at once, spinning a core for as long as
+            // another worker compacts (worker_pool.rs, `Compact` arm): a fifth of the CPU of a
+            // bulk load on two cores. One worker flushes and compacts in turn, without spinning.
+            .worker_threads(1)
             .open()?;
         Ok(FjallEngine { db })
     }
