@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Language {
+    JavaScript,
     Lua,
     Wasm,
 }
@@ -26,6 +27,8 @@ pub struct Source {
     pub resolve_conflict: Option<String>,
     /// The WASM module's bytes (binary or WAT text).
     pub module: Option<Vec<u8>>,
+    /// JavaScript: the CommonJS modules under `views.lib` (part of the view signature).
+    pub lib: Value,
 }
 
 fn bad(id: &str, m: impl std::fmt::Display) -> PluginError {
@@ -33,23 +36,31 @@ fn bad(id: &str, m: impl std::fmt::Display) -> PluginError {
 }
 
 impl Source {
-    /// `Ok(None)` for design documents without plugin code (no `language`, or JavaScript from
-    /// CouchDB/PouchDB apps: stored and replicated, never run).
+    /// `Ok(None)` for design documents without plugin code: no functions, or Mango indexes
+    /// (`"language": "query"`, stored and replicated).
     pub fn parse(
         id: &str,
         doc: &Map<String, Value>,
         attachment: &dyn Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Option<Source>, PluginError> {
-        let language = match doc.get("language").and_then(Value::as_str) {
-            Some("lua") => Language::Lua,
-            Some("wasm") => Language::Wasm,
-            None | Some("javascript") | Some("query") => return Ok(None),
-            Some(other) => {
-                return Err(bad(
-                    id,
-                    format!("unknown language {other:?} (thali runs \"lua\" and \"wasm\")"),
-                ))
-            }
+        let language = match doc.get("language") {
+            None | Some(Value::Null) => Language::JavaScript,
+            Some(Value::String(l)) => match l.as_str() {
+                "javascript" => Language::JavaScript,
+                "lua" => Language::Lua,
+                "wasm" => Language::Wasm,
+                "query" => return Ok(None),
+                other => {
+                    return Err(bad(
+                        id,
+                        format!(
+                            "unknown language {other:?} (thali runs \"javascript\", \"lua\" \
+                             and \"wasm\")"
+                        ),
+                    ))
+                }
+            },
+            Some(_) => return Err(bad(id, "language must be a string")),
         };
         let string = |field: &str, v: &Value| -> Result<String, PluginError> {
             v.as_str()
@@ -65,6 +76,7 @@ impl Source {
             resolve_conflict: None,
             module: None,
             options: doc.get("options").cloned().unwrap_or(Value::Null),
+            lib: Value::Null,
         };
         if let Some(v) = doc.get("validate_doc_update") {
             src.validate = Some(string("validate_doc_update", v)?);
@@ -86,6 +98,11 @@ impl Source {
             None => {}
             Some(Value::Object(views)) => {
                 for (name, v) in views {
+                    if name == "lib" && language == Language::JavaScript {
+                        // CommonJS modules for the maps, not a view (CouchDB).
+                        src.lib = v.clone();
+                        continue;
+                    }
                     let map = v
                         .get("map")
                         .ok_or_else(|| bad(id, format!("views.{name} has no map")))?;
@@ -106,6 +123,15 @@ impl Source {
                 }
             }
             Some(_) => return Err(bad(id, "views must be an object")),
+        }
+        if language == Language::JavaScript
+            && src.validate.is_none()
+            && src.filters.is_empty()
+            && src.views.is_empty()
+            && src.resolve_conflict.is_none()
+        {
+            // Data, or functions thali does not run (shows, lists, updates): nothing to start.
+            return Ok(None);
         }
         if language == Language::Wasm {
             let name = match doc.get("module") {
@@ -131,15 +157,21 @@ impl Source {
         }
         let module = match self.language {
             Language::Wasm => self.module.as_ref().map(|m| hex::encode(Md5::digest(m))),
-            Language::Lua => None,
+            Language::Lua | Language::JavaScript => None,
         };
-        let material = json!([
+        let mut material = json!([
             crate::doc::collate::VERSION,
             format!("{:?}", self.language),
             self.views,
             self.options,
             module,
         ]);
+        if !self.lib.is_null() {
+            // Only when present, so the signatures of existing Lua and WASM indexes stay.
+            if let Value::Array(a) = &mut material {
+                a.push(self.lib.clone());
+            }
+        }
         Some(hex::encode(Md5::digest(material.to_string().as_bytes())))
     }
 
@@ -155,6 +187,7 @@ impl Source {
             self.resolve_conflict,
             module,
             self.options,
+            self.lib,
         ]);
         hex::encode(Md5::digest(material.to_string().as_bytes()))
     }

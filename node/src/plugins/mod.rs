@@ -1,5 +1,6 @@
-//! The plugin host: design documents whose functions are Lua source (`"language": "lua"`) or
-//! exports of a WebAssembly module attached to the design document (`"language": "wasm"`).
+//! The plugin host: design documents whose functions are JavaScript source (CouchDB's default
+//! language), Lua source (`"language": "lua"`) or exports of a WebAssembly module attached to
+//! the design document (`"language": "wasm"`).
 //!
 //! Plugins see JSON and return JSON, never internal types. Every call runs in a sandbox with a
 //! CPU budget and a memory limit; a plugin that fails costs that one call a clear
@@ -8,6 +9,7 @@
 //! document changes.
 
 pub mod design;
+mod js;
 mod lua;
 mod lua_pattern;
 mod lua_strings;
@@ -97,6 +99,7 @@ impl Host {
             return Ok(Some(hit));
         }
         let fns = Arc::new(match src.language {
+            design::Language::JavaScript => js::compile(&src, doc, &self.limits)?,
             design::Language::Lua => lua::compile(&src, &self.limits)?,
             design::Language::Wasm => self.wasm.compile(&src, &self.limits)?,
         });

@@ -420,6 +420,7 @@ mod tests {
             resolve_conflict: None,
             module: Some(ECHO.as_bytes().to_vec()),
             options: Value::Null,
+            lib: Value::Null,
         };
         let fns = rt.compile(&src, &limits).unwrap();
         let echo = fns.filters.get("echo").unwrap();
