@@ -6,6 +6,8 @@
 //! resolve_conflict.lua
 //! ```
 //!
+//! — the same with `.js` files for JavaScript (plus `views/lib/<name>.js`, CommonJS modules),
+//!
 //! — or, for WASM, `manifest.json` (the design document's fields naming exports, e.g.
 //! `{"validate_doc_update": "validate", "filters": {"mine": "mine"}}`) next to `module.wasm`
 //! (or `module.wat`). Every save (debounced) upserts `_design/<ddoc>` in `<db>` through the
@@ -148,9 +150,15 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
         );
         return Ok(d);
     }
-    d.insert("language".into(), json!("lua"));
+    // Lua unless the folder holds JavaScript (`.js` files, CouchDB's language).
+    let (language, ext) = if holds_js(folder) {
+        ("javascript", "js")
+    } else {
+        ("lua", "lua")
+    };
+    d.insert("language".into(), json!(language));
     for f in ["validate_doc_update", "resolve_conflict"] {
-        if let Some(src) = read(&folder.join(format!("{f}.lua"))) {
+        if let Some(src) = read(&folder.join(format!("{f}.{ext}"))) {
             d.insert(f.into(), json!(src));
         }
     }
@@ -161,7 +169,7 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
         .flatten()
     {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "lua") {
+        if p.extension().is_some_and(|x| x == ext) {
             if let (Some(stem), Some(src)) = (p.file_stem(), read(&p)) {
                 filters.insert(stem.to_string_lossy().into_owned(), json!(src));
             }
@@ -176,10 +184,10 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
         .flatten()
         .flatten()
     {
-        if let Some(map) = read(&e.path().join("map.lua")) {
+        if let Some(map) = read(&e.path().join(format!("map.{ext}"))) {
             let mut v = Map::new();
             v.insert("map".into(), json!(map));
-            if let Some(r) = read(&e.path().join("reduce.lua")) {
+            if let Some(r) = read(&e.path().join(format!("reduce.{ext}"))) {
                 // A built-in reduce is its name alone (`_count`, `_sum`, …).
                 let r = if r.trim().starts_with('_') {
                     r.trim().to_string()
@@ -192,12 +200,43 @@ fn build(folder: &Path, ddoc: &str) -> Result<Map<String, Value>, String> {
                 e.file_name().to_string_lossy().into_owned(),
                 Value::Object(v),
             );
+        } else if ext == "js" && e.file_name() == "lib" {
+            // `views/lib/<name>.js`: CommonJS modules for the maps (`require('views/lib/<name>')`).
+            let mut lib = Map::new();
+            for m in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                let p = m.path();
+                if p.extension().is_some_and(|x| x == "js") {
+                    if let (Some(stem), Some(src)) = (p.file_stem(), read(&p)) {
+                        lib.insert(stem.to_string_lossy().into_owned(), json!(src));
+                    }
+                }
+            }
+            views.insert("lib".into(), Value::Object(lib));
         }
     }
     if !views.is_empty() {
         d.insert("views".into(), Value::Object(views));
     }
     Ok(d)
+}
+
+/// Whether a design document folder is written in JavaScript.
+fn holds_js(folder: &Path) -> bool {
+    let js = |p: &Path| p.extension().is_some_and(|x| x == "js");
+    let any_js = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| js(&e.path()))
+    };
+    any_js(folder)
+        || any_js(&folder.join("filters"))
+        || std::fs::read_dir(folder.join("views"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| any_js(&e.path()))
 }
 
 /// What makes two versions the same code (attachment data compared by digest).

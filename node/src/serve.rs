@@ -38,7 +38,13 @@ pub struct ServeConfig {
     /// Most concurrent connections on the peer listener; more are closed at once.
     #[arg(long, default_value_t = 512)]
     pub max_peer_connections: usize,
-    /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions.
+    /// A design document language to store and replicate without running it (repeatable), for
+    /// a relay that only replicates: its validators are NOT enforced here. Without it, a design
+    /// document in a language thali does not run is refused.
+    #[arg(long = "store-only-language", value_name = "LANG")]
+    pub store_only_languages: Vec<String>,
+    /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions / JavaScript
+    /// operations.
     #[arg(long, default_value_t = 50_000_000)]
     pub plugin_cpu: u64,
     /// Memory of one plugin instance (WASM store or Lua state), in bytes.
@@ -123,6 +129,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         },
         Limits {
             max_dbs_open: cfg.max_dbs_open.max(1),
+            store_only_languages: cfg.store_only_languages.clone(),
             max_doc_size: cfg.max_doc_size,
             // An attachment may be as large as a request could carry it uncompressed.
             max_att_size: cfg.max_request_size,

@@ -1,4 +1,4 @@
-//! Design-document plugins in Lua and WebAssembly through the real binary's HTTP API:
+//! Design-document plugins in JavaScript, Lua and WebAssembly through the real binary's HTTP API:
 //! validation (accept, forbid, demand auth, userCtx/secObj), write-time compilation errors,
 //! filters on `_changes` and in replication, design documents replicating and enforcing on a
 //! second node, hostile plugins, and hot reload from a dev folder.
@@ -33,6 +33,13 @@ fn lua_typed() -> Value {
         "language": "lua",
         "validate_doc_update": script("app/typed/validate_doc_update.lua"),
         "filters": {"by_type": script("app/typed/filters/by_type.lua")},
+    })
+}
+
+fn js_typed() -> Value {
+    json!({
+        "validate_doc_update": script("app/typed-js/validate_doc_update.js"),
+        "filters": {"by_type": script("app/typed-js/filters/by_type.js")},
     })
 }
 
@@ -148,6 +155,11 @@ fn check_typed_rules(lang: &str, ddoc: Value) {
 #[test]
 fn lua_validation_and_filters() {
     check_typed_rules("lua", lua_typed());
+}
+
+#[test]
+fn javascript_validation_and_filters() {
+    check_typed_rules("javascript", js_typed());
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub struct Limits {
     pub plugins: crate::plugins::Limits,
     /// Most databases open at once; the least recently used idle ones close beyond.
     pub max_dbs_open: usize,
+    /// Design document languages stored and replicated but not run (`--store-only-language`).
+    pub store_only_languages: Vec<String>,
 }
 
 impl Default for Limits {
@@ -54,6 +56,7 @@ impl Default for Limits {
             max_att_size: 256 << 20,
             plugins: crate::plugins::Limits::default(),
             max_dbs_open: 500,
+            store_only_languages: Vec::new(),
         }
     }
 }
@@ -119,8 +122,9 @@ impl Node {
                 u
             }
         };
-        let host = crate::plugins::Host::new(limits.plugins.clone())
-            .map_err(|e| DbError::Internal(e.to_string()))?;
+        let host =
+            crate::plugins::Host::new(limits.plugins.clone(), limits.store_only_languages.clone())
+                .map_err(|e| DbError::Internal(e.to_string()))?;
         Ok(Arc::new(Node {
             store,
             dbs: RwLock::new(HashMap::new()),

@@ -156,7 +156,7 @@ impl Database {
                 .ok_or_else(|| DbError::NotFound("missing_named_view".into()))?;
             return Ok((fns.clone(), sig));
         }
-        // Stored but not run here (JavaScript), or missing.
+        // Stored but not run here (`--store-only-language`), or missing.
         let doc = self.get_doc(&id, None, &DocOptions::default())?;
         let lang = doc
             .doc
@@ -164,8 +164,8 @@ impl Database {
             .and_then(Value::as_str)
             .unwrap_or("javascript");
         Err(DbError::UnknownLanguage(format!(
-            "{lang} (thali runs views written in lua or wasm; {id} is stored and replicated \
-             but its views do not run here)"
+            "{lang} ({id} is stored and replicated but its views do not run here: the node \
+             was started with --store-only-language {lang})"
         )))
     }
 

@@ -110,6 +110,28 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             })?;
             cq.selector = Some(Selector::parse(sel).map_err(ApiError::bad_request)?);
         }
+        Some("_view") => {
+            let Some(spec) = q.get("view") else {
+                return Err(ApiError::bad_request(
+                    "`view` filter parameter is not provided.",
+                ));
+            };
+            let plugins = db.plugins();
+            let map = spec.split_once('/').and_then(|(ddoc, view)| {
+                let d = plugins.ddoc(&format!("_design/{ddoc}"))?;
+                d.views.get(view).map(|v| v.map.clone())
+            });
+            let Some(map) = map else {
+                return Err(ApiError::not_found(format!(
+                    "missing_named_view: no view {spec} that runs here"
+                )));
+            };
+            cq.filter = Some(FilterFn {
+                name: format!("_view {spec}"),
+                func: crate::plugins::design::view_filter(map),
+                req: Value::Null,
+            });
+        }
         Some(f) if f.starts_with('_') => {
             return Err(ApiError::bad_request(format!(
                 "filter `{f}` is not supported"
@@ -119,7 +141,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             let plugins = db.plugins();
             let Some((_, func)) = plugins.filter(f) else {
                 return Err(ApiError::not_found(format!(
-                    "filter `{f}` is not defined (a design document with \"language\": \"lua\" or \"wasm\" and filters.NAME)"
+                    "filter `{f}` is not defined (a design document with filters.NAME in javascript, lua or wasm)"
                 )));
             };
             let query: serde_json::Map<String, Value> = q

@@ -275,6 +275,21 @@ pub fn short(v: &Value) -> String {
     }
 }
 
+/// A view's map as a `_changes` filter (`filter=_view`): a document passes when the map emits
+/// at least one row for it; a map that fails on it lets it pass not.
+pub fn view_filter(map: Func) -> Func {
+    struct ViewFilter(Func);
+    impl super::PluginFn for ViewFilter {
+        fn call(&self, args: &[Value]) -> Result<Value, PluginError> {
+            let rows = self.0.call(&args[..args.len().min(1)]);
+            Ok(Value::Bool(
+                matches!(rows, Ok(Value::Array(r)) if !r.is_empty()),
+            ))
+        }
+    }
+    Arc::new(ViewFilter(map))
+}
+
 /// The compiled design documents of one database, swapped as a whole.
 #[derive(Default)]
 pub struct DbPlugins {

@@ -19,7 +19,7 @@ use rquickjs::{CatchResultExt, CaughtError, Context, Function, Runtime};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// QuickJS calls the interrupt handler about every this many operations (its
 /// `JS_INTERRUPT_COUNTER_INIT`); each call is charged that much CPU.
@@ -236,7 +236,9 @@ impl State {
     /// A fresh runtime with the prelude and every function compiled.
     fn start(&self) -> Result<Live, PluginError> {
         let id = &self.id;
-        let err = |e: rquickjs::Error| PluginError::Compile(format!("{id}: cannot start JavaScript: {e}"));
+        let err = |e: rquickjs::Error| {
+            PluginError::Compile(format!("{id}: cannot start JavaScript: {e}"))
+        };
         let rt = Runtime::new().map_err(err)?;
         rt.set_memory_limit(self.limits.memory);
         rt.set_max_stack_size(MAX_STACK);
@@ -287,7 +289,9 @@ impl State {
                     .catch(&ctx)
                     .map_err(|e| fail(&d.field, e))?;
                 if slot != i {
-                    return Err(PluginError::Compile(format!("{id}: function slots out of step")));
+                    return Err(PluginError::Compile(format!(
+                        "{id}: function slots out of step"
+                    )));
                 }
             }
             Ok(())
@@ -311,7 +315,10 @@ impl State {
         };
         self.reset_budget();
         let out = l.ctx.with(|ctx| -> Result<String, String> {
-            let invoke: Function = ctx.globals().get("__thali_invoke").map_err(|e| e.to_string())?;
+            let invoke: Function = ctx
+                .globals()
+                .get("__thali_invoke")
+                .map_err(|e| e.to_string())?;
             invoke
                 .call::<_, String>((slot, args))
                 .catch(&ctx)
@@ -388,14 +395,24 @@ pub fn compile(
     let filters: Vec<(String, usize)> = src
         .filters
         .iter()
-        .map(|(n, c)| (n.clone(), def(format!("filters.{n}"), c, Kind::Filter, false)))
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                def(format!("filters.{n}"), c, Kind::Filter, false),
+            )
+        })
         .collect();
     let mut views = Vec::new();
     for (name, (map, reduce)) in &src.views {
         let m = def(format!("views.{name}.map"), map, Kind::Map, true);
         let r = match reduce {
             Some(r) if r.starts_with('_') => Err(r.clone()),
-            Some(r) => Ok(Some(def(format!("views.{name}.reduce"), r, Kind::Call, true))),
+            Some(r) => Ok(Some(def(
+                format!("views.{name}.reduce"),
+                r,
+                Kind::Call,
+                true,
+            ))),
             None => Ok(None),
         };
         views.push((name.clone(), m, r));
@@ -445,7 +462,13 @@ pub fn compile(
                     Ok(Some(s)) => Some(Reduce::Func(func(s))),
                     Ok(None) => None,
                 };
-                (name, ViewFns { map: func(m), reduce })
+                (
+                    name,
+                    ViewFns {
+                        map: func(m),
+                        reduce,
+                    },
+                )
             })
             .collect::<BTreeMap<_, _>>(),
         view_sig: src.view_signature(),
@@ -455,21 +478,20 @@ pub fn compile(
     })
 }
 
-/// Compile-time check used by tests: how long a call may run at most.
-#[cfg(test)]
-fn limits_for_test(cpu: u64, timeout: Duration) -> Limits {
-    Limits {
-        cpu,
-        timeout,
-        ..Limits::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plugins::design::Source;
     use serde_json::json;
+    use std::time::Duration;
+
+    fn limits_for_test(cpu: u64, timeout: Duration) -> Limits {
+        Limits {
+            cpu,
+            timeout,
+            ..Limits::default()
+        }
+    }
 
     fn ddoc(v: Value) -> DesignFns {
         ddoc_with(v, Limits::default()).unwrap()
@@ -483,9 +505,12 @@ mod tests {
 
     fn validator(code: &str, limits: Limits) -> Result<Value, PluginError> {
         let d = ddoc_with(json!({"validate_doc_update": code}), limits)?;
-        d.validate
-            .unwrap()
-            .call(&[json!({"_id": "x", "a": 1}), Value::Null, json!({"name": null, "roles": []}), json!({})])
+        d.validate.unwrap().call(&[
+            json!({"_id": "x", "a": 1}),
+            Value::Null,
+            json!({"name": null, "roles": []}),
+            json!({}),
+        ])
     }
 
     #[test]
@@ -494,8 +519,13 @@ mod tests {
             r#"function(n, o, u, s) { if (!o && n.a === 1) throw({forbidden: "no writes of " + n._id}); }"#,
             Limits::default(),
         );
-        assert!(matches!(out, Err(PluginError::Thrown(v)) if v == json!({"forbidden": "no writes of x"})));
-        let ok = validator("function(n) { if (n.a !== 1) throw {unauthorized: 'x'}; }", Limits::default());
+        assert!(
+            matches!(out, Err(PluginError::Thrown(v)) if v == json!({"forbidden": "no writes of x"}))
+        );
+        let ok = validator(
+            "function(n) { if (n.a !== 1) throw {unauthorized: 'x'}; }",
+            Limits::default(),
+        );
         assert_eq!(ok.unwrap(), Value::Null);
         let e = validator("function(n) { n.nothing.deeper; }", Limits::default()).unwrap_err();
         assert!(e.to_string().contains("TypeError"), "{e}");
@@ -513,35 +543,67 @@ mod tests {
             }
         }));
         let v = &d.views["v"];
-        let rows = v.map.call(&[json!({"_id": "a", "n": 1.5, "t": [1, 2]})]).unwrap();
-        assert_eq!(rows, json!([[1.5, 3], [["a", true], null], [3, "{\"a\":1}"]]));
-        let Some(Reduce::Func(r)) = &v.reduce else { panic!() };
-        assert_eq!(r.call(&[json!([1, 2]), json!([5, 6]), json!(false)]).unwrap(), json!(2));
-        assert_eq!(r.call(&[Value::Null, json!([5, 6]), json!(true)]).unwrap(), json!(11));
+        let rows = v
+            .map
+            .call(&[json!({"_id": "a", "n": 1.5, "t": [1, 2]})])
+            .unwrap();
+        assert_eq!(
+            rows,
+            json!([[1.5, 3], [["a", true], null], [3, "{\"a\":1}"]])
+        );
+        let Some(Reduce::Func(r)) = &v.reduce else {
+            panic!()
+        };
+        assert_eq!(
+            r.call(&[json!([1, 2]), json!([5, 6]), json!(false)])
+                .unwrap(),
+            json!(2)
+        );
+        assert_eq!(
+            r.call(&[Value::Null, json!([5, 6]), json!(true)]).unwrap(),
+            json!(11)
+        );
         assert!(matches!(d.views["arrow"].reduce, Some(Reduce::Builtin(_))));
         let rows = d.views["arrow"].map.call(&[json!({"n": 2})]).unwrap();
         assert_eq!(rows, json!([[2, null]]));
         // A map that throws fails that call only; emit is not left armed.
-        let bad = ddoc(json!({"views": {"v": {"map": "function(doc) { emit(1, 1); throw new Error('boom'); }"}}}));
+        let bad = ddoc(
+            json!({"views": {"v": {"map": "function(doc) { emit(1, 1); throw new Error('boom'); }"}}}),
+        );
         assert!(bad.views["v"].map.call(&[json!({})]).is_err());
         assert!(bad.views["v"].map.call(&[json!({})]).is_err());
     }
 
     #[test]
     fn filters_are_truthy() {
-        let d = ddoc(json!({"filters": {"f": "function(doc, req) { return doc.n && req.query.on; }"}}));
+        let d =
+            ddoc(json!({"filters": {"f": "function(doc, req) { return doc.n && req.query.on; }"}}));
         let f = &d.filters["f"];
-        assert_eq!(f.call(&[json!({"n": 0}), json!({"query": {"on": 1}})]).unwrap(), json!(false));
-        assert_eq!(f.call(&[json!({"n": 2}), json!({"query": {"on": "y"}})]).unwrap(), json!(true));
+        assert_eq!(
+            f.call(&[json!({"n": 0}), json!({"query": {"on": 1}})])
+                .unwrap(),
+            json!(false)
+        );
+        assert_eq!(
+            f.call(&[json!({"n": 2}), json!({"query": {"on": "y"}})])
+                .unwrap(),
+            json!(true)
+        );
     }
 
     #[test]
     fn compile_errors_name_the_function() {
-        let e = ddoc_with(json!({"views": {"v": {"map": "function(doc) { emit(1 }"}}}), Limits::default())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("views.v.map") && e.contains("SyntaxError"), "{e}");
+        let e = ddoc_with(
+            json!({"views": {"v": {"map": "function(doc) { emit(1 }"}}}),
+            Limits::default(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("views.v.map") && e.contains("SyntaxError"),
+            "{e}"
+        );
         let e = ddoc_with(json!({"validate_doc_update": "42"}), Limits::default())
             .err()
             .unwrap()
@@ -553,14 +615,21 @@ mod tests {
     fn hostile_code_fails_its_call_only() {
         let limits = limits_for_test(2_000_000, Duration::from_secs(5));
         let started = Instant::now();
-        let e = validator("function() { while (true) {} }", limits.clone()).unwrap_err().to_string();
-        assert!(e.contains("CPU limit"), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(3));
-        let e = validator("function() { while (true) {} }", limits_for_test(u64::MAX, Duration::from_millis(200)))
+        let e = validator("function() { while (true) {} }", limits.clone())
             .unwrap_err()
             .to_string();
+        assert!(e.contains("CPU limit"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let e = validator(
+            "function() { while (true) {} }",
+            limits_for_test(u64::MAX, Duration::from_millis(200)),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("time limit"), "{e}");
-        let e = validator("function f() { return f() + 1; }", Limits::default()).unwrap_err().to_string();
+        let e = validator("function f() { return f() + 1; }", Limits::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("stack") || e.contains("RangeError"), "{e}");
         let e = validator(
             "function() { var a = []; for (;;) a.push('x'.repeat(1 << 20) + a.length); }",
@@ -569,12 +638,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("memory"), "{e}");
-        let e = validator("function() { return 'x'.repeat(9 << 20); }", Limits::default())
-            .unwrap_err()
-            .to_string();
+        let e = validator(
+            "function() { return 'x'.repeat(9 << 20); }",
+            Limits::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("output"), "{e}");
         // A runtime stays warm between calls, and is rebuilt after a call that hit a limit.
-        let d = ddoc(json!({"validate_doc_update": "function(n) { if (n.loop) while (true) {}; globalThis.calls = (globalThis.calls || 0) + 1; return {calls: globalThis.calls}; }"}));
+        let d = ddoc(
+            json!({"validate_doc_update": "function(n) { if (n.loop) while (true) {}; globalThis.calls = (globalThis.calls || 0) + 1; return {calls: globalThis.calls}; }"}),
+        );
         let v = d.validate.unwrap();
         assert_eq!(v.call(&[json!({})]).unwrap(), json!({"calls": 1}));
         assert_eq!(v.call(&[json!({})]).unwrap(), json!({"calls": 2}));
@@ -584,8 +658,13 @@ mod tests {
 
     #[test]
     fn no_host_access() {
-        let d = ddoc(json!({"validate_doc_update": "function() { return [typeof std, typeof os, typeof require, typeof __thali_log, typeof eval('1+1')]; }"}));
+        let d = ddoc(
+            json!({"validate_doc_update": "function() { return [typeof std, typeof os, typeof require, typeof __thali_log, typeof eval('1+1')]; }"}),
+        );
         let out = d.validate.unwrap().call(&[]).unwrap();
-        assert_eq!(out, json!(["undefined", "undefined", "function", "undefined", "number"]));
+        assert_eq!(
+            out,
+            json!(["undefined", "undefined", "function", "undefined", "number"])
+        );
     }
 }

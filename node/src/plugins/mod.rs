@@ -70,14 +70,17 @@ pub type Func = Arc<dyn PluginFn>;
 /// Compiles design documents and caches them by code hash.
 pub struct Host {
     pub limits: Limits,
+    /// Languages stored but not run (a relay's `--store-only-language`).
+    store_only: Vec<String>,
     wasm: wasm::Runtime,
     cache: Mutex<HashMap<String, Arc<DesignFns>>>,
 }
 
 impl Host {
-    pub fn new(limits: Limits) -> Result<Arc<Host>, PluginError> {
+    pub fn new(limits: Limits, store_only: Vec<String>) -> Result<Arc<Host>, PluginError> {
         Ok(Arc::new(Host {
             wasm: wasm::Runtime::new(&limits)?,
+            store_only,
             limits,
             cache: Mutex::new(HashMap::new()),
         }))
@@ -91,6 +94,13 @@ impl Host {
         doc: &serde_json::Map<String, Value>,
         attachment: &dyn Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Option<Arc<DesignFns>>, PluginError> {
+        let language = doc
+            .get("language")
+            .and_then(Value::as_str)
+            .unwrap_or("javascript");
+        if self.store_only.iter().any(|l| l == language) {
+            return Ok(None);
+        }
         let Some(src) = design::Source::parse(id, doc, attachment)? else {
             return Ok(None);
         };
