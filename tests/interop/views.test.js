@@ -1,5 +1,5 @@
-// The same views run by thali (Lua) and by PouchDB 9's own map/reduce (JavaScript) on the same
-// documents: rows, totals and reduce results must match for every query, and collation of mixed
+// The same views run by thali (in JavaScript, the same design document PouchDB runs, and in Lua)
+// and by PouchDB 9's own map/reduce (JavaScript) on the same documents: rows, totals and reduce results must match for every query, and collation of mixed
 // key types must agree. One known, documented difference is checked too: PouchDB compares
 // strings by UTF-16 code units ("incompatible with the CouchDB implementation", says
 // pouchdb-collate), while thali, like CouchDB, uses the Unicode Collation Algorithm.
@@ -49,6 +49,12 @@ const JS = {
     by_date: { map: 'function (doc) { emit(doc.date, doc.n); }', reduce: '_sum' },
     by_group: { map: 'function (doc) { emit(doc.group, doc.n); }', reduce: '_stats' },
     counted: { map: 'function (doc) { emit(doc.group, null); }', reduce: '_count' },
+    // JavaScript only: a custom reduce, rereduced across index chunks (PouchDB's local
+    // map/reduce has no `require`, so modules are tested in tests/javascript.rs).
+    custom: {
+      map: 'function (doc) { emit(doc.date, doc.n * 2 + 1); }',
+      reduce: 'function (keys, values, rereduce) { return rereduce ? sum(values) : sum(values) + 0.5 * values.length; }',
+    },
   },
 };
 const LUA = {
@@ -73,6 +79,7 @@ test.before(async () => {
   await remote.bulkDocs(DOCS);
   await local.put(JS);
   await remote.put(LUA);
+  await remote.put({ ...JS, _id: '_design/vjs' });
 });
 test.after(async () => {
   await local.close();
@@ -133,13 +140,23 @@ function comparable(res) {
   return out;
 }
 
-for (const [view, opts] of QUERIES) {
-  test(`${view} ${JSON.stringify(opts)} matches PouchDB`, async () => {
-    const mine = comparable(await remote.query(`v/${view}`, opts));
-    const theirs = comparable(await local.query(`v/${view}`, opts));
-    assert.ok(theirs.rows.length > 0 || mine.rows.length === 0);
-    assert.deepStrictEqual(mine, theirs);
-  });
+const JS_ONLY = [
+  ['custom', {}],
+  ['custom', { group_level: 1 }],
+  ['custom', { group: true, limit: 10 }],
+  ['custom', { reduce: false, limit: 25, skip: 5 }],
+];
+
+for (const [ddoc, queries] of [['v', QUERIES], ['vjs', [...QUERIES, ...JS_ONLY]]]) {
+  const lang = ddoc === 'v' ? 'Lua' : 'JavaScript';
+  for (const [view, opts] of queries) {
+    test(`${lang} ${view} ${JSON.stringify(opts)} matches PouchDB`, async () => {
+      const mine = comparable(await remote.query(`${ddoc}/${view}`, opts));
+      const theirs = comparable(await local.query(`v/${view}`, opts));
+      assert.ok(theirs.rows.length > 0 || mine.rows.length === 0);
+      assert.deepStrictEqual(mine, theirs);
+    });
+  }
 }
 
 test('incremental updates keep matching PouchDB', async () => {
@@ -152,6 +169,7 @@ test('incremental updates keep matching PouchDB', async () => {
   }
   for (const [view, opts] of [['by_key', {}], ['by_key_sum', { group: true }], ['by_date', { group_level: 2 }]]) {
     assert.deepStrictEqual(comparable(await remote.query(`v/${view}`, opts)), comparable(await local.query(`v/${view}`, opts)));
+    assert.deepStrictEqual(comparable(await remote.query(`vjs/${view}`, opts)), comparable(await local.query(`v/${view}`, opts)));
   }
 });
 
@@ -161,8 +179,10 @@ test('strings: thali collates like CouchDB (UCA), PouchDB by code units', async 
   const ddocJs = { _id: '_design/w', views: { w: { map: 'function (doc) { if (doc.word) emit(doc.word); }' } } };
   const ddocLua = { _id: '_design/w', language: 'lua', views: { w: { map: 'function(doc) if doc.word then emit(doc.word, nil) end end' } } };
   await local.bulkDocs([...docs, ddocJs]);
-  await remote.bulkDocs([...docs, ddocLua]);
+  await remote.bulkDocs([...docs, ddocLua, { ...ddocJs, _id: '_design/wjs' }]);
   const keys = async (db) => (await db.query('w/w')).rows.map((r) => r.key);
   assert.deepStrictEqual(await keys(remote), ['a', 'A', 'á', 'aa', 'b', 'B']);
+  const jsKeys = (await remote.query('wjs/w')).rows.map((r) => r.key);
+  assert.deepStrictEqual(jsKeys, ['a', 'A', 'á', 'aa', 'b', 'B']);
   assert.deepStrictEqual(await keys(local), ['A', 'B', 'a', 'aa', 'b', 'á']);
 });

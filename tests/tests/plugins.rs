@@ -254,7 +254,7 @@ fn broken_design_documents_are_refused_at_write_time() {
     let wat = r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))"#;
     n.put("/db/_design/w", &wasm_ddoc(wat.as_bytes(), json!({})))
         .assert_error(400, "compilation_error");
-    // Nothing was stored; JavaScript design documents (from CouchDB apps) are stored, not run.
+    // Nothing was stored; JavaScript design documents (from CouchDB apps) compile and run.
     assert_eq!(n.get("/db").json()["doc_count"], 0);
     assert_eq!(
         n.put(
@@ -265,6 +265,11 @@ fn broken_design_documents_are_refused_at_write_time() {
         201
     );
     assert_eq!(n.put("/db/x", &json!({})).status, 201);
+    n.put(
+        "/db/_design/js2",
+        &json!({"views": {"v": {"map": "function(doc){ emit(doc._id, }"}}}),
+    )
+    .assert_error(400, "compilation_error");
 }
 
 /// One module with a well-behaved and many hostile exports (WAT, compiled by wasmtime).
