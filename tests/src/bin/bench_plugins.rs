@@ -1,5 +1,5 @@
 //! Benchmark: what plugins cost. `_bulk_docs` inserts with no validator, with the `typed`
-//! validator in Lua (`scripts/app/typed`) and in WASM (`plugins/typed`, built for wasm32), and
+//! validator in Lua (`scripts/app/typed`), JavaScript (`scripts/app/typed-js`) and in WASM (`plugins/typed`, built for wasm32), and
 //! `_changes` with the `by_type` filter in both languages against an unfiltered feed. One release
 //! node, one run; prints docs/s.
 //!
@@ -51,6 +51,7 @@ fn main() {
     let wasm = std::fs::read(root.join("plugins/target/wasm32-unknown-unknown/release/typed.wasm"))
         .expect("build plugins/ for wasm32 first (see the usage line)");
     let lua = |f: &str| std::fs::read_to_string(root.join("scripts/app/typed").join(f)).unwrap();
+    let js = |f: &str| std::fs::read_to_string(root.join("scripts/app/typed-js").join(f)).unwrap();
     let t = start_thali(&root);
     let ddocs = [
         ("plain", None),
@@ -58,6 +59,12 @@ fn main() {
             "lua",
             Some(
                 json!({"language": "lua", "validate_doc_update": lua("validate_doc_update.lua"), "filters": {"by_type": lua("filters/by_type.lua")}}),
+            ),
+        ),
+        (
+            "javascript",
+            Some(
+                json!({"validate_doc_update": js("validate_doc_update.js"), "filters": {"by_type": js("filters/by_type.js")}}),
             ),
         ),
         (
@@ -88,7 +95,7 @@ fn main() {
     let base = rows[0].1;
     println!();
     println!(
-        "{:<10} {:>22} {:>10} {:>28}",
+        "{:<12} {:>22} {:>10} {:>28}",
         "validator", "_bulk_docs (docs/s)", "vs none", "_changes scanned (docs/s)"
     );
     for (db, ins, f) in &rows {
@@ -99,7 +106,7 @@ fn main() {
             "filter by_type"
         };
         println!(
-            "{label:<10} {ins:>22.0} {:>9.2}x {f:>15.0} ({feed_label})",
+            "{label:<12} {ins:>22.0} {:>9.2}x {f:>15.0} ({feed_label})",
             ins / base
         );
     }

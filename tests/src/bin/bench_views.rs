@@ -1,6 +1,7 @@
 //! Benchmark: view index builds and queries, thali beside pouchdb-server (PouchDB's map/reduce
 //! in JavaScript, LevelDB) on the same documents in the same run. Builds: a Lua map, a WASM map
-//! (`plugins/views`), and a Lua map with the built-in `_sum` reduce; each is timed from the
+//! (`plugins/views`), a Lua map with the built-in `_sum` reduce, and the JavaScript map itself
+//! (QuickJS); each is timed from the
 //! first query (which builds the index) to its answer. Then query latency, one client:
 //! a key lookup, a whole-view reduce and a grouped reduce.
 //!
@@ -100,11 +101,14 @@ fn main() {
         "sum",
         json!({"language": "lua", "views": {"by_type": {"map": lua_map, "reduce": "_sum"}}}),
     );
+    put("js", json!({"views": {"by_type": {"map": js_map}}}));
     let (t_lua, v) = build(&thali, "bench", "lua", "by_type", false);
     assert_eq!(v["total_rows"], n);
     let (t_wasm, v) = build(&thali, "bench", "wasm", "by_type", false);
     assert_eq!(v["total_rows"], n);
     let (t_sum, thali_sum) = build(&thali, "bench", "sum", "by_type", true);
+    let (t_js, v) = build(&thali, "bench", "js", "by_type", false);
+    assert_eq!(v["total_rows"], n);
 
     let pouch = start_pouchdb_server(&root);
     insert(&pouch, "bench", n);
@@ -133,6 +137,7 @@ fn main() {
     for (what, t, p) in [
         ("Lua map (vs JS map)", t_lua, p_map),
         ("WASM map (vs JS map)", t_wasm, p_map),
+        ("JavaScript map, QuickJS (vs JS map)", t_js, p_map),
         ("Lua map + _sum (vs JS map + _sum)", t_sum, p_sum),
     ] {
         println!(
