@@ -16,6 +16,12 @@ fn lua_merge() -> Value {
     json!({"language": "lua", "resolve_conflict": src})
 }
 
+fn js_merge() -> Value {
+    let p = thali_tests::workspace_root().join("scripts/app/merge-js/resolve_conflict.js");
+    let src = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    json!({"resolve_conflict": src})
+}
+
 /// The example resolver built for wasm32 by `tests/run-all.sh`.
 fn wasm_merge() -> Value {
     let p = thali_tests::workspace_root()
@@ -267,10 +273,14 @@ fn conflict(node: &Node, db: &str, id: &str, a: Value, b: Value) {
 }
 
 #[test]
-fn lua_and_wasm_write_byte_identical_resolutions() {
-    let (da, db) = (TempDir::new("res-lua"), TempDir::new("res-wasm"));
-    let (na, nb) = (Node::start(&da.0), Node::start(&db.0));
-    for (n, ddoc) in [(&na, lua_merge()), (&nb, wasm_merge())] {
+fn lua_wasm_and_javascript_write_byte_identical_resolutions() {
+    let (da, db, dc) = (
+        TempDir::new("res-lua"),
+        TempDir::new("res-wasm"),
+        TempDir::new("res-js"),
+    );
+    let (na, nb, nc) = (Node::start(&da.0), Node::start(&db.0), Node::start(&dc.0));
+    for (n, ddoc) in [(&na, lua_merge()), (&nb, wasm_merge()), (&nc, js_merge())] {
         n.put("/db", &json!({}));
         for i in 0..20 {
             conflict(
@@ -297,7 +307,7 @@ fn lua_and_wasm_write_byte_identical_resolutions() {
         );
         assert_eq!(n.put("/db/_design/merge", &ddoc).status, 201);
     }
-    for n in [&na, &nb] {
+    for n in [&na, &nb, &nc] {
         wait_until("conflicts resolved", || {
             (0..20).all(|i| conflicts(n, &format!("/db/doc{i}")) == 0)
                 && conflicts(n, "/db/fin") == 0
@@ -310,6 +320,7 @@ fn lua_and_wasm_write_byte_identical_resolutions() {
         s
     };
     assert_eq!(docs_only(&na), docs_only(&nb));
+    assert_eq!(docs_only(&na), docs_only(&nc), "JavaScript resolves as Lua does");
     let d3 = na.get("/db/doc3").json();
     assert_eq!(d3["tags"], json!(["a3", "b3", "x"]));
     assert_eq!(d3["count"], 7);
@@ -341,6 +352,7 @@ fn lua_and_wasm_write_byte_identical_resolutions() {
     );
     assert_eq!(counter(&na, "db", "resolved"), 22);
     assert_eq!(counter(&nb, "db", "resolved"), 22);
+    assert_eq!(counter(&nc, "db", "resolved"), 22);
 }
 
 #[test]
