@@ -163,6 +163,10 @@ impl Database {
             .get("language")
             .and_then(Value::as_str)
             .unwrap_or("javascript");
+        if matches!(lang, "javascript" | "lua" | "wasm") {
+            // A language that runs, but the design document has no functions.
+            return Err(DbError::NotFound("missing_named_view".into()));
+        }
         Err(DbError::UnknownLanguage(format!(
             "{lang} ({id} is stored and replicated but its views do not run here: the node \
              was started with --store-only-language {lang})"

@@ -95,6 +95,8 @@ const PRELUDE: &str = r#"
   // under the next slot with the wrapper of its kind.
   function compile(code, root, kind) {
     var require = makeRequire(root);
+    // CouchDB accepts a trailing `;` after the function expression.
+    code = code.replace(/[\s;]+$/, "");
     var f = (0, eval)("(function (require) { return (" + code + "\n); })")(require);
     if (typeof f !== "function") throw new Error("the code does not evaluate to a function");
     fns.push([wrappers[kind], f]);
@@ -122,6 +124,15 @@ const PRELUDE: &str = r#"
     } catch (e) {
       if (isVerdict(e)) return answer(false, e);
       throw e;
+    }
+  };
+  // CouchDB's reduce: an error is logged and the reduction is null.
+  wrappers.reduce = function (f, args) {
+    try {
+      return answer(true, f.apply(null, parse(args)));
+    } catch (e) {
+      hostLog("reduce function failed, its value is null: " + (e instanceof Error ? e.name + ": " + e.message : stringify(e)));
+      return answer(true, null);
     }
   };
   wrappers.filter = function (f, args) {
@@ -154,6 +165,7 @@ enum Kind {
     Call,
     Filter,
     Map,
+    Reduce,
 }
 
 impl Kind {
@@ -162,6 +174,7 @@ impl Kind {
             Kind::Call => "call",
             Kind::Filter => "filter",
             Kind::Map => "map",
+            Kind::Reduce => "reduce",
         }
     }
 }
@@ -410,7 +423,7 @@ pub fn compile(
             Some(r) => Ok(Some(def(
                 format!("views.{name}.reduce"),
                 r,
-                Kind::Call,
+                Kind::Reduce,
                 true,
             ))),
             None => Ok(None),
@@ -563,8 +576,15 @@ mod tests {
             r.call(&[Value::Null, json!([5, 6]), json!(true)]).unwrap(),
             json!(11)
         );
+        // A reduce that throws gives null, as in CouchDB.
+        assert_eq!(
+            r.call(&[Value::Null, Value::Null, json!(true)]).unwrap(),
+            Value::Null
+        );
         assert!(matches!(d.views["arrow"].reduce, Some(Reduce::Builtin(_))));
         let rows = d.views["arrow"].map.call(&[json!({"n": 2})]).unwrap();
+        let semi = ddoc(json!({"views": {"v": {"map": "function (doc) { emit(1); };\n "}}}));
+        assert_eq!(semi.views["v"].map.call(&[json!({})]).unwrap(), json!([[1, null]]));
         assert_eq!(rows, json!([[2, null]]));
         // A map that throws fails that call only; emit is not left armed.
         let bad = ddoc(
