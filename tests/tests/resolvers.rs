@@ -320,7 +320,11 @@ fn lua_wasm_and_javascript_write_byte_identical_resolutions() {
         s
     };
     assert_eq!(docs_only(&na), docs_only(&nb));
-    assert_eq!(docs_only(&na), docs_only(&nc), "JavaScript resolves as Lua does");
+    assert_eq!(
+        docs_only(&na),
+        docs_only(&nc),
+        "JavaScript resolves as Lua does"
+    );
     let d3 = na.get("/db/doc3").json();
     assert_eq!(d3["tags"], json!(["a3", "b3", "x"]));
     assert_eq!(d3["count"], 7);

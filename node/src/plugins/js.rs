@@ -584,7 +584,10 @@ mod tests {
         assert!(matches!(d.views["arrow"].reduce, Some(Reduce::Builtin(_))));
         let rows = d.views["arrow"].map.call(&[json!({"n": 2})]).unwrap();
         let semi = ddoc(json!({"views": {"v": {"map": "function (doc) { emit(1); };\n "}}}));
-        assert_eq!(semi.views["v"].map.call(&[json!({})]).unwrap(), json!([[1, null]]));
+        assert_eq!(
+            semi.views["v"].map.call(&[json!({})]).unwrap(),
+            json!([[1, null]])
+        );
         assert_eq!(rows, json!([[2, null]]));
         // A map that throws fails that call only; emit is not left armed.
         let bad = ddoc(
