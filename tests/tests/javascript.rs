@@ -140,7 +140,8 @@ fn views_map_reduce_and_modules() {
                     "reduce": "function (keys, values, rereduce) { return sum(values); }"
                 },
                 "pairs": {"map": "doc => { emit([doc.tag, doc.n]); }", "reduce": "_count"},
-                "big": {"map": "function (doc) { if (doc.n > 7 && !doc.bad) emit(doc._id, doc.n); }"}
+                "big": {"map": "function (doc) { if (doc.n > 7 && !doc.bad) emit(doc._id, doc.n); }"},
+                "dups": {"map": "function (doc) { if (doc._id === 'd1') { emit('k', 'z'); emit('k', 'a'); emit('k', 1); } }"}
             },
             "filters": {"above": "function (doc, req) { return doc.n > Number(req.query.min); }"}
         }),
@@ -159,6 +160,20 @@ fn views_map_reduce_and_modules() {
         grouped["rows"],
         json!([{"key": 0, "value": 180}, {"key": 1, "value": 120}, {"key": 2, "value": 150}])
     );
+    // A document's rows with equal keys come ordered by value (CouchDB), whatever the emit order.
+    let dups = n.get("/v/_design/app/_view/dups").json();
+    let values: Vec<&Value> = dups["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["value"])
+        .collect();
+    assert_eq!(values, [&json!(1), &json!("a"), &json!("z")]);
+    // limit=0 on a reduce: no rows.
+    let none = n
+        .get("/v/_design/app/_view/by_tag?group=true&limit=0")
+        .json();
+    assert_eq!(none["rows"], json!([]));
     let all = n.get("/v/_design/app/_view/by_tag").json();
     assert_eq!(all["rows"], json!([{"key": null, "value": 450}]));
     // emit(key) alone: the value is null; built-in reduce with group_level.

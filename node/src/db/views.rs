@@ -448,15 +448,22 @@ impl Database {
                 // An empty Lua table comes back as `{}`: no rows.
                 continue;
             };
-            for (i, row) in rows.into_iter().enumerate() {
+            let mut emitted = Vec::with_capacity(rows.len());
+            for row in rows {
                 if !matches!(&row, Value::Array(kv) if kv.len() == 2) {
                     tracing::warn!(db = %self.name, view = %name, id = %entry.id, row = %crate::plugins::design::short(&row), "map emitted something that is not [key, value]");
                     continue;
                 }
-                let Some((k, v)) = key_value(row) else {
-                    continue;
-                };
-                let key = row_key(n as u16, &collate::encode(&k), &entry.id, i as u32);
+                if let Some((k, v)) = key_value(row) {
+                    emitted.push((collate::encode(&k), k, v));
+                }
+            }
+            // A document's rows with equal keys come out ordered by value, as in CouchDB.
+            if emitted.len() > 1 {
+                emitted.sort_by_cached_key(|(ek, _, v)| (ek.clone(), collate::encode(v)));
+            }
+            for (i, (ek, k, v)) in emitted.into_iter().enumerate() {
+                let key = row_key(n as u16, &ek, &entry.id, i as u32);
                 let val = serde_json::to_vec(&json!([k, v])).unwrap_or_default();
                 rows_out.push((n as u16, key, val));
             }
@@ -682,6 +689,9 @@ impl Database {
         let mut group: Option<Group> = None;
         let prefix_len = view_prefix(view).len();
         let mut emit = |g: Group, out: &mut Vec<Value>| -> DbResult<bool> {
+            if out.len() >= limit {
+                return Ok(false);
+            }
             if skip > 0 {
                 skip -= 1;
                 return Ok(true);
