@@ -158,12 +158,8 @@ impl Database {
         }
         // Stored but not run here (`--store-only-language`), or missing.
         let doc = self.get_doc(&id, None, &DocOptions::default())?;
-        let lang = doc
-            .doc
-            .get("language")
-            .and_then(Value::as_str)
-            .unwrap_or("javascript");
-        if matches!(lang, "javascript" | "lua" | "wasm") {
+        let lang = crate::plugins::design::language_name(&doc.doc);
+        if crate::plugins::design::Language::named(lang).is_some() {
             // A language that runs, but the design document has no functions.
             return Err(DbError::NotFound("missing_named_view".into()));
         }

@@ -14,6 +14,25 @@ pub enum Language {
     Wasm,
 }
 
+impl Language {
+    /// The language of this name, if the node runs it.
+    pub fn named(name: &str) -> Option<Language> {
+        match name {
+            "javascript" => Some(Language::JavaScript),
+            "lua" => Some(Language::Lua),
+            "wasm" => Some(Language::Wasm),
+            _ => None,
+        }
+    }
+}
+
+/// A design document's `language` (absent: JavaScript, CouchDB's default).
+pub fn language_name(doc: &Map<String, Value>) -> &str {
+    doc.get("language")
+        .and_then(Value::as_str)
+        .unwrap_or("javascript")
+}
+
 /// The code of one design document, before compilation.
 pub struct Source {
     pub id: String,
@@ -45,12 +64,10 @@ impl Source {
     ) -> Result<Option<Source>, PluginError> {
         let language = match doc.get("language") {
             None | Some(Value::Null) => Language::JavaScript,
-            Some(Value::String(l)) => match l.as_str() {
-                "javascript" => Language::JavaScript,
-                "lua" => Language::Lua,
-                "wasm" => Language::Wasm,
-                "query" => return Ok(None),
-                other => {
+            Some(Value::String(l)) => match (Language::named(l), l.as_str()) {
+                (Some(language), _) => language,
+                (None, "query") => return Ok(None),
+                (None, other) => {
                     return Err(bad(
                         id,
                         format!(

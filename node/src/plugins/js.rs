@@ -320,11 +320,9 @@ impl State {
         };
         let args = serde_json::to_string(args).map_err(|e| fail(e.to_string()))?;
         let mut live = lock(&self.live);
-        if live.is_none() {
-            *live = Some(self.start().map_err(|e| fail(e.to_string()))?);
-        }
-        let Some(l) = live.as_ref() else {
-            return Err(fail("no runtime".into()));
+        let l = match live.take() {
+            Some(l) => live.insert(l),
+            None => live.insert(self.start().map_err(|e| fail(e.to_string()))?),
         };
         self.reset_budget();
         let out = l.ctx.with(|ctx| -> Result<String, String> {

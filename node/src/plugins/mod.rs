@@ -94,10 +94,7 @@ impl Host {
         doc: &serde_json::Map<String, Value>,
         attachment: &dyn Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Option<Arc<DesignFns>>, PluginError> {
-        let language = doc
-            .get("language")
-            .and_then(Value::as_str)
-            .unwrap_or("javascript");
+        let language = design::language_name(doc);
         if self.store_only.iter().any(|l| l == language) {
             return Ok(None);
         }
