@@ -7,6 +7,7 @@ mod compact;
 mod error;
 mod local;
 mod plugins;
+mod queue;
 mod read;
 mod resolve;
 mod security;
@@ -343,6 +344,8 @@ pub struct Database {
     /// The current generation; replaced by compaction.
     data: RwLock<DbStore>,
     write: Mutex<WriteState>,
+    /// Write requests waiting for the writer (`queue.rs`).
+    queue: Mutex<queue::WriteQueue>,
     revs_limit: AtomicU64,
     /// Counts as of the last applied write, readable without the write lock.
     /// `(update_seq, doc_count, doc_del_count)` as of the newest durable write: what `GET /db`
@@ -387,6 +390,7 @@ impl Database {
                 doc_count,
                 doc_del_count,
             }),
+            queue: Default::default(),
             revs_limit: AtomicU64::new(revs_limit),
             counts: Mutex::new((update_seq, doc_count, doc_del_count)),
             updates,

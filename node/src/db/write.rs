@@ -2,6 +2,7 @@
 //! one atomic batch and one shared flush per request.
 
 use super::access::Caller;
+use super::queue::Job;
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
 use crate::doc::parse::{parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
@@ -41,13 +42,12 @@ pub(super) struct BatchState {
 }
 
 /// What one hold of the write lock applied.
-struct Hold {
-    results: Vec<DocResult>,
-    ticket: crate::store::Ticket,
+pub(super) struct Hold {
+    pub(super) ticket: crate::store::Ticket,
     /// `update_seq`, `doc_count`, `doc_del_count` after the batch.
-    counts: (u64, u64, u64),
+    pub(super) counts: (u64, u64, u64),
     /// The generation written to.
-    data: DbStore,
+    pub(super) data: DbStore,
 }
 
 /// Who writes (their level decides what they may write; validators see their `userCtx`),
@@ -57,9 +57,9 @@ pub(super) struct WriteCtx {
     sec_obj: Value,
     plugins: Arc<crate::plugins::DbPlugins>,
     /// Write only if this document's live leaves are still these (conflict resolutions).
-    expect_leaves: Option<(String, Vec<Rev>)>,
+    pub(super) expect_leaves: Option<(String, Vec<Rev>)>,
     /// All documents or none: one refusal cancels the batch (conflict resolutions).
-    atomic: bool,
+    pub(super) atomic: bool,
 }
 
 /// A revision as validators see it: body plus `_id`, `_rev`, `_revisions`, `_deleted` and
@@ -167,69 +167,45 @@ impl Database {
         Ok(!results.is_empty())
     }
 
-    /// Applies `docs` in as few lock holds as possible: a hold ends early (its batch applied,
-    /// the lock released for other writers, the rest in a new hold) once validators have used
-    /// the plugin time limit in it, so no plugin keeps the database's writes waiting past that.
+    /// Applies `docs` through the database's write queue, together with whatever other
+    /// requests are waiting.
     async fn write_with(
         self: &Arc<Self>,
         docs: Vec<DocInput>,
         new_edits: bool,
         ctx: WriteCtx,
     ) -> DbResult<Vec<DocResult>> {
-        let ctx = Arc::new(ctx);
-        let mut pending: std::collections::VecDeque<DocInput> = docs.into();
-        let mut results = Vec::with_capacity(pending.len());
-        loop {
-            let this = self.clone();
-            let c = ctx.clone();
-            let (hold, rest) = crate::store::gateway::run(move || {
-                let mut p = pending;
-                this.write_blocking(&mut p, new_edits, &c).map(|h| (h, p))
-            })
-            .await??;
-            hold.data.durable(hold.ticket).await?;
-            let (seq, docs, deleted) = hold.counts;
-            self.updates.send_modify(|s| *s = (*s).max(seq));
-            // After the feed moved: whoever sees the counts finds the documents in `_changes`.
-            self.publish_counts(seq, docs, deleted);
-            results.extend(hold.results);
-            if rest.is_empty() {
-                return Ok(results);
-            }
-            pending = rest;
-        }
+        self.enqueue(docs, new_edits, ctx).await
     }
 
-    /// One hold of the write lock: takes documents from the front of `docs` and applies them
-    /// as one batch.
-    fn write_blocking(
-        &self,
-        docs: &mut std::collections::VecDeque<DocInput>,
-        new_edits: bool,
-        ctx: &WriteCtx,
-    ) -> DbResult<Hold> {
+    /// One hold of the write lock: applies documents from the front of each of `jobs`, in
+    /// order, as one batch. A hold ends early (the rest stays in the jobs) once validators have
+    /// used the plugin time limit in it, so no plugin keeps the database's writes waiting past
+    /// that. An exclusive job (atomic or conditional) comes alone.
+    pub(super) fn write_blocking(&self, jobs: &mut [Job]) -> DbResult<Hold> {
         let mut st = self.write.lock().map_err(poisoned)?;
         self.check_alive()?;
         let data = self.data();
-        if let Some((id, expected)) = &ctx.expect_leaves {
-            let live = data.doc_info(id)?.unwrap_or_default().tree.live_leaves();
-            if live != *expected {
-                docs.clear();
-                let ticket = data.apply(WriteBatch::new())?;
-                let counts = (st.update_seq, st.doc_count, st.doc_del_count);
-                return Ok(Hold {
-                    results: Vec::new(),
-                    ticket,
-                    counts,
-                    data,
-                });
+        if let [job] = &mut *jobs {
+            if let Some((id, expected)) = &job.ctx.expect_leaves {
+                let live = data.doc_info(id)?.unwrap_or_default().tree.live_leaves();
+                if live != *expected {
+                    job.docs.clear();
+                    let ticket = data.apply(WriteBatch::new())?;
+                    let counts = (st.update_seq, st.doc_count, st.doc_del_count);
+                    return Ok(Hold {
+                        ticket,
+                        counts,
+                        data,
+                    });
+                }
             }
         }
         let before = *st;
         let mut bs = BatchState {
             data,
             batch: WriteBatch::new(),
-            infos: HashMap::with_capacity(docs.len()),
+            infos: HashMap::new(),
             bodies: HashMap::new(),
             locals: HashMap::new(),
             changed: false,
@@ -237,35 +213,37 @@ impl Database {
             ddoc_written: false,
             validating: std::time::Duration::ZERO,
         };
-        let mut results = Vec::with_capacity(docs.len());
         let budget = self.limits.plugins.timeout;
-        while let Some(doc) = docs.pop_front() {
-            let res = match doc {
-                Err((id, e)) => Err((id, None, e)),
-                Ok(doc) => {
-                    let id = doc.id.clone();
-                    let rev = doc.raw_rev.clone();
-                    self.write_one(doc, new_edits, ctx, &mut st, &mut bs)
-                        .map_err(|e| (id, rev, e))
+        'jobs: for job in jobs.iter_mut() {
+            let ctx = job.ctx.clone();
+            while let Some(doc) = job.docs.pop_front() {
+                let res = match doc {
+                    Err((id, e)) => Err((id, None, e)),
+                    Ok(doc) => {
+                        let id = doc.id.clone();
+                        let rev = doc.raw_rev.clone();
+                        self.write_one(doc, job.new_edits, &ctx, &mut st, &mut bs)
+                            .map_err(|e| (id, rev, e))
+                    }
+                };
+                if let Err((id, _, e)) = &res {
+                    if let DbError::Internal(_) = e {
+                        return Err(e.clone());
+                    }
+                    tracing::debug!(db = %self.name, id = ?id, error = %e, "document rejected");
                 }
-            };
-            if let Err((id, _, e)) = &res {
-                if let DbError::Internal(_) = e {
-                    return Err(e.clone());
+                if ctx.atomic {
+                    if let Err((_, _, e)) = res {
+                        // Nothing of the batch is applied; the counters go back.
+                        *st = before;
+                        return Err(e);
+                    }
                 }
-                tracing::debug!(db = %self.name, id = ?id, error = %e, "document rejected");
-            }
-            if ctx.atomic {
-                if let Err((_, _, e)) = res {
-                    // Nothing of the batch is applied; the counters go back.
-                    *st = before;
-                    return Err(e);
+                job.results.push(res);
+                if !ctx.atomic && bs.validating >= budget {
+                    // Let other writers in; the rest of the documents go in the next hold.
+                    break 'jobs;
                 }
-            }
-            results.push(res);
-            if !ctx.atomic && bs.validating >= budget {
-                // Let other writers in; the rest of the documents go in the next hold.
-                break;
             }
         }
         if bs.changed {
@@ -282,7 +260,6 @@ impl Database {
         }
         let counts = (st.update_seq, st.doc_count, st.doc_del_count);
         Ok(Hold {
-            results,
             ticket,
             counts,
             data: bs.data,

@@ -6,6 +6,7 @@
 //! - [`run`]: short owned work (a write batch, a query), at most [`SHORT_SLOTS`] at once, so a
 //!   burst of concurrent writers does not grow the blocking pool to one thread each (every
 //!   thread keeps its own allocator pages: 32 concurrent PUTs left ~300 MB resident).
+//! - [`detach`]: short work started and not awaited (a database's writer draining its queue).
 //! - [`long`] / [`spawn`]: long owned work (compaction, an index build, a streamed answer),
 //!   awaited or not, outside that bound so it never starves the short work.
 //! - [`scan`]: borrowed work in place, after telling a multi-threaded runtime to move its other
@@ -27,6 +28,21 @@ where
 {
     let _slot = SHORT.acquire().await.map_err(|e| Gone(e.to_string()))?;
     long(f).await
+}
+
+/// Starts short work `f` on the blocking pool once a slot is free, without waiting for it: it
+/// runs even if the caller goes away (a database's write queue relies on that).
+pub fn detach<F>(f: F)
+where
+    F: FnOnce() + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::spawn(async move {
+        // The semaphore is never closed.
+        if let Ok(_slot) = SHORT.acquire().await {
+            let _ = tokio::task::spawn_blocking(move || span.in_scope(f)).await;
+        }
+    });
 }
 
 /// Runs long work `f` on the blocking pool, outside the short-work bound.

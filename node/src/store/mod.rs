@@ -96,7 +96,9 @@ struct StoreInner {
     catalog: Mutex<()>,
     /// Count of committed batches; a flush that starts after reading N makes 1..=N durable.
     applied: AtomicU64,
-    flushed: tokio::sync::Mutex<u64>,
+    /// The highest ticket known durable; held while a flush runs, so writers that arrive
+    /// meanwhile wait for it and then find their batch covered or start the next one.
+    flushed: Mutex<u64>,
 }
 
 /// A database's entry in the catalog.
@@ -108,6 +110,7 @@ pub struct CatalogEntry {
 
 /// Returned by [`DbStore::apply`]; pass it to [`DbStore::durable`].
 #[must_use]
+#[derive(Clone, Copy, Debug)]
 pub struct Ticket(u64);
 
 fn data_keyspace(e: CatalogEntry) -> String {
@@ -177,7 +180,7 @@ impl Store {
                 node,
                 catalog: Mutex::new(()),
                 applied: AtomicU64::new(0),
-                flushed: tokio::sync::Mutex::new(0),
+                flushed: Mutex::new(0),
             }),
         };
         store.drop_orphans()?;
@@ -346,15 +349,27 @@ impl Store {
 
     /// Waits until the batch behind `ticket` is on disk. Concurrent callers share one flush.
     pub async fn durable(&self, ticket: Ticket) -> Result<()> {
-        let mut flushed = self.inner.flushed.lock().await;
+        if self.is_durable(ticket) {
+            return Ok(());
+        }
+        let store = self.clone();
+        gateway::long(move || store.durable_blocking(ticket))
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    fn is_durable(&self, ticket: Ticket) -> bool {
+        *self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner()) >= ticket.0
+    }
+
+    /// [`Store::durable`] on this thread (a blocking one).
+    pub fn durable_blocking(&self, ticket: Ticket) -> Result<()> {
+        let mut flushed = self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
         if *flushed >= ticket.0 {
             return Ok(());
         }
         let target = self.inner.applied.load(Ordering::SeqCst);
-        let engine = self.inner.engine.clone();
-        gateway::long(move || engine.persist())
-            .await
-            .map_err(|e| StoreError::Corrupt(e.to_string()))??;
+        self.inner.engine.persist()?;
         *flushed = target;
         Ok(())
     }
@@ -525,6 +540,11 @@ impl DbStore {
     /// Waits until the batch behind `ticket` is on disk (shared with every other writer).
     pub async fn durable(&self, ticket: Ticket) -> Result<()> {
         self.inner.store.durable(ticket).await
+    }
+
+    /// [`DbStore::durable`] on this thread (a blocking one).
+    pub fn durable_blocking(&self, ticket: Ticket) -> Result<()> {
+        self.inner.store.durable_blocking(ticket)
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
