@@ -61,6 +61,12 @@ fn doc(i: usize) -> Value {
     })
 }
 
+/// A `_changes` answer: its rows validated as JSON, not kept.
+#[derive(serde::Deserialize)]
+struct Feed {
+    results: Vec<serde::de::IgnoredAny>,
+}
+
 #[derive(Default, Clone)]
 struct Figures {
     bulk_docs_per_s: f64,
@@ -182,13 +188,9 @@ async fn run(
     for _ in 0..3 {
         let (s, body) = call(&c, &t, "GET", "/bench/_changes?style=all_docs", None).await;
         assert_eq!(s, 200);
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            v["results"].as_array().unwrap().len(),
-            n_docs,
-            "{}: full feed",
-            t.name
-        );
+        // Checked as JSON and counted, without building a tree the server is not asked for.
+        let feed: Feed = serde_json::from_slice(&body).unwrap();
+        assert_eq!(feed.results.len(), n_docs, "{}: full feed", t.name);
     }
     fig.changes_rows_per_s = (3 * n_docs) as f64 / start.elapsed().as_secs_f64();
 

@@ -2,7 +2,8 @@
 //! `thali` nodes, push and pull, beside PouchDB (npm) replicating between two databases of one
 //! pouchdb-server, same documents, same run. Prints docs/s and the ratio.
 //!
-//! Usage: `cargo run --release -p thali-tests --bin thali-bench-replication [-- --docs N]`
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench-replication [-- --docs N]
+//! [--thali-only]`
 //! (needs `npm ci` in tests/interop).
 
 use serde_json::{json, Value};
@@ -79,6 +80,9 @@ fn main() {
     );
     println!("thali pull B <- A over httpkey: {pull:.0} docs/s");
     drop((a, b));
+    if std::env::args().any(|a| a == "--thali-only") {
+        return;
+    }
 
     let p = start_pouchdb_server(&root);
     load(&p, "src", n);
