@@ -237,7 +237,12 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, addr)) => acceptor.accept(tcp, addr.to_string()),
+                Ok((tcp, addr)) => {
+                    // Streamed answers end in a small write: with Nagle on it waits for the
+                    // peer's delayed ACK, 40 ms per `_bulk_get`.
+                    let _ = tcp.set_nodelay(true);
+                    acceptor.accept(tcp, addr.to_string())
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "peer accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
