@@ -91,9 +91,12 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
                 // arti's crates log their routine work at info; the node's own lines stay at info.
+                // lsm_tree warns when a dropped keyspace's table files are already gone (its
+                // folder went first): routine after every database deletion and compaction.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new(
-                        "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn",
+                        "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn,\
+                         lsm_tree::table::inner=error",
                     )
                 }),
         )

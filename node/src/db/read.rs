@@ -107,10 +107,20 @@ impl Database {
                 w.rev
             }
         };
+        let mut info = info;
         let body = self
-            .body_of(id, &info, &rev)?
+            .take_body(id, &mut info, &rev)?
             .ok_or_else(DbError::missing)?;
         Ok(self.render(id, &info, &rev, body, opts))
+    }
+
+    /// [`Database::body_of`], moving the current body out of `info` (each revision rendered
+    /// once).
+    fn take_body(&self, id: &str, info: &mut DocInfo, rev: &Rev) -> DbResult<Option<RevBody>> {
+        if !info.tree.get(rev).is_some_and(|n| n.available) {
+            return Ok(None);
+        }
+        Ok(self.data().take_body(id, info, &rev.to_string())?)
     }
 
     fn body_of(&self, id: &str, info: &DocInfo, rev: &Rev) -> DbResult<Option<RevBody>> {
@@ -128,7 +138,7 @@ impl Database {
         opts: &DocOptions,
     ) -> DbResult<Vec<Result<RevisionOut, String>>> {
         self.check_alive()?;
-        let info = self.data().doc_info(id)?.unwrap_or_default();
+        let mut info = self.data().doc_info(id)?.unwrap_or_default();
         let revs: Vec<(Rev, String)> = match which {
             OpenRevs::All => {
                 if info.tree.is_empty() {
@@ -164,8 +174,9 @@ impl Database {
             }
         };
         let mut results = Vec::with_capacity(revs.len());
+        // Each revision is listed once, so the current body can be moved out of `info`.
         for (rev, asked) in revs {
-            match self.body_of(id, &info, &rev)? {
+            match self.take_body(id, &mut info, &rev)? {
                 Some(body) => results.push(Ok(self.render(id, &info, &rev, body, opts))),
                 None => results.push(Err(if opts.latest { asked } else { rev.to_string() })),
             }

@@ -64,19 +64,49 @@ pub fn hash_rev(
 ) -> String {
     // Serialised straight into the hasher: a tuple is a JSON array, so the bytes are those of
     // `[parent, deleted, body, atts]` without copying the body or buffering its text.
-    let mut hasher = HashWriter(Md5::new());
+    let mut hasher = HashWriter::default();
     let parent = parent.map(|r| r.to_string());
     // Writing into a hasher cannot fail, nor can serialising these types.
     let _ = serde_json::to_writer(&mut hasher, &(parent, deleted, body, atts));
-    hex::encode(hasher.0.finalize())
+    hex::encode(hasher.finish())
 }
 
-/// `io::Write` into an md5 hasher.
-struct HashWriter(Md5);
+/// `io::Write` into an md5 hasher, buffered: serde_json writes a token at a time, and md5 is
+/// cheaper fed in blocks.
+struct HashWriter {
+    md5: Md5,
+    buf: Vec<u8>,
+}
+
+impl Default for HashWriter {
+    fn default() -> Self {
+        HashWriter {
+            md5: Md5::new(),
+            buf: Vec::with_capacity(HASH_BUF),
+        }
+    }
+}
+
+const HASH_BUF: usize = 4096;
+
+impl HashWriter {
+    fn finish(mut self) -> [u8; 16] {
+        self.md5.update(&self.buf);
+        self.md5.finalize().into()
+    }
+}
 
 impl std::io::Write for HashWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
+        if self.buf.len() + buf.len() > HASH_BUF {
+            self.md5.update(&self.buf);
+            self.buf.clear();
+        }
+        if buf.len() >= HASH_BUF {
+            self.md5.update(buf);
+        } else {
+            self.buf.extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -409,7 +409,7 @@ impl Endpoint {
                 };
                 let v =
                     crate::store::gateway::scan(|| db.bulk_get(items, &opts)).map_err(db_err)?;
-                Ok(bulk_get_results(&v))
+                Ok(bulk_get_results(v))
             }
             Endpoint::Remote { remote, bulk_get } => {
                 if bulk_get.load(Ordering::Relaxed) {
@@ -429,7 +429,7 @@ impl Endpoint {
                         )
                         .await?;
                     match r.status {
-                        200 => return Ok(bulk_get_results(&r.json()?)),
+                        200 => return Ok(bulk_get_results(r.json()?)),
                         401 | 403 => return Err(refused(&r, "_bulk_get", remote.display())),
                         _ => {
                             tracing::info!(
@@ -529,22 +529,20 @@ impl Endpoint {
     }
 }
 
-fn bulk_get_results(v: &Value) -> Vec<Fetched> {
+fn bulk_get_results(mut v: Value) -> Vec<Fetched> {
     let mut out = Vec::new();
-    for r in v
-        .get("results")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for d in r
-            .get("docs")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            match (d.get("ok"), d.get("error")) {
-                (Some(doc), _) => out.push(Ok(doc.clone())),
+    let results = match v.get_mut("results") {
+        Some(Value::Array(a)) => std::mem::take(a),
+        _ => Vec::new(),
+    };
+    for mut r in results {
+        let docs = match r.get_mut("docs") {
+            Some(Value::Array(a)) => std::mem::take(a),
+            _ => continue,
+        };
+        for mut d in docs {
+            match (d.get_mut("ok").map(Value::take), d.get("error")) {
+                (Some(doc), _) => out.push(Ok(doc)),
                 (_, Some(e)) => out.push(Err(format!(
                     "{} {}: {}",
                     e["id"].as_str().unwrap_or("?"),

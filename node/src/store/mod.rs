@@ -599,6 +599,18 @@ impl DbStore {
         self.get(&doc_key(id))
     }
 
+    /// [`DbStore::body_of`], moving the current body out of `info` instead of copying it (for
+    /// callers that render each revision once).
+    pub fn take_body(&self, id: &str, info: &mut DocInfo, rev: &str) -> Result<Option<RevBody>> {
+        match info.current.take() {
+            Some((r, b)) if r == rev => Ok(Some(b)),
+            other => {
+                info.current = other;
+                self.body(id, rev)
+            }
+        }
+    }
+
     /// The body of `rev`: the current one in `info`, or the one stored under its own key.
     pub fn body_of(&self, id: &str, info: &DocInfo, rev: &str) -> Result<Option<RevBody>> {
         match &info.current {
