@@ -161,3 +161,53 @@ impl Drop for ClearOnPanic<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(docs: usize, exclusive: bool) -> Job {
+        let (reply, _) = oneshot::channel();
+        Job {
+            docs: (0..docs)
+                .map(|_| Err((None, DbError::BadRequest("unused".into()))))
+                .collect(),
+            new_edits: true,
+            ctx: Arc::new(WriteCtx::for_test(exclusive)),
+            results: Vec::new(),
+            reply,
+        }
+    }
+
+    fn queue(jobs: &[(usize, bool)]) -> WriteQueue {
+        let mut q = WriteQueue::default();
+        for &(docs, exclusive) in jobs {
+            q.jobs.push_back(job(docs, exclusive));
+        }
+        q
+    }
+
+    fn sizes(jobs: Vec<Job>) -> Vec<usize> {
+        jobs.iter().map(|j| j.docs.len()).collect()
+    }
+
+    #[test]
+    fn a_hold_takes_requests_in_order_and_an_exclusive_one_alone() {
+        let mut q = queue(&[(1, false), (2, false), (3, true), (4, false), (5, true)]);
+        assert_eq!(sizes(q.take()), [1, 2]);
+        assert_eq!(sizes(q.take()), [3]);
+        assert_eq!(sizes(q.take()), [4]);
+        assert_eq!(sizes(q.take()), [5]);
+        assert!(q.take().is_empty());
+    }
+
+    #[test]
+    fn a_hold_stops_adding_requests_past_the_document_bound() {
+        let mut q = queue(&[(HOLD_DOCS * 3, false), (1, false)]);
+        // The first request is taken whole, however large.
+        assert_eq!(sizes(q.take()), [HOLD_DOCS * 3]);
+        let mut q = queue(&[(HOLD_DOCS - 1, false), (10, false), (1, false)]);
+        assert_eq!(sizes(q.take()), [HOLD_DOCS - 1, 10]);
+        assert_eq!(sizes(q.take()), [1]);
+    }
+}

@@ -62,6 +62,20 @@ pub(super) struct WriteCtx {
     pub(super) atomic: bool,
 }
 
+#[cfg(test)]
+impl WriteCtx {
+    /// The node writing, no validators; `exclusive` as a conflict resolution is.
+    pub(super) fn for_test(exclusive: bool) -> WriteCtx {
+        WriteCtx {
+            caller: Caller::node("test"),
+            sec_obj: Value::Null,
+            plugins: Arc::default(),
+            expect_leaves: None,
+            atomic: exclusive,
+        }
+    }
+}
+
 /// A revision as validators see it: body plus `_id`, `_rev`, `_revisions`, `_deleted` and
 /// attachment stubs.
 fn doc_json(
