@@ -67,7 +67,8 @@ impl Database {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `docs` for writing and waits for their results.
+    /// Queues `docs` for writing and waits for their results, applied together with whatever
+    /// other requests are waiting.
     pub(super) async fn enqueue(
         self: &Arc<Self>,
         docs: Vec<DocInput>,

@@ -143,7 +143,7 @@ impl Database {
         caller: &Caller,
     ) -> DbResult<Vec<DocResult>> {
         let ctx = self.write_ctx(caller)?;
-        self.write_with(docs, new_edits, ctx).await
+        self.enqueue(docs, new_edits, ctx).await
     }
 
     pub(super) fn write_ctx(&self, caller: &Caller) -> DbResult<WriteCtx> {
@@ -176,20 +176,9 @@ impl Database {
         ctx.expect_leaves = Some((id.to_string(), leaves));
         ctx.atomic = true;
         let results = self
-            .write_with(docs.into_iter().map(Ok).collect(), false, ctx)
+            .enqueue(docs.into_iter().map(Ok).collect(), false, ctx)
             .await?;
         Ok(!results.is_empty())
-    }
-
-    /// Applies `docs` through the database's write queue, together with whatever other
-    /// requests are waiting.
-    async fn write_with(
-        self: &Arc<Self>,
-        docs: Vec<DocInput>,
-        new_edits: bool,
-        ctx: WriteCtx,
-    ) -> DbResult<Vec<DocResult>> {
-        self.enqueue(docs, new_edits, ctx).await
     }
 
     /// One hold of the write lock: applies documents from the front of each of `jobs`, in
