@@ -22,7 +22,7 @@ const HOLDS_PER_SLOT: usize = 16;
 pub(super) struct Job {
     pub(super) docs: VecDeque<DocInput>,
     pub(super) new_edits: bool,
-    pub(super) ctx: Arc<WriteCtx>,
+    pub(super) ctx: WriteCtx,
     /// Results of the documents applied so far (a request can span holds).
     pub(super) results: Vec<DocResult>,
     reply: oneshot::Sender<DbResult<Vec<DocResult>>>,
@@ -81,7 +81,7 @@ impl Database {
             q.jobs.push_back(Job {
                 docs: docs.into(),
                 new_edits,
-                ctx: Arc::new(ctx),
+                ctx,
                 results: Vec::new(),
                 reply,
             });
@@ -174,7 +174,7 @@ mod tests {
                 .map(|_| Err((None, DbError::BadRequest("unused".into()))))
                 .collect(),
             new_edits: true,
-            ctx: Arc::new(WriteCtx::for_test(exclusive)),
+            ctx: WriteCtx::for_test(exclusive),
             results: Vec::new(),
             reply,
         }

@@ -218,14 +218,20 @@ impl Database {
         };
         let budget = self.limits.plugins.timeout;
         'jobs: for job in jobs.iter_mut() {
-            let ctx = job.ctx.clone();
-            while let Some(doc) = job.docs.pop_front() {
+            let Job {
+                docs,
+                ctx,
+                results,
+                new_edits,
+                ..
+            } = job;
+            while let Some(doc) = docs.pop_front() {
                 let res = match doc {
                     Err((id, e)) => Err((id, None, e)),
                     Ok(doc) => {
                         let id = doc.id.clone();
                         let rev = doc.raw_rev.clone();
-                        self.write_one(doc, job.new_edits, &ctx, &mut st, &mut bs)
+                        self.write_one(doc, *new_edits, ctx, &mut st, &mut bs)
                             .map_err(|e| (id, rev, e))
                     }
                 };
@@ -242,7 +248,7 @@ impl Database {
                         return Err(e);
                     }
                 }
-                job.results.push(res);
+                results.push(res);
                 if !ctx.atomic && bs.validating >= budget {
                     // Let other writers in; the rest of the documents go in the next hold.
                     break 'jobs;
