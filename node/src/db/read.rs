@@ -2,7 +2,7 @@
 //! `_all_docs` and attachments.
 
 use super::{Database, DbError, DbResult};
-use crate::doc::Rev;
+use crate::doc::{object, Rev};
 use crate::store::{AttMeta, DocInfo, RevBody};
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -412,13 +412,16 @@ impl Database {
                 .bulk_get_item(&item, opts)?
                 .into_iter()
                 .map(|r| match r {
-                    Ok(out) => json!({"ok": Value::Object(out.doc)}),
+                    Ok(out) => object([("ok", Value::Object(out.doc))]),
                     Err(e) => e,
                 })
                 .collect();
-            results.push(json!({"id": item.id, "docs": docs}));
+            results.push(object([
+                ("id", item.id.map_or(Value::Null, Value::String)),
+                ("docs", Value::Array(docs)),
+            ]));
         }
-        Ok(json!({ "results": results }))
+        Ok(object([("results", Value::Array(results))]))
     }
 
     /// `_all_docs` as one JSON value (small answers; HTTP streams `all_docs_with`).
@@ -432,7 +435,11 @@ impl Database {
             }
             Ok(())
         })?;
-        let mut out = json!({"total_rows": head.0, "offset": head.1, "rows": rows});
+        let mut out = object([
+            ("total_rows", json!(head.0)),
+            ("offset", json!(head.1)),
+            ("rows", Value::Array(rows)),
+        ]);
         if q.update_seq {
             out["update_seq"] = json!(self.update_seq());
         }

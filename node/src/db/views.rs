@@ -701,7 +701,7 @@ impl Database {
                 }
                 Err(e) => return Err(e.into()),
             };
-            out.push(json!({"key": g.1, "value": value}));
+            out.push(crate::doc::object([("key", g.1), ("value", value)]));
             Ok(out.len() < limit)
         };
         let per_key = q.keys.is_some();
@@ -748,7 +748,7 @@ impl Database {
                 emit(g, &mut out_rows)?;
             }
         }
-        let mut out = json!({ "rows": out_rows });
+        let mut out = crate::doc::object([("rows", Value::Array(out_rows))]);
         if q.update_seq {
             out["update_seq"] = json!(idx.store.seq()?);
         }

@@ -4,7 +4,9 @@
 use super::access::Caller;
 use super::queue::Job;
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
-use crate::doc::parse::{parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc};
+use crate::doc::parse::{
+    parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc, Prepared,
+};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
 use crate::store::{AttMeta, DbStore, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
@@ -143,6 +145,10 @@ impl Database {
         caller: &Caller,
     ) -> DbResult<Vec<DocResult>> {
         let ctx = self.write_ctx(caller)?;
+        let mut docs = docs;
+        for doc in docs.iter_mut().flatten() {
+            doc.prepare(new_edits);
+        }
         self.enqueue(docs, new_edits, ctx).await
     }
 
@@ -323,7 +329,10 @@ impl Database {
         if doc.bad_rev {
             return Err(DbError::BadRequest("Invalid rev format".into()));
         }
-        let size = crate::doc::rev::json_len(&doc.body);
+        let size = match &doc.prepared {
+            Some(p) => p.size,
+            None => crate::doc::rev::json_len(&doc.body),
+        };
         if size > self.limits.max_doc_size {
             return Err(DbError::DocTooLarge(id));
         }
@@ -351,7 +360,12 @@ impl Database {
                 .iter()
                 .map(|(n, a)| (n.as_str(), a.digest.as_str()))
                 .collect();
-            let rev_id = hash_rev(parent.as_ref(), doc.deleted, &doc.body, &digests);
+            let rev_id = match &doc.prepared {
+                Some(Prepared {
+                    rev_id: Some(r), ..
+                }) if digests.is_empty() && parent == doc.rev => r.clone(),
+                _ => hash_rev(parent.as_ref(), doc.deleted, &doc.body, &digests),
+            };
             let mut path = vec![rev_id.clone()];
             if let Some(p) = &parent {
                 path.push(p.id.clone());

@@ -50,9 +50,38 @@ pub struct IncomingDoc {
     /// The user's fields, without any `_` member.
     pub body: Map<String, Value>,
     pub atts: BTreeMap<String, IncomingAtt>,
+    /// Work done before the write lock, so the database's one writer does less per document.
+    pub prepared: Option<Prepared>,
+}
+
+/// What `IncomingDoc::prepare` computed from the document alone.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Prepared {
+    /// The body's compact JSON length (the document size limit applies to it).
+    pub size: usize,
+    /// For an edit without attachments: the new revision's id if its parent is the `_rev` the
+    /// document names (or none). The writer uses it only when that is the parent it finds.
+    pub rev_id: Option<String>,
 }
 
 impl IncomingDoc {
+    /// Computes `prepared` (one serialisation of the body). Called off the write lock.
+    pub fn prepare(&mut self, new_edits: bool) {
+        if new_edits && self.atts.is_empty() {
+            let (rev_id, size) =
+                super::rev::hash_rev_and_len(self.rev.as_ref(), self.deleted, &self.body);
+            self.prepared = Some(Prepared {
+                size,
+                rev_id: Some(rev_id),
+            });
+        } else {
+            self.prepared = Some(Prepared {
+                size: super::rev::json_len(&self.body),
+                rev_id: None,
+            });
+        }
+    }
+
     /// An empty edit of `id` on top of `rev` (attachment edits, deletions built by the node).
     pub fn edit(id: String, rev: Option<Rev>) -> IncomingDoc {
         IncomingDoc {

@@ -3,6 +3,7 @@
 use md5::{Digest, Md5};
 use serde_json::{Map, Value};
 use std::fmt;
+use std::io::Write;
 
 /// A revision `pos-id`. Ordered as CouchDB orders leaves: by position, then id bytes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,11 +72,33 @@ pub fn hash_rev(
     hex::encode(hasher.finish())
 }
 
+/// `hash_rev` of a revision without attachments, and the compact JSON length of its body, from
+/// one serialisation of the body (done before the write lock, see `IncomingDoc::prepare`).
+pub fn hash_rev_and_len(
+    parent: Option<&Rev>,
+    deleted: bool,
+    body: &Map<String, Value>,
+) -> (String, usize) {
+    let mut hasher = HashWriter::default();
+    let parent = parent.map(|r| r.to_string());
+    // The bytes of `[parent, deleted, body, []]`, as `hash_rev` writes them.
+    let _ = hasher.write_all(b"[");
+    let _ = serde_json::to_writer(&mut hasher, &parent);
+    let _ = hasher.write_all(if deleted { b",true," } else { b",false," });
+    let before = hasher.len;
+    let _ = serde_json::to_writer(&mut hasher, body);
+    let len = hasher.len - before;
+    let _ = hasher.write_all(b",[]]");
+    (hex::encode(hasher.finish()), len)
+}
+
 /// `io::Write` into an md5 hasher, buffered: serde_json writes a token at a time, and md5 is
 /// cheaper fed in blocks.
 struct HashWriter {
     md5: Md5,
     buf: Vec<u8>,
+    /// Bytes written so far.
+    len: usize,
 }
 
 impl Default for HashWriter {
@@ -83,6 +106,7 @@ impl Default for HashWriter {
         HashWriter {
             md5: Md5::new(),
             buf: Vec::with_capacity(HASH_BUF),
+            len: 0,
         }
     }
 }
@@ -98,6 +122,7 @@ impl HashWriter {
 
 impl std::io::Write for HashWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.len += buf.len();
         if self.buf.len() + buf.len() > HASH_BUF {
             self.md5.update(&self.buf);
             self.buf.clear();
@@ -150,6 +175,23 @@ mod tests {
             hex::encode(Md5::digest(empty))
         );
         assert_eq!(json_len(&body), serde_json::to_vec(&body).unwrap().len());
+    }
+
+    #[test]
+    fn one_pass_hash_and_length_match_the_separate_ones() {
+        let body: Map<String, Value> =
+            serde_json::from_str(r#"{"b":[1,2.5,"x\"y\u00e9"],"a":{"z":null,"k":true}}"#).unwrap();
+        let parent = Rev::parse("7-0123abcd").unwrap();
+        for (p, deleted) in [(None, false), (Some(&parent), true), (Some(&parent), false)] {
+            assert_eq!(
+                hash_rev_and_len(p, deleted, &body),
+                (hash_rev(p, deleted, &body, &[]), json_len(&body))
+            );
+        }
+        assert_eq!(
+            hash_rev_and_len(None, true, &Map::new()),
+            (hash_rev(None, true, &Map::new(), &[]), 2)
+        );
     }
 
     #[test]

@@ -344,12 +344,13 @@ impl Remote {
     }
 
     /// `method` on the database path plus `rel` (`""`, `"/_changes?…"`), retried on transport
-    /// errors and 5xx answers.
-    pub async fn request(
+    /// errors and 5xx answers. The body is serialised straight to bytes: a batch of documents
+    /// is never copied into another `Value` on its way out.
+    pub async fn request<B: serde::Serialize + ?Sized>(
         &self,
         method: Method,
         rel: &str,
-        body: Option<&Value>,
+        body: Option<&B>,
         timeout: Duration,
     ) -> ReplResult<Response> {
         let path = format!("{}{}", self.base, rel);

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A request without a body.
+const NO_BODY: Option<&Value> = None;
+
 /// Which changes the source lists.
 #[derive(Clone, Debug, Default)]
 pub enum Filter {
@@ -129,7 +132,7 @@ impl Endpoint {
             },
             Endpoint::Remote { remote, .. } => {
                 let r = remote
-                    .request(Method::GET, "/", None, REQUEST_TIMEOUT)
+                    .request(Method::GET, "/", NO_BODY, REQUEST_TIMEOUT)
                     .await?;
                 match r.status {
                     200 => {
@@ -157,7 +160,7 @@ impl Endpoint {
             },
             Endpoint::Remote { remote, .. } => {
                 let r = remote
-                    .request(Method::PUT, "/", None, REQUEST_TIMEOUT)
+                    .request(Method::PUT, "/", NO_BODY, REQUEST_TIMEOUT)
                     .await?;
                 match r.status {
                     200..=299 | 412 => Ok(()),
@@ -179,7 +182,7 @@ impl Endpoint {
             Endpoint::Remote { remote, .. } => {
                 let rel = format!("/_local/{}", encode_query(id));
                 let r = remote
-                    .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                    .request(Method::GET, &rel, NO_BODY, REQUEST_TIMEOUT)
                     .await?;
                 match r.status {
                     200 => r.json().map(Some),
@@ -485,7 +488,7 @@ impl Endpoint {
             Endpoint::Remote { remote, .. } => {
                 let rel = format!("/_design/{}", encode_query(ddoc));
                 let r = remote
-                    .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                    .request(Method::GET, &rel, NO_BODY, REQUEST_TIMEOUT)
                     .await?;
                 if r.status == 404 {
                     return Err(missing());
@@ -586,7 +589,7 @@ async fn open_revs(
                 ));
             }
             let r = remote
-                .request(Method::GET, &rel, None, REQUEST_TIMEOUT)
+                .request(Method::GET, &rel, NO_BODY, REQUEST_TIMEOUT)
                 .await?;
             match r.status {
                 200 => Ok(r
@@ -613,8 +616,18 @@ async fn open_revs(
     Ok(out)
 }
 
+/// A `_bulk_docs` body borrowing its documents (`json!` would deep-copy each one).
+#[derive(serde::Serialize)]
+struct BulkDocsBody<'a> {
+    docs: &'a [Value],
+    new_edits: bool,
+}
+
 async fn write_remote(remote: &Remote, docs: Vec<Value>) -> ReplResult<Vec<Value>> {
-    let body = json!({"docs": docs, "new_edits": false});
+    let body = BulkDocsBody {
+        docs: &docs,
+        new_edits: false,
+    };
     let r = remote
         .request(Method::POST, "/_bulk_docs", Some(&body), REQUEST_TIMEOUT)
         .await?;

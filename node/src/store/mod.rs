@@ -470,7 +470,11 @@ impl WriteBatch {
         self.ops.is_empty()
     }
     pub fn put_doc_info(&mut self, id: &str, info: &DocInfo) {
-        self.put(doc_key(id), encode(info));
+        // Sized for a typical document, so encoding does not regrow the buffer several times.
+        let mut v = Vec::with_capacity(512);
+        // Our own types always serialise.
+        let _ = serde_json::to_writer(&mut v, info);
+        self.put(doc_key(id), v);
     }
     pub fn put_body(&mut self, id: &str, rev: &str, body: &RevBody) {
         self.put(body_key(id, rev), encode(body));
