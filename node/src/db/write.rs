@@ -4,9 +4,7 @@
 use super::access::Caller;
 use super::queue::Job;
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
-use crate::doc::parse::{
-    parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc, Prepared,
-};
+use crate::doc::parse::{parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc, Prepared};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
 use crate::store::{AttMeta, DbStore, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
