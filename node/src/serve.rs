@@ -29,6 +29,10 @@ pub struct ServeConfig {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     pub max_request_size: usize,
+    /// Largest attachment in bytes (413 beyond). Standalone attachment uploads stream to disk,
+    /// so this bounds disk use, not memory; inline (base64) ones also obey --max-request-size.
+    #[arg(long, default_value_t = 4 << 30)]
+    pub max_attachment_size: u64,
     /// Largest JSON document in bytes (413 beyond).
     #[arg(long = "max-document-size", default_value_t = 8_000_000)]
     pub max_doc_size: usize,
@@ -132,7 +136,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             store_only_languages: cfg.store_only_languages.clone(),
             max_doc_size: cfg.max_doc_size,
             // An attachment may be as large as a request could carry it uncompressed.
-            max_att_size: cfg.max_request_size,
+            max_att_size: usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX),
             plugins: crate::plugins::Limits {
                 cpu: cfg.plugin_cpu,
                 memory: cfg.plugin_memory,

@@ -7,6 +7,7 @@
 //! meanwhile (by sequence), then the new generation replaces the old one.
 
 use super::{poisoned, Database, DbResult};
+use crate::store::blob::Blob;
 use crate::store::{DbStore, DocInfo, NextGeneration, SeqEntry, WriteBatch};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -179,9 +180,21 @@ fn copy_doc(
 /// Copies the blobs named in `digests` (and forgets them, so each is copied once).
 fn copy_blobs(old: &DbStore, out: &mut Copier<'_>, digests: &mut HashSet<String>) -> DbResult<()> {
     for d in digests.drain() {
-        if let Some(bytes) = old.att(&d)? {
-            out.batch.put_att(&d, &bytes);
-            out.step()?;
+        match old.blob(&d)? {
+            None => {}
+            Some(Blob::Whole(bytes)) => {
+                out.batch.put_att(&d, &bytes);
+                out.step()?;
+            }
+            Some(Blob::Chunked(m)) => {
+                // A chunk per batch: a large body is never in memory whole.
+                for (i, c) in old.blob_chunks(&m, 0, m.len).enumerate() {
+                    out.batch.put_chunk(&m, i as u32, c?);
+                    out.finish()?;
+                }
+                out.batch.put_manifest(&d, &m);
+                out.step()?;
+            }
         }
     }
     Ok(())

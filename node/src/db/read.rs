@@ -3,6 +3,7 @@
 
 use super::{Database, DbError, DbResult};
 use crate::doc::{object, Rev};
+use crate::store::blob::Blob;
 use crate::store::{AttMeta, DocInfo, RevBody};
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -287,13 +288,9 @@ impl Database {
         RevisionOut { doc, follows }
     }
 
-    /// The bytes and metadata of one attachment of `rev` (or of the winner).
-    pub fn get_attachment(
-        &self,
-        id: &str,
-        rev: Option<&Rev>,
-        name: &str,
-    ) -> DbResult<(AttMeta, Vec<u8>)> {
+    /// The metadata of one attachment of `rev` (or of the winner); its bytes are read with
+    /// `attachment_range`.
+    pub fn get_attachment(&self, id: &str, rev: Option<&Rev>, name: &str) -> DbResult<AttMeta> {
         let info = self.info_of(id)?;
         let rev = match rev {
             Some(r) => r.clone(),
@@ -313,8 +310,34 @@ impl Database {
             .get(name)
             .cloned()
             .ok_or_else(|| DbError::NotFound("Document is missing attachment".into()))?;
-        let data = self.attachment_bytes(&meta.digest)?;
-        Ok((meta, data))
+        Ok(meta)
+    }
+
+    /// Calls `f` with the bytes `start..end` of the attachment body `digest`, a stored chunk at
+    /// a time: a chunked body is never in memory whole.
+    pub fn attachment_range(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let data = self.data();
+        match data.blob(digest).map_err(std::io::Error::other)? {
+            None => Err(std::io::Error::other(format!(
+                "attachment blob {digest} is missing"
+            ))),
+            Some(Blob::Whole(b)) => {
+                let end = (end as usize).min(b.len());
+                f(&b[(start as usize).min(end)..end])
+            }
+            Some(Blob::Chunked(m)) => {
+                for c in data.blob_chunks(&m, start, end) {
+                    f(&c.map_err(std::io::Error::other)?)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn attachment_bytes(&self, digest: &str) -> DbResult<Vec<u8>> {

@@ -523,6 +523,22 @@ impl Database {
                         },
                     }
                 }
+                AttInput::Staged(staged) => {
+                    if staged.len() > self.limits.max_att_size as u64 {
+                        return Err(DbError::AttTooLarge(name));
+                    }
+                    bs.data.adopt(&staged)?;
+                    bs.batch.put_staged(&staged);
+                    if id.starts_with("_design/") {
+                        bs.fresh.insert(staged.digest.clone(), staged.bytes()?);
+                    }
+                    AttMeta {
+                        content_type: att.content_type,
+                        digest: staged.digest,
+                        length: staged.blob.len(),
+                        revpos: new_pos,
+                    }
+                }
                 AttInput::Stub => match ancestor(&name) {
                     Some(m) => m,
                     None => match att.digest {
@@ -551,14 +567,27 @@ impl Database {
         Ok(out)
     }
 
-    /// Stores one attachment as a new revision of its document.
+    /// The largest attachment this node stores, in bytes.
+    pub fn max_attachment_size(&self) -> u64 {
+        self.limits.max_att_size as u64
+    }
+
+    /// Starts receiving an attachment body into the store (`BlobWriter`: chunks as they come,
+    /// md5 on the way), for `put_attachment`.
+    pub fn attachment_writer(&self) -> DbResult<crate::store::blob::BlobWriter> {
+        self.check_alive()?;
+        Ok(self.data().blob_writer())
+    }
+
+    /// Stores one received attachment as a new revision of its document. A refused write
+    /// removes the body's chunks again.
     pub async fn put_attachment(
         self: &Arc<Self>,
         id: &str,
         rev: Option<Rev>,
         name: &str,
         content_type: &str,
-        data: Vec<u8>,
+        body: crate::store::blob::Staged,
         caller: &Caller,
     ) -> DbResult<String> {
         let mut doc = self.doc_for_attachment_edit(id, rev)?;
@@ -566,14 +595,20 @@ impl Database {
             name.to_string(),
             IncomingAtt {
                 content_type: content_type.to_string(),
-                input: AttInput::Data(data),
+                input: AttInput::Staged(body.clone()),
                 digest: None,
                 revpos: None,
                 length: None,
                 encoding: None,
             },
         );
-        self.single_write(doc, caller).await
+        let res = self.single_write(doc, caller).await;
+        // Refused: nothing names the chunks. After an internal error the batch may still have
+        // landed, so the chunks stay (compaction drops them if nothing names them).
+        if matches!(&res, Err(e) if !matches!(e, DbError::Internal(_))) {
+            body.discard();
+        }
+        res
     }
 
     pub async fn delete_attachment(

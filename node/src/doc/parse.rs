@@ -23,6 +23,8 @@ pub enum AttInput {
     Stub,
     /// The bytes follow in a multipart/related body.
     Follows,
+    /// Already received into the store while it streamed in (standalone attachment `PUT`).
+    Staged(crate::store::blob::Staged),
 }
 
 #[derive(Debug, Clone, PartialEq)]

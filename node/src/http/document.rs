@@ -6,10 +6,10 @@ use super::multipart;
 use super::respond::{ok, status, with_etag};
 use super::stream;
 use super::{AppState, Req};
-use crate::db::{AttMode, DocOptions, OpenRevs, RevisionOut};
+use crate::db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut};
 use crate::doc::parse::{parse_doc, AttInput, IncomingDoc};
 use crate::doc::Rev;
-use axum::body::Body;
+use crate::store::blob::Staged;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
@@ -326,24 +326,28 @@ pub async fn attachment(
     match r.method.clone() {
         Method::GET | Method::HEAD => {
             let rev = requested_rev(r)?;
-            let (meta, data) = db.get_attachment(id, rev.as_ref(), name)?;
-            let total = data.len();
-            let (code, body, range) = match r
+            let meta = db.get_attachment(id, rev.as_ref(), name)?;
+            let total = meta.length;
+            let range = r
                 .headers
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_range(v, total))
-            {
-                Some((a, b)) => (
-                    StatusCode::PARTIAL_CONTENT,
-                    data[a..=b].to_vec(),
-                    Some((a, b)),
-                ),
-                None => (StatusCode::OK, data, None),
+                .and_then(|v| parse_range(v, total));
+            let (code, (start, last)) = match range {
+                Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+                None => (StatusCode::OK, (0, total.saturating_sub(1))),
             };
-            let mut resp = Response::new(Body::from(body));
+            let end = if total == 0 { 0 } else { last + 1 };
+            // Read a stored chunk at a time on a blocking thread; `Content-Length` is set, so
+            // a body cut short by a store error is seen as such by the client.
+            let digest = meta.digest.clone();
+            let body = stream::body(db, move |db, sink| {
+                sink.attachment_range(db, &digest, start, end)
+            });
+            let mut resp = Response::new(body);
             *resp.status_mut() = code;
             let h = resp.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
             if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
                 h.insert(header::CONTENT_TYPE, v);
             }
@@ -365,9 +369,12 @@ pub async fn attachment(
                 c => c.to_string(),
             };
             crate::doc::parse::validate_att_name(name).map_err(crate::db::DbError::from)?;
-            let data = r.bytes().await?.to_vec();
+            let caller = r.caller(db_name);
+            // Refuse before receiving a body the write path would refuse anyway.
+            caller.check_doc_write(id)?;
+            let body = receive_attachment(r, &db).await?;
             let new_rev = db
-                .put_attachment(id, rev, name, &ctype, data, &r.caller(db_name))
+                .put_attachment(id, rev, name, &ctype, body, &caller)
                 .await?;
             Ok(with_etag(
                 status(201, json!({"ok": true, "id": id, "rev": new_rev})),
@@ -388,8 +395,27 @@ pub async fn attachment(
     }
 }
 
+/// Receives a standalone attachment's body into the store as it arrives: a chunk at most in
+/// memory, its md5 computed on the way. A body shorter than its `Content-Length`, a stalled
+/// client or one over the size limit stores nothing (the chunks written go again).
+async fn receive_attachment(r: &mut Req, db: &Database) -> ApiResult<Staged> {
+    let max = db.max_attachment_size();
+    if r.content_length().is_some_and(|n| n > max) {
+        return Err(DbError::AttTooLarge("request body".into()).into());
+    }
+    let mut body = r.body_stream();
+    let mut writer = db.attachment_writer()?;
+    while let Some(piece) = r.next_frame(&mut body).await? {
+        if writer.len() + piece.len() as u64 > max {
+            return Err(DbError::AttTooLarge("request body".into()).into());
+        }
+        crate::store::gateway::scan(|| writer.write(&piece)).map_err(DbError::from)?;
+    }
+    Ok(crate::store::gateway::scan(|| writer.finish()).map_err(DbError::from)?)
+}
+
 /// A single `bytes=a-b` range (`a-`, `-n` too) within `total`; anything else serves it all.
-fn parse_range(v: &str, total: usize) -> Option<(usize, usize)> {
+fn parse_range(v: &str, total: u64) -> Option<(u64, u64)> {
     let spec = v.strip_prefix("bytes=")?;
     if spec.contains(',') || total == 0 {
         return None;
@@ -397,11 +423,11 @@ fn parse_range(v: &str, total: usize) -> Option<(usize, usize)> {
     let (a, b) = spec.split_once('-')?;
     let (start, end) = match (a.trim(), b.trim()) {
         ("", n) => {
-            let n: usize = n.parse().ok()?;
+            let n: u64 = n.parse().ok()?;
             (total.saturating_sub(n), total - 1)
         }
         (a, "") => (a.parse().ok()?, total - 1),
-        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.min(total - 1)),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(total - 1)),
     };
     (start <= end && end < total).then_some((start, end))
 }

@@ -102,6 +102,46 @@ impl Req {
         }
     }
 
+    /// The request body as a stream of frames, for bodies received piece by piece (attachments);
+    /// `next_frame` applies the body timeout between frames.
+    pub fn body_stream(&mut self) -> axum::body::BodyDataStream {
+        self.body
+            .get_mut()
+            .ok()
+            .and_then(Option::take)
+            .unwrap_or_default()
+            .into_data_stream()
+    }
+
+    /// The next piece of a streamed body: `None` at its end; 408 when the client stalls for
+    /// longer than the body timeout, 400 when the body is cut short.
+    pub async fn next_frame(
+        &self,
+        body: &mut axum::body::BodyDataStream,
+    ) -> ApiResult<Option<Bytes>> {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(self.body_timeout, body.next()).await {
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(b))) => Ok(Some(b)),
+            Ok(Some(Err(e))) => Err(ApiError::bad_request(format!(
+                "the request body ended early: {e}"
+            ))),
+            Err(_) => Err(ApiError::new(
+                408,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )),
+        }
+    }
+
+    /// The `Content-Length` the client announced.
+    pub fn content_length(&self) -> Option<u64> {
+        self.headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    }
+
     /// Who this request writes and reads as on `db`: its principal with the level the
     /// authorization point found. The write path decides per document from it.
     pub fn caller(&self, db: &str) -> crate::db::Caller {

@@ -24,7 +24,7 @@ const B64_PIECE: usize = 48 << 10;
 /// Where a streamed answer is written; `io::ErrorKind::BrokenPipe` once the client is gone.
 pub struct Sink {
     buf: Vec<u8>,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
 }
 
 impl Sink {
@@ -42,7 +42,7 @@ impl Sink {
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.tx
-            .blocking_send(chunk)
+            .blocking_send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
     }
 
@@ -113,31 +113,57 @@ impl Sink {
         self.write(b"}}")
     }
 
+    /// An attachment's bytes as base64, read a stored chunk at a time; bytes that do not fill
+    /// a 3-byte group wait for the next chunk, so no padding lands inside the text.
     fn base64(&mut self, db: &Database, meta: &AttMeta) -> io::Result<()> {
-        let data = db
-            .attachment_bytes(&meta.digest)
-            .map_err(io::Error::other)?;
         let engine = &base64::engine::general_purpose::STANDARD;
-        for piece in data.chunks(B64_PIECE) {
-            let mut enc = Vec::with_capacity(piece.len() / 3 * 4 + 4);
-            enc.resize(piece.len().div_ceil(3) * 4, 0);
+        let mut carry: Vec<u8> = Vec::new();
+        let mut enc = Vec::new();
+        let mut encode = |sink: &mut Sink, data: &[u8]| -> io::Result<()> {
+            enc.resize(data.len().div_ceil(3) * 4, 0);
             let n = engine
-                .encode_slice(piece, &mut enc)
+                .encode_slice(data, &mut enc)
                 .map_err(io::Error::other)?;
-            self.write(&enc[..n])?;
+            sink.write(&enc[..n])
+        };
+        db.attachment_range(&meta.digest, 0, meta.length, &mut |mut piece| {
+            if !carry.is_empty() {
+                let take = (3 - carry.len()).min(piece.len());
+                carry.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if carry.len() < 3 {
+                    return Ok(());
+                }
+                encode(self, &carry)?;
+                carry.clear();
+            }
+            let whole = piece.len() / 3 * 3;
+            for part in piece[..whole].chunks(B64_PIECE) {
+                encode(self, part)?;
+            }
+            carry.extend_from_slice(&piece[whole..]);
+            Ok(())
+        })?;
+        if !carry.is_empty() {
+            encode(self, &carry)?;
         }
         Ok(())
     }
 
-    /// An attachment's raw bytes (multipart parts).
+    /// An attachment's raw bytes (multipart parts), a stored chunk at a time.
     pub fn attachment(&mut self, db: &Database, meta: &AttMeta) -> io::Result<()> {
-        let data = db
-            .attachment_bytes(&meta.digest)
-            .map_err(io::Error::other)?;
-        for piece in data.chunks(CHUNK) {
-            self.write(piece)?;
-        }
-        Ok(())
+        self.attachment_range(db, &meta.digest, 0, meta.length)
+    }
+
+    /// The bytes `start..end` of the attachment body `digest`.
+    pub fn attachment_range(
+        &mut self,
+        db: &Database,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        db.attachment_range(digest, start, end, &mut |piece| self.write(piece))
     }
 }
 
@@ -149,7 +175,26 @@ pub fn response(
     db: Arc<Database>,
     produce: impl FnOnce(&Database, &mut Sink) -> io::Result<()> + Send + 'static,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(IN_FLIGHT);
+    let mut resp = Response::new(body(db, produce));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("must-revalidate"),
+    );
+    resp
+}
+
+/// A body that `produce` writes on a blocking thread. An error after the first byte ends the
+/// body with an error, so the connection is cut rather than the answer looking complete.
+pub fn body(
+    db: Arc<Database>,
+    produce: impl FnOnce(&Database, &mut Sink) -> io::Result<()> + Send + 'static,
+) -> Body {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(IN_FLIGHT);
     // The producer's result travels through the channel; the task's own is not needed.
     let _task = crate::store::gateway::spawn(move || {
         let mut sink = Sink {
@@ -161,24 +206,16 @@ pub fn response(
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                 tracing::debug!("client went away during a streamed answer")
             }
-            Err(e) => tracing::warn!(error = %e, "streamed answer cut short"),
+            Err(e) => {
+                tracing::warn!(error = %e, "streamed answer cut short");
+                let _ = sink.tx.blocking_send(Err(e));
+            }
             Ok(()) => {}
         }
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, io::Error>(b), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(content_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("must-revalidate"),
-    );
-    resp
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    Body::from_stream(stream)
 }
 
 /// Writes a JSON object member list, e.g. `{"ok":<doc>}`, around a streamed document.

@@ -102,6 +102,22 @@ pub(super) fn att_key(digest: &str) -> Vec<u8> {
     k
 }
 
+/// A chunked attachment body's manifest (`blob.rs`).
+pub(super) fn manifest_key(digest: &str) -> Vec<u8> {
+    let mut k = vec![b'A'];
+    k.extend_from_slice(digest.as_bytes());
+    k
+}
+
+/// Chunk `i` of blob `blob` (`blob.rs`): big-endian, so a blob's chunks sort in order.
+pub(super) fn chunk_key(blob: &str, i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(blob.len() + 5);
+    k.push(b'c');
+    k.extend_from_slice(blob.as_bytes());
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
 pub(super) fn meta_key(name: &str) -> Vec<u8> {
     let mut k = vec![b'm'];
     k.extend_from_slice(name.as_bytes());

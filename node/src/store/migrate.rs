@@ -13,8 +13,9 @@ use crate::sys::files::write_atomic;
 use std::ops::Bound;
 use std::path::Path;
 
-/// Entries copied per batch.
+/// Entries copied per batch, and the most bytes per batch (attachment chunks are 256 KiB).
 const CHUNK: usize = 1000;
+const BATCH_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -71,13 +72,17 @@ fn copy(src: &dyn Engine, dst: &dyn Engine, name: &str) -> Result<(u64, u64)> {
     let to = dst.keyspace(name)?;
     let (mut n, mut bytes) = (0u64, 0u64);
     let mut batch = Batch::default();
+    let mut batch_bytes = 0;
     for r in from.range(Bound::Unbounded, Bound::Unbounded, false) {
         let (k, v) = r?;
         n += 1;
-        bytes += (k.len() + v.len()) as u64;
+        let size = (k.len() + v.len()) as u64;
+        bytes += size;
+        batch_bytes += size;
         batch.put(&to, k.to_vec(), v.to_vec());
-        if batch.len() >= CHUNK {
+        if batch.len() >= CHUNK || batch_bytes >= BATCH_BYTES {
             dst.commit(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
         }
     }
     dst.commit(batch)?;

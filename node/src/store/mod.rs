@@ -32,6 +32,7 @@
 //! Durability: [`Store::durable`] is a group commit over the whole node: writers (to any
 //! database) that committed their batch before a flush started share that flush.
 
+pub mod blob;
 pub mod engine;
 pub mod gateway;
 pub mod index;
@@ -627,12 +628,25 @@ impl DbStore {
         self.get(&body_key(id, rev))
     }
 
+    /// A whole attachment body in memory (small ones: design documents' modules). Bodies of
+    /// any size are read with `blob` and `blob_chunks`.
     pub fn att(&self, digest: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.inner.ks.get(&att_key(digest))?.map(|v| v.to_vec()))
+        match self.blob(digest)? {
+            None => Ok(None),
+            Some(blob::Blob::Whole(b)) => Ok(Some(b)),
+            Some(blob::Blob::Chunked(m)) => {
+                let mut out = Vec::with_capacity(m.len as usize);
+                for c in self.blob_chunks(&m, 0, m.len) {
+                    out.extend_from_slice(&c?);
+                }
+                Ok(Some(out))
+            }
+        }
     }
 
     pub fn has_att(&self, digest: &str) -> Result<bool> {
-        Ok(self.inner.ks.get(&att_key(digest))?.is_some())
+        Ok(self.inner.ks.get(&att_key(digest))?.is_some()
+            || self.inner.ks.get(&manifest_key(digest))?.is_some())
     }
 
     pub fn local(&self, id: &str) -> Result<Option<serde_json::Value>> {
