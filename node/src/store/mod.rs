@@ -26,7 +26,9 @@
 //! | `r`    | u32 BE id length, id, rev string  | [`RevBody`] (JSON)          |
 //! | `s`    | u64 BE sequence                   | [`SeqEntry`]: id and leaves |
 //! | `l`    | local doc id (without `_local/`)  | the local doc (JSON)        |
-//! | `a`    | attachment digest                 | raw bytes                   |
+//! | `a`    | attachment digest                 | raw bytes (≤ 256 KiB)       |
+//! | `A`    | attachment digest                 | `blob::Manifest` (JSON)     |
+//! | `c`    | blob id (32 hex), u32 BE index    | 256 KiB chunk of a body     |
 //! | `m`    | meta name                         | JSON value                  |
 //!
 //! Durability: [`Store::durable`] is a group commit over the whole node: writers (to any
