@@ -137,6 +137,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             max_doc_size: cfg.max_doc_size,
             // An attachment may be as large as a request could carry it uncompressed.
             max_att_size: usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX),
+            max_inline_att_size: cfg
+                .max_request_size
+                .min(usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX)),
             plugins: crate::plugins::Limits {
                 cpu: cfg.plugin_cpu,
                 memory: cfg.plugin_memory,

@@ -25,11 +25,8 @@ impl Database {
     ) -> DbResult<String> {
         let stored = caller.local_key(named_id)?;
         let local_id = stored.as_str();
-        if !doc.atts.is_empty() {
-            return Err(DbError::BadRequest(
-                "_local documents do not accept attachments.".into(),
-            ));
-        }
+        // Attachments of a `_local` document are ignored, as in CouchDB (`parse_doc` drops
+        // them; this covers documents built otherwise).
         let current = match bs.locals.get(local_id) {
             Some(c) => c.clone(),
             None => bs.data.local(local_id)?,

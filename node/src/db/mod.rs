@@ -40,8 +40,12 @@ pub const DEFAULT_REVS_LIMIT: u64 = 1000;
 pub struct Limits {
     /// Largest JSON body of one document, in bytes (CouchDB's `max_document_size`).
     pub max_doc_size: usize,
-    /// Largest attachment, in bytes, as stored (after gzip is decoded).
+    /// Largest attachment, in bytes, as stored (after gzip is decoded), when it streams to
+    /// disk (standalone attachment `PUT`).
     pub max_att_size: usize,
+    /// Largest attachment held in memory while it is written (inline base64, multipart parts,
+    /// gzip decoded): bounded by memory, not disk (`--max-request-size`).
+    pub max_inline_att_size: usize,
     /// Sandbox limits of design-document plugins.
     pub plugins: crate::plugins::Limits,
     /// Most databases open at once; the least recently used idle ones close beyond.
@@ -55,6 +59,7 @@ impl Default for Limits {
         Limits {
             max_doc_size: 8_000_000,
             max_att_size: 256 << 20,
+            max_inline_att_size: 256 << 20,
             plugins: crate::plugins::Limits::default(),
             max_dbs_open: 500,
             store_only_languages: Vec::new(),

@@ -4,7 +4,9 @@
 use super::access::Caller;
 use super::queue::Job;
 use super::{poisoned, random_hex, Database, DbError, DbResult, WriteState};
-use crate::doc::parse::{parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc, Prepared};
+use crate::doc::parse::{
+    parse_doc, validate_doc_id, AttInput, IncomingAtt, IncomingDoc, Prepared, StagedBody,
+};
 use crate::doc::{hash_rev, MergeOutcome, Rev};
 use crate::store::{AttMeta, DbStore, DocInfo, RevBody, SeqEntry, WriteBatch};
 use base64::Engine;
@@ -493,7 +495,8 @@ impl Database {
         for (name, att) in incoming {
             let meta = match att.input {
                 AttInput::Data(bytes) => {
-                    let max = self.limits.max_att_size;
+                    // Held in memory: the in-memory bound, not the streamed one.
+                    let max = self.limits.max_inline_att_size;
                     let bytes = match att.encoding.as_deref() {
                         Some("gzip") => match gunzip(&bytes, max) {
                             Ok(Some(b)) => b,
@@ -524,6 +527,11 @@ impl Database {
                     }
                 }
                 AttInput::Staged(staged) => {
+                    let staged = staged
+                        .0
+                        .downcast_ref::<crate::store::blob::Staged>()
+                        .ok_or_else(|| DbError::Internal("unknown staged body".into()))?
+                        .clone();
                     if staged.len() > self.limits.max_att_size as u64 {
                         return Err(DbError::AttTooLarge(name));
                     }
@@ -595,7 +603,7 @@ impl Database {
             name.to_string(),
             IncomingAtt {
                 content_type: content_type.to_string(),
-                input: AttInput::Staged(body.clone()),
+                input: AttInput::Staged(StagedBody(Arc::new(body.clone()))),
                 digest: None,
                 revpos: None,
                 length: None,

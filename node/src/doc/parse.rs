@@ -24,7 +24,24 @@ pub enum AttInput {
     /// The bytes follow in a multipart/related body.
     Follows,
     /// Already received into the store while it streamed in (standalone attachment `PUT`).
-    Staged(crate::store::blob::Staged),
+    Staged(StagedBody),
+}
+
+/// A body the store received before its document (`store::blob::Staged`, a layer above this
+/// one): opaque here, the write path takes it out again.
+#[derive(Clone)]
+pub struct StagedBody(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for StagedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StagedBody")
+    }
+}
+
+impl PartialEq for StagedBody {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +132,13 @@ pub fn validate_doc_id(id: &str) -> Result<(), ParseError> {
     Ok(())
 }
 
+/// Drops what a `_local` document's JSON may carry but CouchDB ignores for it (`_revisions`,
+/// `_attachments`); for bodies written to a `_local/` path without an `_id` member.
+pub fn strip_local_members(map: &mut Map<String, Value>) {
+    map.remove("_revisions");
+    map.remove("_attachments");
+}
+
 pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
     let Value::Object(mut map) = value else {
         return Err(ParseError::BadRequest(
@@ -122,6 +146,15 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
         ));
     };
     let mut doc = IncomingDoc::default();
+    // `_local` documents have no revision tree and no attachments: CouchDB ignores both
+    // members there, whatever they hold.
+    if map
+        .get("_id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| id.starts_with("_local/"))
+    {
+        strip_local_members(&mut map);
+    }
     // The special members are taken out and the rest of the map becomes the body as it is,
     // without rebuilding it.
     let special: Vec<String> = map.keys().filter(|k| k.starts_with('_')).cloned().collect();

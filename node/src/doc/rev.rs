@@ -32,9 +32,11 @@ impl Rev {
     }
 }
 
-/// A revision id as found in `_revisions.ids`.
+/// A revision id as found in `_rev` or `_revisions.ids`. CouchDB takes any text after `N-`
+/// (PouchDB's suite sends `3-totally_fake_rev` and expects a conflict, not a parse error);
+/// printable ASCII without spaces, bounded, is what we keep.
 pub fn valid_rev_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 pub fn normalise_id(id: &str) -> String {

@@ -264,6 +264,10 @@ async fn run_feed(
             tokio::select! {
                 changed = updates.changed() => {
                     if changed.is_err() || db.is_deleted() {
+                        // A longpoll answer is one JSON object: end it as one.
+                        if feed == Feed::Longpoll {
+                            send(json!({"results": [], "last_seq": cq.since}).to_string()).await;
+                        }
                         return;
                     }
                     break;
@@ -283,7 +287,12 @@ async fn run_feed(
                     send(end).await;
                     return;
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    if feed == Feed::Longpoll {
+                        send(json!({"results": [], "last_seq": cq.since}).to_string()).await;
+                    }
+                    return;
+                }
             }
         }
     }

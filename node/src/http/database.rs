@@ -75,8 +75,11 @@ fn result_json(r: &DocResult) -> Value {
         Ok((id, rev)) => json!({"ok": true, "id": id, "rev": rev}),
         Err((id, rev, e)) => {
             let mut v = json!({"id": id, "error": e.name(), "reason": e.reason()});
-            if let Some(rev) = rev {
-                v["rev"] = json!(rev);
+            // CouchDB names the revision in a refused row, except in a conflict (there is no
+            // revision of that document the request could have meant).
+            match rev {
+                Some(rev) if !matches!(e, DbError::Conflict) => v["rev"] = json!(rev),
+                _ => {}
             }
             v
         }
@@ -106,6 +109,22 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
         }
     };
     let inputs: Vec<DocInput> = docs.into_iter().map(doc_input).collect();
+    // As in CouchDB, a document that does not parse (an illegal `_id`, a bad `_rev`, a bad
+    // special member) or a replicated one without revisions fails the whole request.
+    for input in &inputs {
+        match input {
+            Err((_, e)) => return Err(e.clone().into()),
+            Ok(d) if !new_edits && d.rev.is_none() && d.revisions.is_none() && !d.bad_rev => {
+                return Err(DbError::BadRequest(
+                    "When `new_edits: false`, the document needs `_rev` or `_revisions` \
+                     specified"
+                        .into(),
+                )
+                .into())
+            }
+            Ok(_) => {}
+        }
+    }
     let results = db.write_docs(inputs, new_edits, &r.caller(name)).await?;
     let out: Vec<Value> = results
         .iter()
@@ -260,13 +279,7 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             None => query.limit = Some(0),
         }
     }
-    if let (Some(s), Some(e)) = (&query.start, &query.end) {
-        if (!query.descending && s > e) || (query.descending && s < e) {
-            return Err(ApiError::query_parse(
-                "No rows can match your key range, reverse your start_key and end_key or set descending=true",
-            ));
-        }
-    }
+    // An inverted key range is no error here (CouchDB answers no rows; views refuse it).
     // Streamed: `_all_docs` of a large database would otherwise be held whole, twice (as
     // values, then as text).
     Ok(super::stream::response(

@@ -442,7 +442,10 @@ pub async fn local(
     match r.method.clone() {
         Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id, &r.caller(db_name))?)),
         Method::PUT => {
-            let json = r.json().await?;
+            let mut json = r.json().await?;
+            if let Value::Object(m) = &mut json {
+                crate::doc::parse::strip_local_members(m);
+            }
             let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
             doc.id = Some(format!("_local/{local_id}"));
             if doc.raw_rev.is_none() {
