@@ -3,7 +3,7 @@
 use super::database::open;
 use super::error::{ApiError, ApiResult};
 use super::multipart;
-use super::respond::{ok, status, with_etag};
+use super::respond::{json_response, ok, status, with_etag};
 use super::stream;
 use super::{AppState, Req};
 use crate::db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut};
@@ -121,7 +121,8 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 .unwrap_or("")
                 .to_string();
             if out.follows.is_empty() {
-                return Ok(with_etag(ok(Value::Object(out.doc)), &rev_s));
+                let resp = json_response(StatusCode::OK, &stream::DocJson(&out.doc));
+                return Ok(with_etag(resp, &rev_s));
             }
             let resp = stream::response(StatusCode::OK, "application/json", db, move |db, w| {
                 w.doc(db, out)?;

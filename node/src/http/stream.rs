@@ -74,9 +74,9 @@ impl Sink {
     pub fn doc(&mut self, db: &Database, out: RevisionOut) -> io::Result<()> {
         let mut doc = out.doc;
         let Some(Value::Object(atts)) = doc.remove("_attachments") else {
-            return self.json(&doc);
+            return self.json(&DocJson(&doc));
         };
-        let head = serde_json::to_vec(&doc)?;
+        let head = serde_json::to_vec(&DocJson(&doc))?;
         self.write(&head[..head.len() - 1])?;
         self.write(if doc.is_empty() {
             b"\"_attachments\":{"
@@ -186,6 +186,39 @@ pub fn response(
         HeaderValue::from_static("must-revalidate"),
     );
     resp
+}
+
+/// A document's members as JSON, with `_revisions` written as CouchDB and PouchDB write it,
+/// `{"start":N,"ids":[…]}`: JSON maps here are sorted, and clients compare that member's
+/// text (PouchDB's live sync test #3179 compares `JSON.stringify(doc._revisions)`).
+pub struct DocJson<'a>(pub &'a serde_json::Map<String, Value>);
+
+impl serde::Serialize for DocJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            match (k.as_str(), v) {
+                ("_revisions", Value::Object(r)) if r.len() == 2 => {
+                    m.serialize_entry(k, &Revisions(r))?;
+                }
+                _ => m.serialize_entry(k, v)?,
+            }
+        }
+        m.end()
+    }
+}
+
+struct Revisions<'a>(&'a serde_json::Map<String, Value>);
+
+impl serde::Serialize for Revisions<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("start", &self.0.get("start"))?;
+        m.serialize_entry("ids", &self.0.get("ids"))?;
+        m.end()
+    }
 }
 
 /// A body that `produce` writes on a blocking thread. An error after the first byte ends the
