@@ -598,7 +598,13 @@ impl Database {
         body: crate::store::blob::Staged,
         caller: &Caller,
     ) -> DbResult<String> {
-        let mut doc = self.doc_for_attachment_edit(id, rev)?;
+        let mut doc = match self.doc_for_attachment_edit(id, rev) {
+            Ok(d) => d,
+            Err(e) => {
+                body.discard();
+                return Err(e);
+            }
+        };
         doc.atts.insert(
             name.to_string(),
             IncomingAtt {
