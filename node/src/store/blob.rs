@@ -151,6 +151,20 @@ impl DbStore {
         })
     }
 
+    /// A whole body in memory (small ones; large ones are read with `blob_chunks`).
+    pub fn blob_bytes(&self, blob: Blob) -> Result<Vec<u8>> {
+        match blob {
+            Blob::Whole(b) => Ok(b),
+            Blob::Chunked(m) => {
+                let mut out = Vec::with_capacity(m.len as usize);
+                for c in self.blob_chunks(&m, 0, m.len) {
+                    out.extend_from_slice(&c?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Makes a staged body's chunks part of this generation when compaction replaced the one
     /// they were written to meanwhile: copied a chunk per batch (rare, and bounded memory).
     pub fn adopt(&self, staged: &Staged) -> Result<()> {
@@ -290,16 +304,7 @@ impl Staged {
 
     /// The whole body in memory (design documents compile their modules from it).
     pub fn bytes(&self) -> Result<Vec<u8>> {
-        match &self.blob {
-            Blob::Whole(b) => Ok(b.clone()),
-            Blob::Chunked(m) => {
-                let mut out = Vec::with_capacity(m.len as usize);
-                for c in self.store.blob_chunks(m, 0, m.len) {
-                    out.extend_from_slice(&c?);
-                }
-                Ok(out)
-            }
-        }
+        self.store.blob_bytes(self.blob.clone())
     }
 
     pub fn len(&self) -> u64 {

@@ -633,17 +633,7 @@ impl DbStore {
     /// A whole attachment body in memory (small ones: design documents' modules). Bodies of
     /// any size are read with `blob` and `blob_chunks`.
     pub fn att(&self, digest: &str) -> Result<Option<Vec<u8>>> {
-        match self.blob(digest)? {
-            None => Ok(None),
-            Some(blob::Blob::Whole(b)) => Ok(Some(b)),
-            Some(blob::Blob::Chunked(m)) => {
-                let mut out = Vec::with_capacity(m.len as usize);
-                for c in self.blob_chunks(&m, 0, m.len) {
-                    out.extend_from_slice(&c?);
-                }
-                Ok(Some(out))
-            }
-        }
+        self.blob(digest)?.map(|b| self.blob_bytes(b)).transpose()
     }
 
     pub fn has_att(&self, digest: &str) -> Result<bool> {
