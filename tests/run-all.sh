@@ -30,7 +30,9 @@ echo "== installing npm packages for interop tests"
 echo "== building the example WASM plugins (wasm32-unknown-unknown)"
 need rustup "install Rust with rustup (the wasm32 target is added with it)"
 rustup target add wasm32-unknown-unknown
-cargo build --release --target wasm32-unknown-unknown --manifest-path plugins/Cargo.toml
+# Its own target directory whatever CARGO_TARGET_DIR says: the tests read the modules there.
+cargo build --release --target wasm32-unknown-unknown --manifest-path plugins/Cargo.toml \
+  --target-dir plugins/target
 
 echo "== building"
 cargo build --workspace --all-targets

@@ -1,6 +1,7 @@
 //! Test harness: builds and starts the real `thali` binary on free loopback ports, and a small
 //! HTTP/1.1 client that can send anything (malformed requests included).
 
+pub mod blobs;
 pub mod mesh;
 pub mod servers;
 pub mod tornet;

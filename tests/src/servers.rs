@@ -142,10 +142,21 @@ impl Target {
 /// PouchDB (npm) replicating `src` to `dst` (`tests/interop/bench-replicate.js`): its answer,
 /// with `docs_written` and `ms`.
 pub fn pouchdb_replicate(root: &std::path::Path, src: &str, dst: &str) -> serde_json::Value {
+    pouchdb_replicate_batched(root, src, dst, 100)
+}
+
+/// `pouchdb_replicate` with PouchDB's `batch_size`.
+pub fn pouchdb_replicate_batched(
+    root: &std::path::Path,
+    src: &str,
+    dst: &str,
+    batch: usize,
+) -> serde_json::Value {
     let out = Command::new("node")
         .arg(root.join("tests/interop/bench-replicate.js"))
         .arg(src)
         .arg(dst)
+        .arg(batch.to_string())
         .output()
         .expect("node");
     assert!(

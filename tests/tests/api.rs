@@ -548,6 +548,64 @@ fn attachments() {
         .starts_with("multipart/mixed"));
     let t = mm.text();
     assert!(t.contains("\"follows\":true") && t.contains("hello"), "{t}");
+    // _bulk_get as multipart/mixed: a nested multipart/related part per revision with
+    // attachment bodies, JSON for one without, an error part for a missing one.
+    n.put("/db/plain", &json!({"x": 1}));
+    let req = json!({"docs": [{"id": "m"}, {"id": "plain"}, {"id": "gone"}]});
+    let mm = n.raw(
+        "POST",
+        "/db/_bulk_get?revs=true&attachments=true",
+        &[
+            ("Accept", "multipart/mixed"),
+            ("Content-Type", "application/json"),
+        ],
+        Some(req.to_string().as_bytes()),
+    );
+    assert_eq!(mm.status, 200, "{}", mm.text());
+    let parts = mixed_parts(&mm);
+    assert_eq!(parts.len(), 3, "{}", mm.text());
+    let (h, body) = &parts[0];
+    assert!(
+        h.contains("X-Doc-Id: m\r\n") && h.contains("X-Rev-Id: 1-1234"),
+        "{h}"
+    );
+    assert!(
+        h.contains("Content-Type: multipart/related; boundary="),
+        "{h}"
+    );
+    assert!(body.contains("\"follows\":true") && body.contains("\r\n\r\nhello\r\n"));
+    assert!(body.contains("\"_revisions\""), "{body}");
+    let (h, body) = &parts[1];
+    assert!(
+        h.contains("X-Doc-Id: plain") && h.contains("application/json"),
+        "{h}"
+    );
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap()["x"], 1);
+    let (h, body) = &parts[2];
+    assert!(h.contains("error=\"true\""), "{h}");
+    let e: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (e["id"].as_str(), e["error"].as_str()),
+        (Some("gone"), Some("not_found"))
+    );
+}
+
+/// The (headers, body) of each part of a `multipart/mixed` answer.
+fn mixed_parts(r: &thali_tests::Resp) -> Vec<(String, String)> {
+    let ctype = r.header("content-type").unwrap().to_string();
+    assert!(ctype.starts_with("multipart/mixed"), "{ctype}");
+    let boundary = ctype.split("boundary=").nth(1).unwrap().trim_matches('"');
+    let text = r.text();
+    let body = text
+        .strip_suffix(&format!("--{boundary}--"))
+        .unwrap_or_else(|| panic!("no closing boundary: {text}"));
+    body.split(&format!("--{boundary}\r\n"))
+        .skip(1)
+        .map(|p| {
+            let (h, b) = p.split_once("\r\n\r\n").unwrap();
+            (h.to_string(), b.trim_end_matches("\r\n").to_string())
+        })
+        .collect()
 }
 
 #[test]

@@ -107,9 +107,11 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[test]
 fn a_gzip_bomb_is_refused_without_memory_growth() {
     let dir = TempDir::new("sec-gzip");
-    let n = Node::start(&dir.0);
+    // Multipart parts stream (gunzipped) to disk, so the attachment limit bounds disk, not
+    // memory; 256 MiB here so that the bomb is over it.
+    let n = Node::start_with(&dir.0, &["--max-attachment-size", "268435456"]);
     n.put("/z", &json!({}));
-    // 300 MB of zeros in ~300 KB, over the 256 MiB request (and so attachment) limit.
+    // 300 MB of zeros in ~300 KB, over the 256 MiB request and attachment limits.
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let zeros = vec![0u8; 1 << 20];
     for _ in 0..300 {

@@ -9,7 +9,7 @@
 //! as in CouchDB. Reduces run at query time over the rows in range (built-ins in Rust, custom
 //! ones in their plugin, chunked with rereduce).
 
-use super::read::DocOptions;
+use super::read::{AttMode, DocOptions};
 use super::{Database, DbError, DbResult};
 use crate::doc::collate;
 use crate::plugins::design::{DesignFns, Reduce};
@@ -656,6 +656,13 @@ impl Database {
             };
             let opts = DocOptions {
                 conflicts: q.conflicts,
+                // Rows are values: inline bodies are held while the answer is built (a view
+                // answer with `attachments=true` is bounded by the request, not streamed).
+                atts: if q.attachments {
+                    AttMode::Inline
+                } else {
+                    AttMode::Stub
+                },
                 ..Default::default()
             };
             let doc = match self.get_doc(&doc_id, rev.as_ref(), &opts) {

@@ -544,7 +544,11 @@ impl Database {
                         content_type: att.content_type,
                         digest: staged.digest,
                         length: staged.blob.len(),
-                        revpos: new_pos,
+                        revpos: if new_edits {
+                            new_pos
+                        } else {
+                            att.revpos.unwrap_or(new_pos)
+                        },
                     }
                 }
                 AttInput::Stub => match ancestor(&name) {

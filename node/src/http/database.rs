@@ -187,6 +187,9 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
         },
         ..Default::default()
     };
+    if r.accepts("multipart/mixed") || r.accepts("multipart/related") {
+        return Ok(bulk_get_multipart(db, items, opts));
+    }
     Ok(stream::response(
         axum::http::StatusCode::OK,
         "application/json",
@@ -209,6 +212,36 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             out.write(b"]}\n")
         },
     ))
+}
+
+/// `_bulk_get` as CouchDB answers a client accepting multipart: one `multipart/mixed` part per
+/// revision (named by `X-Doc-Id` and `X-Rev-Id`), attachment bodies streamed from the store.
+fn bulk_get_multipart(
+    db: std::sync::Arc<crate::db::Database>,
+    items: Vec<BulkGetItem>,
+    opts: DocOptions,
+) -> Response {
+    let outer = crate::db::random_hex(16);
+    let ctype = format!("multipart/mixed; boundary=\"{outer}\"");
+    stream::response(axum::http::StatusCode::OK, &ctype, db, move |db, w| {
+        for item in &items {
+            let docs = db
+                .bulk_get_item(item, &opts)
+                .map_err(std::io::Error::other)?;
+            for d in docs {
+                let (id, rev) = match &d {
+                    Ok(o) => (o.doc.get("_id"), o.doc.get("_rev")),
+                    Err(e) => (e["error"].get("id"), e["error"].get("rev")),
+                };
+                let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+                let (id, rev) = (text(id), text(rev));
+                let d = d.map_err(|mut e| e["error"].take());
+                let headers = [("X-Doc-Id", id.as_str()), ("X-Rev-Id", rev.as_str())];
+                crate::http::document::write_mixed_part(w, db, &outer, d, &headers)?;
+            }
+        }
+        w.write(format!("--{outer}--").as_bytes())
+    })
 }
 
 pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {

@@ -2,14 +2,14 @@
 
 use super::database::open;
 use super::error::{ApiError, ApiResult};
-use super::multipart;
 use super::respond::{json_response, ok, status, with_etag};
 use super::stream;
 use super::{AppState, Req};
 use crate::db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut};
-use crate::doc::parse::{parse_doc, AttInput, IncomingDoc};
+use crate::doc::parse::{parse_doc, AttInput, IncomingDoc, StagedBody};
 use crate::doc::Rev;
-use crate::store::blob::Staged;
+use crate::multipart;
+use crate::store::blob::{Staged, StagedSet};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
@@ -124,6 +124,14 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                 let resp = json_response(StatusCode::OK, &stream::DocJson(&out.doc));
                 return Ok(with_etag(resp, &rev_s));
             }
+            if r.accepts("multipart/related") {
+                let boundary = crate::db::random_hex(16);
+                let ctype = format!("multipart/related; boundary=\"{boundary}\"");
+                let resp = stream::response(StatusCode::OK, &ctype, db, move |db, w| {
+                    write_related(w, db, out, &boundary)
+                });
+                return Ok(with_etag(resp, &rev_s));
+            }
             let resp = stream::response(StatusCode::OK, "application/json", db, move |db, w| {
                 w.doc(db, out)?;
                 w.write(b"\n")
@@ -132,7 +140,10 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
         }
         Method::PUT => {
             let new_edits = r.query.bool_or("new_edits", true)?;
-            let mut doc = read_doc_body(r).await?;
+            let caller = r.caller(db_name);
+            // Refuse before receiving attachment bodies the write path would refuse anyway.
+            caller.check_doc_write(id)?;
+            let (mut doc, received) = read_doc_body(r, &db).await?;
             doc.id = Some(id.to_string());
             if doc.rev.is_none() && !doc.bad_rev {
                 if let Some(rev) = requested_rev(r)? {
@@ -140,9 +151,16 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     doc.rev = Some(rev);
                 }
             }
-            let mut res = db
-                .write_docs(vec![Ok(doc)], new_edits, &r.caller(db_name))
-                .await?;
+            let res = db.write_docs(vec![Ok(doc)], new_edits, &caller).await;
+            // The bodies stay unless the write was refused (after an internal error the batch
+            // may have landed; compaction drops chunks nothing names).
+            let refused = |e: &DbError| !matches!(e, DbError::Internal(_));
+            match &res {
+                Err(e) if refused(e) => {}
+                Ok(r) if matches!(r.last(), Some(Err((_, _, e))) if refused(e)) => {}
+                _ => received.keep(),
+            }
+            let mut res = res?;
             match res.pop() {
                 Some(Ok((id, rev))) => {
                     let code = if r.query.get("batch") == Some("ok") {
@@ -179,51 +197,158 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
     }
 }
 
-/// Reads a PUT body: JSON, or multipart/related with attachment bodies after the JSON.
-async fn read_doc_body(r: &mut Req) -> ApiResult<IncomingDoc> {
-    let ctype = r.content_type().to_string();
-    let bytes = r.bytes().await?;
-    if ctype.to_ascii_lowercase().starts_with("multipart/related") {
-        let boundary = multipart::boundary(&ctype)
-            .ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
-        let parts = multipart::parse(&bytes, &boundary)?;
-        let (first, rest) = parts
-            .split_first()
-            .ok_or_else(|| ApiError::bad_request("empty multipart body"))?;
-        let json: Value = serde_json::from_slice(first.body)
-            .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
-        let mut doc = parse_doc(json).map_err(crate::db::DbError::from)?;
-        // Parts come in the order of the `follows` attachments; a filename, when given, wins.
-        let follows: Vec<String> = doc
-            .atts
-            .iter()
-            .filter(|(_, a)| a.input == AttInput::Follows)
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut order = follows.iter();
-        for part in rest {
-            let name = match part.filename() {
-                Some(n) if doc.atts.contains_key(&n) => n,
-                _ => order.next().cloned().ok_or_else(|| {
-                    ApiError::bad_request("more multipart parts than attachments")
-                })?,
-            };
-            if let Some(a) = doc.atts.get_mut(&name) {
-                if part
-                    .header("content-encoding")
-                    .is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
-                {
-                    a.encoding = Some("gzip".into());
-                }
-                a.input = AttInput::Data(part.body.to_vec());
-            }
+fn multipart_err(e: crate::multipart::Error) -> ApiError {
+    match e {
+        crate::multipart::Error::TooLarge => ApiError::too_large(),
+        crate::multipart::Error::Source(m) if m.contains("in time") => {
+            ApiError::new(408, "request_timeout", m)
         }
-        return Ok(doc);
+        e => ApiError::bad_request(e.to_string()),
     }
-    // Like CouchDB, a document PUT reads any other body as JSON (curl sends form types).
+}
+
+/// Reads a PUT body: JSON, or multipart/related whose attachment parts stream into the store
+/// as they arrive (a piece at a time in memory, md5 on the way). Parts match the `follows`
+/// attachments in order; a filename, when given, wins. A declared `length` or md5 `digest`
+/// that the bytes do not match is a 400 and stores nothing.
+async fn read_doc_body(r: &mut Req, db: &Database) -> ApiResult<(IncomingDoc, StagedSet)> {
+    let ctype = r.content_type().to_string();
+    if !ctype.to_ascii_lowercase().starts_with("multipart/related") {
+        // Like CouchDB, a document PUT reads any other body as JSON (curl sends form types).
+        let bytes = r.bytes().await?;
+        let json: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+        return Ok((
+            parse_doc(json).map_err(DbError::from)?,
+            StagedSet::default(),
+        ));
+    }
+    let boundary = multipart::boundary(&ctype)
+        .ok_or_else(|| ApiError::bad_request("multipart body without boundary"))?;
+    if r.content_length()
+        .is_some_and(|n| n > db.max_attachment_size().saturating_add(r.max_body() as u64))
+    {
+        return Err(ApiError::too_large());
+    }
+    let max_json = r.max_body();
+    let mut reader = multipart::Reader::new(r.timed_body(), &boundary);
+    if reader.next_part().await.map_err(multipart_err)?.is_none() {
+        return Err(ApiError::bad_request("empty multipart body"));
+    }
+    let json = reader.read_to_vec(max_json).await.map_err(multipart_err)?;
     let json: Value =
-        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
-    Ok(parse_doc(json).map_err(crate::db::DbError::from)?)
+        serde_json::from_slice(&json).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+    let mut doc = parse_doc(json).map_err(DbError::from)?;
+    let follows: Vec<String> = doc
+        .atts
+        .iter()
+        .filter(|(_, a)| a.input == AttInput::Follows)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut order = follows.iter();
+    let mut received = StagedSet::default();
+    while let Some(head) = reader.next_part().await.map_err(multipart_err)? {
+        let name = match head.filename() {
+            Some(n) if doc.atts.contains_key(&n) => n,
+            _ => order
+                .next()
+                .cloned()
+                .ok_or_else(|| ApiError::bad_request("more multipart parts than attachments"))?,
+        };
+        let Some(att) = doc.atts.get_mut(&name) else {
+            continue;
+        };
+        let gzip = att.encoding.as_deref() == Some("gzip")
+            || head
+                .get("content-encoding")
+                .is_some_and(|e| e.eq_ignore_ascii_case("gzip"));
+        let body = receive_part(&mut reader, db, gzip).await?;
+        received.push(body.clone());
+        if att.length.is_some_and(|l| l != body.len()) {
+            return Err(ApiError::bad_request(format!(
+                "attachment {name} has {} bytes, its length says {}",
+                body.len(),
+                att.length.unwrap_or(0)
+            )));
+        }
+        if !gzip
+            && att
+                .digest
+                .as_deref()
+                .is_some_and(|d| d.starts_with("md5-") && d != body.digest)
+        {
+            return Err(ApiError::bad_request(format!(
+                "attachment {name}: the bytes do not match its digest"
+            )));
+        }
+        att.encoding = None;
+        att.input = AttInput::Staged(StagedBody(std::sync::Arc::new(body)));
+    }
+    Ok((doc, received))
+}
+
+/// One attachment part into the store, gunzipped on the way when it came compressed.
+async fn receive_part<S>(
+    reader: &mut multipart::Reader<S>,
+    db: &Database,
+    gzip: bool,
+) -> ApiResult<Staged>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
+{
+    use std::io::Write;
+    let max = db.max_attachment_size();
+    let writer = LimitedWriter {
+        w: db.attachment_writer()?,
+        max,
+    };
+    let too_large = || ApiError::from(DbError::AttTooLarge("multipart part".into()));
+    let writer = if gzip {
+        let mut dec = flate2::write::GzDecoder::new(writer);
+        while let Some(p) = reader.piece().await.map_err(multipart_err)? {
+            crate::store::gateway::scan(|| dec.write_all(&p)).map_err(|e| io_err(e, &too_large))?;
+        }
+        crate::store::gateway::scan(|| dec.finish()).map_err(|e| io_err(e, &too_large))?
+    } else {
+        let mut w = writer;
+        while let Some(p) = reader.piece().await.map_err(multipart_err)? {
+            crate::store::gateway::scan(|| w.write_all(&p)).map_err(|e| io_err(e, &too_large))?;
+        }
+        w
+    };
+    Ok(crate::store::gateway::scan(|| writer.w.finish()).map_err(DbError::from)?)
+}
+
+fn io_err(e: std::io::Error, too_large: &dyn Fn() -> ApiError) -> ApiError {
+    match e.kind() {
+        std::io::ErrorKind::FileTooLarge => too_large(),
+        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+            ApiError::bad_request(format!("an attachment part is not valid gzip: {e}"))
+        }
+        _ => ApiError::from(DbError::Internal(e.to_string())),
+    }
+}
+
+/// A `BlobWriter` as `io::Write` (for the gzip decoder), refusing more than `max` bytes.
+struct LimitedWriter {
+    w: crate::store::blob::BlobWriter,
+    max: u64,
+}
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.w.len() + buf.len() as u64 > self.max {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        self.w
+            .write(buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `open_revs` as `multipart/mixed`: one part per revision, a `multipart/related` part (the
@@ -236,46 +361,74 @@ fn open_revs_multipart(
     let ctype = format!("multipart/mixed; boundary=\"{outer}\"");
     stream::response(StatusCode::OK, &ctype, db, move |db, w| {
         for res in results {
-            w.write(format!("--{outer}\r\n").as_bytes())?;
-            match res {
-                Err(rev) => {
-                    w.write(b"Content-Type: application/json; error=\"true\"\r\n\r\n")?;
-                    w.json(&json!({ "missing": rev }))?;
-                }
-                Ok(out) if out.follows.is_empty() => {
-                    w.write(b"Content-Type: application/json\r\n\r\n")?;
-                    w.json(&Value::Object(out.doc))?;
-                }
-                Ok(out) => {
-                    let inner = crate::db::random_hex(16);
-                    w.write(
-                        format!(
-                            "Content-Type: multipart/related; boundary=\"{inner}\"\r\n\r\n\
-                             --{inner}\r\nContent-Type: application/json\r\n\r\n"
-                        )
-                        .as_bytes(),
-                    )?;
-                    w.json(&Value::Object(out.doc))?;
-                    w.write(b"\r\n")?;
-                    for (name, meta) in &out.follows {
-                        w.write(
-                            format!(
-                                "--{inner}\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
-                                 Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
-                                meta.content_type, meta.length
-                            )
-                            .as_bytes(),
-                        )?;
-                        w.attachment(db, meta)?;
-                        w.write(b"\r\n")?;
-                    }
-                    w.write(format!("--{inner}--").as_bytes())?;
-                }
-            }
-            w.write(b"\r\n")?;
+            let res = res.map_err(|rev| json!({ "missing": rev }));
+            write_mixed_part(w, db, &outer, res, &[])?;
         }
         w.write(format!("--{outer}--").as_bytes())
     })
+}
+
+/// One part of a `multipart/mixed` answer (`open_revs`, `_bulk_get`): an error as JSON marked
+/// `error="true"`, a revision without attachment bodies as JSON, else a nested
+/// `multipart/related` part streamed from the store.
+pub(crate) fn write_mixed_part(
+    w: &mut stream::Sink,
+    db: &Database,
+    outer: &str,
+    res: Result<RevisionOut, Value>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<()> {
+    w.write(format!("--{outer}\r\n").as_bytes())?;
+    for (k, v) in headers {
+        w.write(format!("{k}: {v}\r\n").as_bytes())?;
+    }
+    match res {
+        Err(e) => {
+            w.write(b"Content-Type: application/json; error=\"true\"\r\n\r\n")?;
+            w.json(&e)?;
+        }
+        Ok(out) if out.follows.is_empty() => {
+            w.write(b"Content-Type: application/json\r\n\r\n")?;
+            w.json(&Value::Object(out.doc))?;
+        }
+        Ok(out) => {
+            let inner = crate::db::random_hex(16);
+            w.write(
+                format!("Content-Type: multipart/related; boundary=\"{inner}\"\r\n\r\n").as_bytes(),
+            )?;
+            write_related(w, db, out, &inner)?;
+        }
+    }
+    w.write(b"\r\n")
+}
+
+/// A revision as `multipart/related`: its JSON (attachments marked `follows`), then each
+/// attachment's bytes read from the store a chunk at a time.
+fn write_related(
+    w: &mut stream::Sink,
+    db: &Database,
+    out: RevisionOut,
+    boundary: &str,
+) -> std::io::Result<()> {
+    w.write(multipart::part_head(boundary, &[("Content-Type", "application/json")]).as_bytes())?;
+    w.json(&Value::Object(out.doc))?;
+    w.write(multipart::PART_END.as_bytes())?;
+    for (name, meta) in &out.follows {
+        let disposition = format!("attachment; filename=\"{name}\"");
+        let length = meta.length.to_string();
+        let head = multipart::part_head(
+            boundary,
+            &[
+                ("Content-Disposition", &disposition),
+                ("Content-Type", &meta.content_type),
+                ("Content-Length", &length),
+            ],
+        );
+        w.write(head.as_bytes())?;
+        w.attachment(db, meta)?;
+        w.write(multipart::PART_END.as_bytes())?;
+    }
+    w.write(multipart::closing(boundary).as_bytes())
 }
 
 async fn copy(

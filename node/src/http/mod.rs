@@ -6,7 +6,6 @@ mod changes;
 mod database;
 mod document;
 mod error;
-mod multipart;
 mod query;
 mod replicate;
 mod respond;
@@ -132,6 +131,35 @@ impl Req {
                 "the request body did not arrive in time",
             )),
         }
+    }
+
+    /// The body as a stream whose every frame must arrive within the body timeout (a stalled
+    /// client ends it with an error), for readers that own their stream (multipart).
+    pub fn timed_body(
+        &mut self,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Unpin + Send + 'static {
+        use futures_util::StreamExt;
+        let timeout = self.body_timeout;
+        let body = self.body_stream();
+        Box::pin(futures_util::stream::unfold(
+            Some(body),
+            move |st| async move {
+                let mut body = st?;
+                match tokio::time::timeout(timeout, body.next()).await {
+                    Ok(None) => None,
+                    Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
+                    Ok(Some(Err(e))) => {
+                        Some((Err(format!("the request body ended early: {e}")), None))
+                    }
+                    Err(_) => Some((Err("the request body did not arrive in time".into()), None)),
+                }
+            },
+        ))
+    }
+
+    /// The largest request body read whole.
+    pub fn max_body(&self) -> usize {
+        self.max_body
     }
 
     /// The `Content-Length` the client announced.

@@ -44,6 +44,7 @@ fn parse(q: &Query, body_keys: Option<Value>) -> ApiResult<ViewQuery> {
         inclusive_end: q.bool_or("inclusive_end", true)?,
         descending: q.bool("descending")?,
         include_docs: q.bool("include_docs")?,
+        attachments: q.bool("attachments")?,
         conflicts: q.bool("conflicts")?,
         update_seq: q.bool("update_seq")?,
         ..Default::default()

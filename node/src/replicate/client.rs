@@ -7,6 +7,7 @@ use super::error::{ReplError, ReplResult};
 use crate::peer::{Dialer, HttpKeyUrl};
 use base64::Engine;
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper::http::{HeaderName, HeaderValue, Method, Request};
@@ -21,6 +22,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one request may take (longpoll requests add their own timeout to this).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a streamed body may pause, either way, before the transfer is abandoned.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request body: whole bytes, or a stream (an attachment on its way from source to target).
+pub type ReqBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn whole(b: Bytes) -> ReqBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
 /// Largest answer read from a remote endpoint (a `_bulk_get` batch with inline attachments).
 const MAX_RESPONSE_BYTES: usize = 512 << 20;
 
@@ -47,7 +57,7 @@ pub struct Remote {
     base: String,
     transport: Transport,
     headers: Vec<(HeaderName, HeaderValue)>,
-    pool: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    pool: Mutex<Vec<SendRequest<ReqBody>>>,
     retries: u32,
     display: String,
 }
@@ -226,7 +236,7 @@ impl Remote {
         &self.display
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+    async fn connect(&self) -> Result<SendRequest<ReqBody>, String> {
         match &self.transport {
             Transport::Http => start(self.stream().await?).await,
             Transport::Https(cfg, name) => {
@@ -302,7 +312,7 @@ impl Remote {
 
     async fn exchange(
         &self,
-        sender: &mut SendRequest<Full<Bytes>>,
+        sender: &mut SendRequest<ReqBody>,
         method: &Method,
         path: &str,
         body: &Bytes,
@@ -310,24 +320,11 @@ impl Remote {
     ) -> Result<Response, String> {
         let work = async {
             sender.ready().await.map_err(|e| e.to_string())?;
-            let mut req = Request::builder()
-                .method(method.clone())
-                .uri(path)
-                .header(hyper::header::HOST, self.host_header.clone())
-                .header(hyper::header::ACCEPT, "application/json")
-                .header(
-                    hyper::header::USER_AGENT,
-                    concat!("thali-replicator/", env!("CARGO_PKG_VERSION")),
-                );
+            let mut req = self.builder(method, path, "application/json");
             if !body.is_empty() {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
             }
-            for (k, v) in &self.headers {
-                req = req.header(k, v);
-            }
-            let req = req
-                .body(Full::new(body.clone()))
-                .map_err(|e| e.to_string())?;
+            let req = req.body(whole(body.clone())).map_err(|e| e.to_string())?;
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status().as_u16();
             // A peer cannot make the replicator hold more than this for one answer.
@@ -377,7 +374,157 @@ impl Remote {
     }
 }
 
-async fn start<T>(io: T) -> Result<SendRequest<Full<Bytes>>, String>
+/// An answer whose body is read as it arrives (an attachment).
+pub struct Download {
+    pub status: u16,
+    pub content_type: String,
+    body: hyper::body::Incoming,
+}
+
+impl Download {
+    /// The next piece of the body, `None` at its end; a pause longer than `IDLE_TIMEOUT` or a
+    /// cut connection is an error.
+    pub async fn piece(&mut self) -> Result<Option<Bytes>, String> {
+        loop {
+            let frame = tokio::time::timeout(IDLE_TIMEOUT, self.body.frame())
+                .await
+                .map_err(|_| format!("the answer paused for over {}s", IDLE_TIMEOUT.as_secs()))?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(format!("the answer was cut: {e}")),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A small body whole (an error answer), as a `Response`.
+    pub async fn into_response(self) -> Response {
+        let body = http_body_util::Limited::new(self.body, 1 << 20)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Response {
+            status: self.status,
+            body,
+        }
+    }
+}
+
+impl Remote {
+    /// A `GET` whose answer is streamed (`Download`), retried like `request` until an answer
+    /// with headers arrives. The connection is not pooled again: the caller may stop reading.
+    pub async fn download(&self, rel: &str, accept: &str) -> ReplResult<Download> {
+        let path = format!("{}{}", self.base, rel);
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 0;
+        loop {
+            let err = match self.download_once(&path, accept).await {
+                Ok(d) if d.status >= 500 => d.into_response().await.describe(),
+                Ok(d) => return Ok(d),
+                Err(e) => e,
+            };
+            let msg = format!("GET {}{rel}: {err}", self.display);
+            if attempt >= self.retries {
+                return Err(ReplError::Transient(msg));
+            }
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn download_once(&self, path: &str, accept: &str) -> Result<Download, String> {
+        let mut sender = self.connect().await?;
+        let req = self
+            .builder(&Method::GET, path, accept)
+            .body(whole(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            sender.send_request(req).await.map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|_| format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))??;
+        let content_type = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Ok(Download {
+            status: resp.status().as_u16(),
+            content_type,
+            body: resp.into_body(),
+        })
+    }
+
+    /// One request with a streamed body of `len` bytes, not retried (a stream cannot be
+    /// replayed; the caller starts the transfer again). Waits for the answer at most
+    /// `REQUEST_TIMEOUT` once the body is sent: the body's producer bounds the time before.
+    pub async fn send_streamed(
+        &self,
+        method: Method,
+        rel: &str,
+        content_type: &str,
+        len: u64,
+        body: ReqBody,
+    ) -> ReplResult<Response> {
+        let path = format!("{}{}", self.base, rel);
+        let fail = |e: String| ReplError::Transient(format!("{method} {}{rel}: {e}", self.display));
+        let mut sender = self.connect().await.map_err(fail)?;
+        let req = self
+            .builder(&method, &path, "application/json")
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .header(hyper::header::CONTENT_LENGTH, len)
+            .body(body)
+            .map_err(|e| fail(e.to_string()))?;
+        sender.ready().await.map_err(|e| fail(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            http_body_util::Limited::new(resp.into_body(), 1 << 20).collect(),
+        )
+        .await
+        .map_err(|_| fail("the answer did not arrive in time".into()))?
+        .map_err(|e| fail(format!("reading the answer: {e}")))?
+        .to_bytes();
+        if let Ok(mut p) = self.pool.lock() {
+            if !sender.is_closed() {
+                p.push(sender);
+            }
+        }
+        Ok(Response { status, body })
+    }
+
+    fn builder(&self, method: &Method, path: &str, accept: &str) -> hyper::http::request::Builder {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(hyper::header::HOST, self.host_header.clone())
+            .header(hyper::header::ACCEPT, accept)
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("thali-replicator/", env!("CARGO_PKG_VERSION")),
+            );
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        req
+    }
+}
+
+async fn start<T>(io: T) -> Result<SendRequest<ReqBody>, String>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

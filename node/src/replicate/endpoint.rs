@@ -1,6 +1,7 @@
 //! One side of a replication: a database of this node, called directly, or a remote database
 //! spoken to over HTTP. Both offer the same protocol steps, so the job never cares which.
 
+use super::attachments::{self, Bodies, Needed};
 use super::client::{encode_id, encode_query, Remote, Response, REQUEST_TIMEOUT};
 use super::error::{ReplError, ReplResult};
 use crate::db::{
@@ -61,6 +62,9 @@ pub enum Endpoint {
         remote: Box<Remote>,
         /// Cleared the first time `_bulk_get` fails; then revisions come through `open_revs`.
         bulk_get: AtomicBool,
+        /// Cleared the first time a revision with attachments is answered other than as
+        /// `multipart/related` (pouchdb-server); then bodies come one attachment `GET` each.
+        multipart: AtomicBool,
     },
 }
 
@@ -384,11 +388,12 @@ impl Endpoint {
         }
     }
 
-    /// The revisions `(id, rev, atts_since)` with their `_revisions` and attachments (inline,
-    /// except those already present at `atts_since`), with `latest`.
+    /// The revisions `(id, rev, atts_since)` with their `_revisions` and `latest`; attachments
+    /// as stubs, or with `inline` as base64 except those already present at `atts_since`.
     pub async fn fetch(
         &self,
         items: Vec<(String, String, Vec<String>)>,
+        inline: bool,
     ) -> ReplResult<Vec<Fetched>> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -407,14 +412,20 @@ impl Endpoint {
                 let opts = DocOptions {
                     revs: true,
                     latest: true,
-                    atts: AttMode::Inline,
+                    atts: if inline {
+                        AttMode::Inline
+                    } else {
+                        AttMode::Stub
+                    },
                     ..Default::default()
                 };
                 let v =
                     crate::store::gateway::scan(|| db.bulk_get(items, &opts)).map_err(db_err)?;
                 Ok(bulk_get_results(v))
             }
-            Endpoint::Remote { remote, bulk_get } => {
+            Endpoint::Remote {
+                remote, bulk_get, ..
+            } => {
                 if bulk_get.load(Ordering::Relaxed) {
                     let body = json!({"docs": items.iter().map(|(id, rev, since)| {
                         let mut d = json!({"id": id, "rev": rev});
@@ -423,13 +434,13 @@ impl Endpoint {
                         }
                         d
                     }).collect::<Vec<_>>()});
+                    let rel = if inline {
+                        "/_bulk_get?revs=true&latest=true&attachments=true"
+                    } else {
+                        "/_bulk_get?revs=true&latest=true"
+                    };
                     let r = remote
-                        .request(
-                            Method::POST,
-                            "/_bulk_get?revs=true&latest=true&attachments=true",
-                            Some(&body),
-                            REQUEST_TIMEOUT,
-                        )
+                        .request(Method::POST, rel, Some(&body), REQUEST_TIMEOUT)
                         .await?;
                     match r.status {
                         200 => return Ok(bulk_get_results(r.json()?)),
@@ -444,7 +455,57 @@ impl Endpoint {
                         }
                     }
                 }
-                open_revs(remote, items).await
+                open_revs(remote, items, inline).await
+            }
+        }
+    }
+
+    /// The bodies of `atts` of revision `rev` of `id` (`since`: the target's possible
+    /// ancestors), to be read as they come.
+    pub async fn bodies(
+        &self,
+        id: &str,
+        rev: &str,
+        since: &[String],
+        atts: &[Needed],
+    ) -> ReplResult<Bodies<'_>> {
+        match self {
+            Endpoint::Local { node, name } => Ok(Bodies::local(Self::local_db(node, name)?, atts)),
+            Endpoint::Remote {
+                remote, multipart, ..
+            } => {
+                if multipart.load(Ordering::Relaxed) {
+                    match Bodies::remote(remote, id, rev, since, atts).await? {
+                        Some(b) => return Ok(b),
+                        None => {
+                            tracing::info!(
+                                peer = remote.display(),
+                                "no multipart answers; attachments come one GET each"
+                            );
+                            multipart.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Bodies::remote_each(remote, id, rev, atts))
+            }
+        }
+    }
+
+    /// Writes one replicated revision whose attachments `atts` come from `bodies`, streamed.
+    /// `Ok(Some(row))` when the target refused the document.
+    pub async fn write_streamed(
+        &self,
+        doc: Value,
+        atts: &[Needed],
+        bodies: Bodies<'_>,
+    ) -> ReplResult<Option<Value>> {
+        match self {
+            Endpoint::Local { node, name } => {
+                let db = Self::local_db(node, name)?;
+                attachments::write_local(&db, doc, atts, bodies).await
+            }
+            Endpoint::Remote { remote, .. } => {
+                attachments::write_remote(remote, doc, atts, bodies).await
             }
         }
     }
@@ -564,6 +625,7 @@ fn bulk_get_results(mut v: Value) -> Vec<Fetched> {
 async fn open_revs(
     remote: &Remote,
     items: Vec<(String, String, Vec<String>)>,
+    inline: bool,
 ) -> ReplResult<Vec<Fetched>> {
     let mut per_doc: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for (id, rev, since) in items {
@@ -578,11 +640,14 @@ async fn open_revs(
     let results: Vec<ReplResult<Vec<Fetched>>> = futures_util::stream::iter(per_doc)
         .map(|(id, revs, since)| async move {
             let mut rel = format!(
-                "/{}?revs=true&latest=true&attachments=true&open_revs={}",
+                "/{}?revs=true&latest=true&open_revs={}",
                 encode_id(&id),
                 encode_query(&json!(revs).to_string())
             );
-            if !since.is_empty() {
+            if inline {
+                rel.push_str("&attachments=true");
+            }
+            if inline && !since.is_empty() {
                 rel.push_str(&format!(
                     "&atts_since={}",
                     encode_query(&json!(since).to_string())

@@ -3,6 +3,7 @@
 //! `_revs_diff` → fetch → `_bulk_docs new_edits=false` — and the run checkpoints the highest
 //! sequence below which every batch is written, periodically and at the end.
 
+use super::attachments;
 use super::cancelled;
 use super::checkpoint::{log_doc, resume_seq};
 use super::client::Remote;
@@ -12,9 +13,10 @@ use super::spec::{EndpointSpec, Spec};
 use super::stats::Stats;
 use crate::db::{random_hex, Node};
 use crate::peer::Dialer;
+use futures_util::StreamExt;
 use md5::Digest;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +77,7 @@ fn endpoint(
                 spec.display(),
             )?),
             bulk_get: AtomicBool::new(true),
+            multipart: AtomicBool::new(true),
         },
     })
 }
@@ -374,11 +377,13 @@ impl Job {
                 .collect()
         };
         let mut items = Vec::new();
+        let mut ancestors = HashMap::new();
         for (id, d) in diff {
             let since = strings(&d["possible_ancestors"]);
             for rev in strings(&d["missing"]) {
                 items.push((id.clone(), rev, since.clone()));
             }
+            ancestors.insert(id, since);
         }
         self.stats
             .missing_revisions_found
@@ -386,17 +391,60 @@ impl Job {
         if items.is_empty() {
             return Ok(());
         }
+        // Stubs first: what each revision's attachments weigh decides how it travels.
         let mut docs = Vec::with_capacity(items.len());
-        for f in self.source.fetch(items).await? {
+        let mut small = Vec::new();
+        let mut large = Vec::new();
+        for f in self.source.fetch(items, false).await? {
+            let doc = match f {
+                Ok(d) => d,
+                // Compacted away or deleted meanwhile: a later change brings the successor.
+                Err(e) => {
+                    tracing::debug!(error = %e, "revision not fetched");
+                    continue;
+                }
+            };
+            let id = doc["_id"].as_str().unwrap_or("").to_string();
+            let since = ancestors.get(&id).cloned().unwrap_or_default();
+            let lacking = attachments::needed(&doc, &since);
+            let weight: u64 = lacking.iter().map(|n| n.length).sum();
+            if lacking.is_empty() {
+                docs.push(doc);
+            } else if weight <= attachments::INLINE_MAX {
+                let rev = doc["_rev"].as_str().unwrap_or("").to_string();
+                small.push((id, rev, since));
+            } else {
+                large.push((doc, lacking, since));
+            }
+        }
+        for f in self.source.fetch(small, true).await? {
             match f {
                 Ok(d) => docs.push(d),
-                // Compacted away or deleted meanwhile: a later change brings the successor.
                 Err(e) => tracing::debug!(error = %e, "revision not fetched"),
             }
         }
-        let n = docs.len() as u64;
+        let n = docs.len() as u64 + large.len() as u64;
         self.stats.docs_read.fetch_add(n, Relaxed);
-        let errors = self.target.write(docs).await?;
+        let mut errors = self.target.write(docs).await?;
+        // Documents with large attachments go one by one (two at a time), bodies streamed.
+        let streamed: Vec<ReplResult<Option<Value>>> = futures_util::stream::iter(large)
+            .map(|(doc, lacking, since)| async move {
+                let id = doc["_id"].as_str().unwrap_or("").to_string();
+                let rev = doc["_rev"].as_str().unwrap_or("").to_string();
+                attachments::with_retries(&id, || async {
+                    let bodies = self.source.bodies(&id, &rev, &since, &lacking).await?;
+                    self.target
+                        .write_streamed(doc.clone(), &lacking, bodies)
+                        .await
+                })
+                .await
+            })
+            .buffer_unordered(2)
+            .collect()
+            .await;
+        for r in streamed {
+            errors.extend(r?);
+        }
         for e in &errors {
             tracing::warn!(id = %e["id"], error = %e["error"], reason = %e["reason"], "document not written");
         }

@@ -4,6 +4,7 @@
 //! `Replicator` is the registry of running jobs (what `_active_tasks` and `/_scheduler/jobs`
 //! list); `job` runs one replication; `manager` turns `_replicator` documents into jobs.
 
+mod attachments;
 mod checkpoint;
 mod client;
 mod endpoint;

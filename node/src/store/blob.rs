@@ -315,3 +315,26 @@ impl Staged {
         self.blob.is_empty()
     }
 }
+
+/// Bodies received for one document write: discarded when dropped unless the write that names
+/// them went through (`keep`).
+#[derive(Default)]
+pub struct StagedSet(Vec<Staged>);
+
+impl StagedSet {
+    pub fn push(&mut self, s: Staged) {
+        self.0.push(s);
+    }
+
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for StagedSet {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            s.discard();
+        }
+    }
+}

@@ -36,6 +36,8 @@ pub struct ViewQuery {
     /// `reduce=false` turns a reduce view into a map query.
     pub reduce: Option<bool>,
     pub include_docs: bool,
+    /// With `include_docs`: attachments inline as base64 (CouchDB's `attachments=true`).
+    pub attachments: bool,
     pub conflicts: bool,
     pub update_seq: bool,
     pub update: Update,
@@ -56,6 +58,7 @@ impl Default for ViewQuery {
             group: None,
             reduce: None,
             include_docs: false,
+            attachments: false,
             conflicts: false,
             update_seq: false,
             update: Update::True,
