@@ -575,11 +575,17 @@ fn filtered_replication_by_doc_ids_and_selector() {
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.first().map(String::as_str), Some("f08"));
+    // `$regex` is evaluated (linear-time engine): ids f00, f04 … f36 whose kind matches.
+    let res = replicate(
+        &a.node,
+        json!({"source": "a", "target": "sel-re", "create_target": true, "selector": {"kind": {"$regex": "^ke+p$"}, "n": {"$lt": 10}}}),
+    );
+    assert_eq!(written(&res), 3, "f00, f04, f08: {res}");
     // A selector the node cannot evaluate is refused up front.
     a.node
         .post(
             "/_replicate",
-            &json!({"source": "a", "target": "x", "selector": {"n": {"$regex": "1"}}}),
+            &json!({"source": "a", "target": "x", "selector": {"n": {"$bogus": "1"}}}),
         )
         .assert_error(400, "bad_request");
 }

@@ -89,6 +89,48 @@ fn string_into(s: &str, out: &mut Vec<u8>) {
     out.push(END);
 }
 
+/// Compares two JSON values in the same order as their encodings, without encoding them
+/// (Mango selectors compare document values this way).
+pub fn cmp(a: &Value, b: &Value) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => NULL,
+            Value::Bool(false) => FALSE,
+            Value::Bool(true) => TRUE,
+            Value::Number(_) => NUMBER,
+            Value::String(_) => STRING,
+            Value::Array(_) => ARRAY,
+            Value::Object(_) => OBJECT,
+        }
+    }
+    fn strings(x: &str, y: &str) -> Ordering {
+        match collator() {
+            Some(c) => c.compare(x, y),
+            None => x.cmp(y),
+        }
+    }
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            number_bytes(x.as_f64().unwrap_or(0.0)).cmp(&number_bytes(y.as_f64().unwrap_or(0.0)))
+        }
+        (Value::String(x), Value::String(y)) => strings(x, y),
+        (Value::Array(x), Value::Array(y)) => x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| cmp(p, q))
+            .find(|o| o.is_ne())
+            .unwrap_or_else(|| x.len().cmp(&y.len())),
+        (Value::Object(x), Value::Object(y)) => x
+            .iter()
+            .zip(y)
+            .map(|((kx, vx), (ky, vy))| strings(kx, ky).then_with(|| cmp(vx, vy)))
+            .find(|o| o.is_ne())
+            .unwrap_or_else(|| x.len().cmp(&y.len())),
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
 /// f64 bits made to sort as unsigned bytes: flip the sign bit of positives, all bits of
 /// negatives. `-0.0` is `0.0`.
 fn number_bytes(f: f64) -> [u8; 8] {

@@ -1,61 +1,102 @@
-//! Mango selectors (`{"field": {"$op": value}}`), as `_changes?filter=_selector` and the
-//! replicator's `selector` option use them. Pure matching on JSON.
+//! Mango selectors (`{"field": {"$op": value}}`), as `_find`, `_changes?filter=_selector`, the
+//! replicator's `selector` option and partial indexes use them. Pure logic on JSON.
 //!
-//! Values compare in CouchDB's collation order of types (null < false < true < numbers <
-//! strings < arrays < objects); strings compare by code point, not ICU's UCA (a known
-//! difference for non-ASCII text). `$regex` is not supported and is refused when parsing.
+//! A selector is parsed into CouchDB's normal form (`mango_selector:normalize`): implicit
+//! `$and`s made explicit, field names moved down to the operators (`{"a": {"b": 1}}` is
+//! `a.b $eq 1`), negations pushed down to the leaves (`$not $lt` is `$gte`, `$nor` an `$and`
+//! of negations). Matching and the query planner (`mango::plan`) work on that form, so both
+//! read a selector the same way CouchDB does. Values compare in CouchDB's view collation
+//! (`collate::cmp`, strings by the Unicode Collation Algorithm), `_id` by its bytes.
+//! `$regex` uses the `regex` crate: matching time is linear in the input.
 
+use super::collate;
 use serde_json::{Map, Value};
 use std::cmp::Ordering;
+use std::fmt;
+
+/// A selector refused when parsing: CouchDB's error name and reason (HTTP 400).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectorError {
+    pub error: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for SelectorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+fn bad_arg(op: &str, arg: &Value) -> SelectorError {
+    SelectorError {
+        error: "bad_arg",
+        reason: format!("Bad argument for operator {op}: {arg}"),
+    }
+}
+
+/// A selector in normal form.
+#[derive(Clone, Debug)]
+pub enum Node {
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    Not(Box<Node>),
+    /// A condition on the value at a path (the empty path is the value itself, as inside
+    /// `$elemMatch`).
+    Field(Vec<String>, Op),
+}
+
+/// A condition on one value.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Eq(Value),
+    Ne(Value),
+    Lt(Value),
+    Lte(Value),
+    Gt(Value),
+    Gte(Value),
+    In(Vec<Value>),
+    Nin(Vec<Value>),
+    Exists(bool),
+    Type(String),
+    Mod(i64, i64),
+    Regex(regex::Regex),
+    All(Vec<Value>),
+    Size(u64),
+    BeginsWith(String),
+    ElemMatch(Box<Node>),
+    AllMatch(Box<Node>),
+    KeyMapMatch(Box<Node>),
+    /// A negated operator with no opposite (`$not` of `$size`, `$regex`…).
+    Not(Box<Op>),
+}
 
 #[derive(Clone, Debug)]
-pub struct Selector(Value);
-
-fn type_rank(v: &Value) -> u8 {
-    match v {
-        Value::Null => 0,
-        Value::Bool(false) => 1,
-        Value::Bool(true) => 2,
-        Value::Number(_) => 3,
-        Value::String(_) => 4,
-        Value::Array(_) => 5,
-        Value::Object(_) => 6,
-    }
+pub struct Selector {
+    root: Node,
+    source: Value,
 }
 
-/// CouchDB's view collation of JSON values (strings by code point).
-pub fn collate(a: &Value, b: &Value) -> Ordering {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (x.as_f64().unwrap_or(0.0), y.as_f64().unwrap_or(0.0));
-            x.partial_cmp(&y).unwrap_or(Ordering::Equal)
-        }
-        (Value::String(x), Value::String(y)) => x.cmp(y),
-        (Value::Array(x), Value::Array(y)) => {
-            for (p, q) in x.iter().zip(y) {
-                let o = collate(p, q);
-                if o != Ordering::Equal {
-                    return o;
-                }
+/// Splits a field name on unescaped dots (`a\.b` is the one field `a.b`).
+pub fn parse_field(name: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'.') => {
+                parts.last_mut().expect("one part").push('.');
+                chars.next();
             }
-            x.len().cmp(&y.len())
+            '.' => parts.push(String::new()),
+            c => parts.last_mut().expect("one part").push(c),
         }
-        (Value::Object(x), Value::Object(y)) => {
-            for ((kx, vx), (ky, vy)) in x.iter().zip(y) {
-                let o = kx.cmp(ky).then_with(|| collate(vx, vy));
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-            x.len().cmp(&y.len())
-        }
-        _ => type_rank(a).cmp(&type_rank(b)),
     }
+    parts
 }
 
-fn field<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
-    let mut cur = doc;
-    for part in path.split('.') {
+/// The value at `path` in `v`: object members by name, array elements by index.
+pub fn get_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut cur = v;
+    for part in path {
         cur = match cur {
             Value::Object(m) => m.get(part)?,
             Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
@@ -65,141 +106,285 @@ fn field<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     Some(cur)
 }
 
-const OPERATORS: [&str; 20] = [
-    "$eq",
-    "$ne",
-    "$gt",
-    "$gte",
-    "$lt",
-    "$lte",
-    "$in",
-    "$nin",
-    "$exists",
-    "$type",
-    "$size",
-    "$mod",
-    "$all",
-    "$elemMatch",
-    "$allMatch",
-    "$and",
-    "$or",
-    "$nor",
-    "$not",
-    "$keyMapMatch",
-];
+fn array<'a>(op: &str, v: &'a Value) -> Result<&'a Vec<Value>, SelectorError> {
+    v.as_array().ok_or_else(|| bad_arg(op, v))
+}
 
-fn check(sel: &Value) -> Result<(), String> {
-    match sel {
-        Value::Object(m) => {
-            for (k, v) in m {
-                if k.starts_with('$') && !OPERATORS.contains(&k.as_str()) {
-                    return Err(format!("unsupported selector operator {k}"));
-                }
-                match k.as_str() {
-                    "$and" | "$or" | "$nor" | "$all" | "$in" | "$nin" if !v.is_array() => {
-                        return Err(format!("{k} needs an array"))
-                    }
-                    "$size" if !v.is_u64() => {
-                        return Err("$size needs a non-negative integer".into())
-                    }
-                    "$exists" if !v.is_boolean() => return Err("$exists needs a boolean".into()),
-                    "$mod" if !matches!(v.as_array().map(Vec::len), Some(2)) => {
-                        return Err("$mod needs [divisor, remainder]".into())
-                    }
-                    _ => {}
-                }
-                match v {
-                    Value::Array(a) if matches!(k.as_str(), "$and" | "$or" | "$nor") => {
-                        a.iter().try_for_each(check)?
-                    }
-                    Value::Object(_) => check(v)?,
-                    _ => {}
-                }
-            }
-            Ok(())
+/// `sel` (any JSON) under `path`, in normal form before negations are pushed down.
+fn norm(sel: &Value, path: &[String]) -> Result<Node, SelectorError> {
+    let Value::Object(m) = sel else {
+        return Ok(Node::Field(path.to_vec(), Op::Eq(sel.clone())));
+    };
+    if m.is_empty() {
+        return Ok(if path.is_empty() {
+            Node::And(vec![])
+        } else {
+            Node::Field(path.to_vec(), Op::Eq(sel.clone()))
+        });
+    }
+    if m.len() > 1 {
+        return m
+            .iter()
+            .map(|(k, v)| norm_member(k, v, path))
+            .collect::<Result<_, _>>()
+            .map(Node::And);
+    }
+    let (k, v) = m.iter().next().expect("one member");
+    norm_member(k, v, path)
+}
+
+fn norm_member(k: &str, v: &Value, path: &[String]) -> Result<Node, SelectorError> {
+    let each = |op: &str| -> Result<Vec<Node>, SelectorError> {
+        array(op, v)?.iter().map(|s| norm(s, path)).collect()
+    };
+    let sub = |op: &str| -> Result<Box<Node>, SelectorError> {
+        match v {
+            Value::Object(_) => Ok(Box::new(norm(v, &[])?)),
+            _ => Err(bad_arg(op, v)),
         }
-        _ => Err("a selector must be a JSON object".into()),
+    };
+    let leaf = |op: Op| Ok(Node::Field(path.to_vec(), op));
+    match k {
+        "$and" => Ok(Node::And(each(k)?)),
+        "$or" => Ok(Node::Or(each(k)?)),
+        "$nor" => Ok(Node::Not(Box::new(Node::Or(each(k)?)))),
+        "$not" => match v {
+            Value::Object(_) => Ok(Node::Not(Box::new(norm(v, path)?))),
+            _ => Err(bad_arg(k, v)),
+        },
+        "$elemMatch" => leaf(Op::ElemMatch(sub(k)?)),
+        "$allMatch" => leaf(Op::AllMatch(sub(k)?)),
+        "$keyMapMatch" => leaf(Op::KeyMapMatch(sub(k)?)),
+        "$eq" => leaf(Op::Eq(v.clone())),
+        "$ne" => leaf(Op::Ne(v.clone())),
+        "$lt" => leaf(Op::Lt(v.clone())),
+        "$lte" => leaf(Op::Lte(v.clone())),
+        "$gt" => leaf(Op::Gt(v.clone())),
+        "$gte" => leaf(Op::Gte(v.clone())),
+        "$in" => leaf(Op::In(array(k, v)?.clone())),
+        "$nin" => leaf(Op::Nin(array(k, v)?.clone())),
+        "$all" => leaf(Op::All(array(k, v)?.clone())),
+        "$exists" => leaf(Op::Exists(v.as_bool().ok_or_else(|| bad_arg(k, v))?)),
+        "$type" => leaf(Op::Type(
+            v.as_str().ok_or_else(|| bad_arg(k, v))?.to_string(),
+        )),
+        "$size" => leaf(Op::Size(v.as_u64().ok_or_else(|| bad_arg(k, v))?)),
+        "$mod" => match v.as_array().map(Vec::as_slice) {
+            Some([d, r]) => match (d.as_i64(), r.as_i64()) {
+                (Some(d), Some(r)) if d != 0 => leaf(Op::Mod(d, r)),
+                _ => Err(bad_arg(k, v)),
+            },
+            _ => Err(bad_arg(k, v)),
+        },
+        "$regex" => {
+            let re = v.as_str().ok_or_else(|| bad_arg(k, v))?;
+            let re = regex::RegexBuilder::new(re)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|_| bad_arg(k, v))?;
+            leaf(Op::Regex(re))
+        }
+        "$beginsWith" => leaf(Op::BeginsWith(
+            v.as_str().ok_or_else(|| bad_arg(k, v))?.to_string(),
+        )),
+        "$where" | "$geoWithin" | "$geoIntersects" | "$near" | "$nearSphere" | "$text" => {
+            Err(SelectorError {
+                error: "not_supported",
+                reason: format!("Unsupported operator: {k}"),
+            })
+        }
+        op if op.starts_with('$') => Err(SelectorError {
+            error: "invalid_operator",
+            reason: format!("Invalid operator: {op}"),
+        }),
+        field => {
+            let mut p = path.to_vec();
+            p.extend(parse_field(field));
+            norm(v, &p)
+        }
+    }
+}
+
+/// Pushes `Not` down to the leaves.
+fn push_not(n: Node) -> Node {
+    match n {
+        Node::Not(inner) => negate(*inner),
+        Node::And(v) => Node::And(v.into_iter().map(push_not).collect()),
+        Node::Or(v) => Node::Or(v.into_iter().map(push_not).collect()),
+        Node::Field(p, op) => Node::Field(p, push_not_op(op)),
+    }
+}
+
+fn push_not_op(op: Op) -> Op {
+    match op {
+        Op::ElemMatch(n) => Op::ElemMatch(Box::new(push_not(*n))),
+        Op::AllMatch(n) => Op::AllMatch(Box::new(push_not(*n))),
+        Op::KeyMapMatch(n) => Op::KeyMapMatch(Box::new(push_not(*n))),
+        op => op,
+    }
+}
+
+fn negate(n: Node) -> Node {
+    match n {
+        Node::Not(inner) => push_not(*inner),
+        Node::And(v) => Node::Or(v.into_iter().map(negate).collect()),
+        Node::Or(v) => Node::And(v.into_iter().map(negate).collect()),
+        Node::Field(p, op) => Node::Field(
+            p,
+            match op {
+                Op::Lt(a) => Op::Gte(a),
+                Op::Lte(a) => Op::Gt(a),
+                Op::Eq(a) => Op::Ne(a),
+                Op::Ne(a) => Op::Eq(a),
+                Op::Gte(a) => Op::Lt(a),
+                Op::Gt(a) => Op::Lte(a),
+                Op::In(a) => Op::Nin(a),
+                Op::Nin(a) => Op::In(a),
+                Op::Exists(b) => Op::Exists(!b),
+                op => Op::Not(Box::new(push_not_op(op))),
+            },
+        ),
     }
 }
 
 impl Selector {
-    pub fn parse(v: &Value) -> Result<Selector, String> {
-        check(v)?;
-        Ok(Selector(v.clone()))
+    pub fn parse(v: &Value) -> Result<Selector, SelectorError> {
+        if !v.is_object() {
+            return Err(SelectorError {
+                error: "invalid_selector_json",
+                reason: format!("Selector must be a JSON object, not: {v}"),
+            });
+        }
+        let root = push_not(norm(v, &[])?);
+        if matches!(&root, Node::Field(p, _) if p.is_empty()) {
+            return Err(SelectorError {
+                error: "invalid_selector",
+                reason: "One or more conditions is missing a field name.".into(),
+            });
+        }
+        Ok(Selector {
+            root,
+            source: v.clone(),
+        })
+    }
+
+    /// The selector as it was given.
+    pub fn json(&self) -> &Value {
+        &self.source
+    }
+
+    pub fn root(&self) -> &Node {
+        &self.root
+    }
+
+    /// Matches everything (`{}`).
+    pub fn is_empty(&self) -> bool {
+        matches!(&self.root, Node::And(v) if v.is_empty())
     }
 
     pub fn matches(&self, doc: &Value) -> bool {
-        // `parse` only accepts objects.
-        self.0.as_object().is_some_and(|m| match_object(doc, m))
+        match_node(&self.root, doc)
     }
-}
 
-/// A selector object applied at `doc` (the whole document or one field's value).
-fn match_object(doc: &Value, sel: &Map<String, Value>) -> bool {
-    sel.iter().all(|(k, cond)| match k.as_str() {
-        "$and" => cond
-            .as_array()
-            .is_some_and(|a| a.iter().all(|s| match_cond(Some(doc), s))),
-        "$or" => cond
-            .as_array()
-            .is_some_and(|a| a.iter().any(|s| match_cond(Some(doc), s))),
-        "$nor" => cond
-            .as_array()
-            .is_some_and(|a| !a.iter().any(|s| match_cond(Some(doc), s))),
-        "$not" => !match_cond(Some(doc), cond),
-        k if k.starts_with('$') => operator(Some(doc), k, cond),
-        path => match_cond(field(doc, path), cond),
-    })
-}
-
-/// `cond` applied to a field value (absent fields are `None`).
-fn match_cond(v: Option<&Value>, cond: &Value) -> bool {
-    match cond {
-        Value::Object(m) if m.keys().any(|k| k.starts_with('$')) => m.iter().all(|(op, arg)| {
-            if matches!(op.as_str(), "$and" | "$or" | "$nor" | "$not") {
-                match v {
-                    Some(v) => match_object(v, &Map::from_iter([(op.clone(), arg.clone())])),
-                    None => op == "$nor" || op == "$not",
-                }
-            } else if op.starts_with('$') {
-                operator(v, op, arg)
-            } else {
-                v.is_some_and(|v| match_cond(field(v, op), arg))
+    /// The top-level conjuncts: the selector itself, or the members of its `$and` (nested
+    /// `$and`s flattened).
+    pub fn conjuncts(&self) -> Vec<&Node> {
+        fn flat<'a>(n: &'a Node, out: &mut Vec<&'a Node>) {
+            match n {
+                Node::And(v) => v.iter().for_each(|c| flat(c, out)),
+                n => out.push(n),
             }
-        }),
-        Value::Object(m) => match v {
-            // A plain object of fields: each applies below this one.
-            Some(v) if !m.is_empty() => match_object(v, m),
-            Some(v) => v == cond,
-            None => false,
-        },
-        _ => v.is_some_and(|v| collate(v, cond) == Ordering::Equal),
+        }
+        let mut out = Vec::new();
+        flat(&self.root, &mut out);
+        out
+    }
+
+    /// CouchDB's `has_required_fields`: every field in `fields` must exist in any document
+    /// this selector matches (seen through `$and`, and `$or` when every branch requires it).
+    pub fn requires(&self, fields: &[Vec<String>]) -> bool {
+        fn remaining(n: &Node, mut need: Vec<Vec<String>>) -> Vec<Vec<String>> {
+            match n {
+                Node::And(v) => {
+                    for c in v {
+                        need = remaining(c, need);
+                    }
+                    need
+                }
+                Node::Or(v) if !v.is_empty() => {
+                    let mut left: Vec<Vec<String>> = Vec::new();
+                    for c in v {
+                        for f in remaining(c, need.clone()) {
+                            if !left.contains(&f) {
+                                left.push(f);
+                            }
+                        }
+                    }
+                    left
+                }
+                Node::Field(_, Op::Exists(false)) => need,
+                Node::Field(p, _) => {
+                    need.retain(|f| f != p);
+                    need
+                }
+                _ => need,
+            }
+        }
+        if self.is_empty() {
+            return fields.is_empty();
+        }
+        remaining(&self.root, fields.to_vec()).is_empty()
+    }
+
+    /// CouchDB's `is_constant_field`: a top-level conjunct fixes `field` with `$eq`.
+    pub fn is_constant(&self, field: &[String]) -> bool {
+        self.conjuncts()
+            .iter()
+            .any(|c| matches!(c, Node::Field(p, Op::Eq(_)) if p == field))
     }
 }
 
-fn operator(v: Option<&Value>, op: &str, arg: &Value) -> bool {
-    // Ranges compare across types by collation, as CouchDB does (`{"$gt": null}` is "any").
-    let cmp = |want: fn(Ordering) -> bool| v.is_some_and(|v| want(collate(v, arg)));
+fn match_node(n: &Node, v: &Value) -> bool {
+    match n {
+        Node::And(c) => c.iter().all(|c| match_node(c, v)),
+        // CouchDB: an empty `$or` matches everything.
+        Node::Or(c) => c.is_empty() || c.iter().any(|c| match_node(c, v)),
+        Node::Not(c) => !match_node(c, v),
+        Node::Field(path, op) => match get_path(v, path) {
+            None => matches!(op, Op::Exists(false)),
+            Some(x) => {
+                let raw = path.len() == 1 && path[0] == "_id";
+                match_op(op, x, raw)
+            }
+        },
+    }
+}
+
+fn match_op(op: &Op, v: &Value, raw: bool) -> bool {
+    let cmp = |a: &Value| -> Ordering {
+        match (raw, v, a) {
+            // `_id` compares by its bytes, as the `_all_docs` index orders it.
+            (true, Value::String(x), Value::String(y)) => x.as_str().cmp(y.as_str()),
+            _ => collate::cmp(v, a),
+        }
+    };
     match op {
-        "$eq" => v.is_some_and(|v| collate(v, arg) == Ordering::Equal),
-        "$ne" => v.is_none_or(|v| collate(v, arg) != Ordering::Equal),
-        "$gt" => cmp(|o| o == Ordering::Greater),
-        "$gte" => cmp(|o| o != Ordering::Less),
-        "$lt" => cmp(|o| o == Ordering::Less),
-        "$lte" => cmp(|o| o != Ordering::Greater),
-        "$in" => v.is_some_and(|v| {
-            arg.as_array().is_some_and(|a| {
-                a.iter().any(|x| {
-                    collate(v, x) == Ordering::Equal
-                        || v.as_array()
-                            .is_some_and(|va| va.iter().any(|e| collate(e, x) == Ordering::Equal))
-                })
-            })
-        }),
-        "$nin" => !operator(v, "$in", arg),
-        "$exists" => v.is_some() == (arg == &Value::Bool(true)),
-        "$type" => v.is_some_and(|v| {
-            let t = match v {
+        Op::Eq(a) => cmp(a).is_eq(),
+        Op::Ne(a) => cmp(a).is_ne(),
+        Op::Lt(a) => cmp(a).is_lt(),
+        Op::Lte(a) => cmp(a).is_le(),
+        Op::Gt(a) => cmp(a).is_gt(),
+        Op::Gte(a) => cmp(a).is_ge(),
+        Op::In(args) => match v {
+            Value::Array(vs) => args
+                .iter()
+                .any(|a| vs.iter().any(|x| collate::cmp(x, a).is_eq())),
+            _ => args.iter().any(|a| cmp(a).is_eq()),
+        },
+        Op::Nin(args) => !match_op(&Op::In(args.clone()), v, raw),
+        Op::Exists(b) => *b,
+        Op::Type(t) => {
+            let name = match v {
                 Value::Null => "null",
                 Value::Bool(_) => "boolean",
                 Value::Number(_) => "number",
@@ -207,40 +392,30 @@ fn operator(v: Option<&Value>, op: &str, arg: &Value) -> bool {
                 Value::Array(_) => "array",
                 Value::Object(_) => "object",
             };
-            arg.as_str() == Some(t)
-        }),
-        "$size" => v
-            .and_then(Value::as_array)
-            .is_some_and(|a| Some(a.len() as u64) == arg.as_u64()),
-        "$mod" => {
-            let (Some(n), Some(d), Some(r)) = (
-                v.and_then(Value::as_i64),
-                arg.get(0).and_then(Value::as_i64),
-                arg.get(1).and_then(Value::as_i64),
-            ) else {
-                return false;
-            };
-            // `wrapping_rem`: `i64::MIN % -1` overflows (a panic with `%`); its remainder is 0.
-            d != 0 && n.wrapping_rem(d) == r
+            name == t
         }
-        "$all" => v.and_then(Value::as_array).is_some_and(|a| {
-            arg.as_array().is_some_and(|want| {
-                want.iter()
-                    .all(|w| a.iter().any(|x| collate(x, w) == Ordering::Equal))
-            })
+        // `wrapping_rem`: `i64::MIN % -1` overflows (a panic with `%`); its remainder is 0.
+        Op::Mod(d, r) => v.as_i64().is_some_and(|n| n.wrapping_rem(*d) == *r),
+        Op::Regex(re) => v.as_str().is_some_and(|s| re.is_match(s)),
+        Op::All(args) => match v {
+            Value::Array(vs) if !args.is_empty() => {
+                args.iter().all(|a| vs.contains(a))
+                    || matches!(args.as_slice(), [Value::Array(only)] if only == vs)
+            }
+            _ => false,
+        },
+        Op::Size(n) => v.as_array().is_some_and(|a| a.len() as u64 == *n),
+        Op::BeginsWith(p) => v.as_str().is_some_and(|s| s.starts_with(p.as_str())),
+        Op::ElemMatch(n) => v
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| match_node(n, e))),
+        Op::AllMatch(n) => v
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|e| match_node(n, e))),
+        Op::KeyMapMatch(n) => v.as_object().is_some_and(|m: &Map<String, Value>| {
+            m.keys().any(|k| match_node(n, &Value::String(k.clone())))
         }),
-        "$elemMatch" => v
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|e| match_cond(Some(e), arg))),
-        "$allMatch" => v
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty() && a.iter().all(|e| match_cond(Some(e), arg))),
-        "$keyMapMatch" => v.and_then(Value::as_object).is_some_and(|m| {
-            m.keys()
-                .any(|k| match_cond(Some(&Value::String(k.clone())), arg))
-        }),
-        "$not" => !match_cond(v, arg),
-        _ => false,
+        Op::Not(op) => !match_op(op, v, raw),
     }
 }
 
@@ -270,40 +445,92 @@ mod tests {
         assert!(m(json!({"tags": {"$elemMatch": {"$eq": "x"}}}), d.clone()));
         assert!(m(json!({"tags": {"$size": 2}}), d.clone()));
         assert!(m(json!({"type": {"$in": ["a", "b"]}}), d.clone()));
+        assert!(m(json!({"tags": {"$in": ["y", "z"]}}), d.clone()));
         assert!(m(json!({"type": {"$nin": ["c"]}}), d.clone()));
         assert!(m(json!({"missing": {"$exists": false}}), d.clone()));
-        assert!(m(json!({"missing": {"$ne": 1}}), d.clone()));
+        assert!(
+            !m(json!({"missing": {"$ne": 1}}), d.clone()),
+            "absent: no match"
+        );
         assert!(m(json!({"n": {"$mod": [2, 1]}}), d.clone()));
         assert!(m(json!({"s": {"$type": "string"}}), d.clone()));
+        assert!(m(json!({"s": {"$regex": "^h.l+o$"}}), d.clone()));
+        assert!(!m(json!({"n": {"$regex": "5"}}), d.clone()));
+        assert!(m(json!({"s": {"$beginsWith": "he"}}), d.clone()));
         assert!(m(json!({"$or": [{"type": "z"}, {"n": 5}]}), d.clone()));
         assert!(!m(json!({"$and": [{"type": "a"}, {"n": 6}]}), d.clone()));
         assert!(m(json!({"$nor": [{"type": "z"}]}), d.clone()));
         assert!(m(json!({"n": {"$not": {"$gt": 7}}}), d.clone()));
+        assert!(m(json!({"sub": {"$keyMapMatch": {"$eq": "k"}}}), d.clone()));
+        assert!(m(
+            json!({"tags": {"$allMatch": {"$type": "string"}}}),
+            d.clone()
+        ));
+        assert!(m(json!({"tags.1": "y"}), d.clone()));
         assert!(m(json!({}), d));
     }
 
     #[test]
-    fn refuses_what_it_cannot_do() {
-        assert!(Selector::parse(&json!({"s": {"$regex": "^h"}})).is_err());
-        assert!(Selector::parse(&json!({"$and": {}})).is_err());
-        assert!(Selector::parse(&json!([1])).is_err());
-        assert!(Selector::parse(&json!({"a": {"$size": -1}})).is_err());
+    fn couchdb_edge_cases() {
+        // `$eq` compares whole values: an array does not equal one of its elements.
+        assert!(!m(json!({"a": 1}), json!({"a": [1]})));
+        assert!(m(json!({"a": [1]}), json!({"a": [1]})));
+        // An inner empty object matches only an empty object.
+        assert!(m(json!({"x": {}}), json!({"x": {}})));
+        assert!(!m(json!({"x": {}}), json!({"x": {"a": 1}})));
+        // `$all: [[..]]` matches the array itself.
+        assert!(m(json!({"a": {"$all": [[1, 2]]}}), json!({"a": [1, 2]})));
+        assert!(!m(json!({"a": {"$all": []}}), json!({"a": [1]})));
+        // `$or: []` matches everything, so does `$not` of `$and: []`.
+        assert!(m(json!({"$or": []}), json!({})));
+        assert!(m(json!({"x": {"$not": {"$and": []}}}), json!({})));
+        // A negated condition still needs the field.
+        assert!(!m(json!({"x": {"$not": {"$eq": 0}}}), json!({})));
+        assert!(m(
+            json!({"x": {"$not": {"$exists": true, "$eq": 0}}}),
+            json!({})
+        ));
+        // Strings collate by UCA: "a" < "B".
+        assert!(m(json!({"s": {"$gt": "a"}}), json!({"s": "B"})));
+        // `_id` compares by bytes.
+        assert!(!m(json!({"_id": {"$gt": "a"}}), json!({"_id": "B"})));
+        // Escaped dots name one field.
+        assert!(m(json!({"a\\.b": 1}), json!({"a.b": 1})));
     }
 
     #[test]
-    fn collation_order() {
-        let order = [
-            json!(null),
-            json!(false),
-            json!(true),
-            json!(1),
-            json!("a"),
-            json!([1]),
-            json!({"a": 1}),
-        ];
-        for w in order.windows(2) {
-            assert_eq!(collate(&w[0], &w[1]), Ordering::Less, "{} < {}", w[0], w[1]);
-        }
+    fn errors_have_couchdb_names() {
+        let e = |v: Value| Selector::parse(&v).unwrap_err().error;
+        assert_eq!(e(json!({"s": {"$bogus": 1}})), "invalid_operator");
+        assert_eq!(e(json!({"s": {"$where": "x"}})), "not_supported");
+        assert_eq!(e(json!({"$and": {}})), "bad_arg");
+        assert_eq!(e(json!({"a": {"$size": -1}})), "bad_arg");
+        assert_eq!(e(json!({"a": {"$regex": "("}})), "bad_arg");
+        assert_eq!(e(json!({"a": {"$mod": [0, 1]}})), "bad_arg");
+        assert_eq!(e(json!({"$eq": 1})), "invalid_selector");
+        assert_eq!(e(json!([1])), "invalid_selector_json");
+    }
+
+    #[test]
+    fn required_and_constant_fields() {
+        let f = |s: &str| parse_field(s);
+        let s = Selector::parse(&json!({"a": 1, "$or": [{"b": 1}, {"b": 2}], "c": {"$gt": 1}}))
+            .unwrap();
+        assert!(s.requires(&[f("a"), f("b"), f("c")]));
+        assert!(!s.requires(&[f("d")]));
+        assert!(s.is_constant(&f("a")));
+        assert!(!s.is_constant(&f("c")));
+        let s = Selector::parse(&json!({"a": {"$exists": false}})).unwrap();
+        assert!(!s.requires(&[f("a")]));
+        let s = Selector::parse(&json!({"$or": [{"a": 1}, {"b": 1}]})).unwrap();
+        assert!(!s.requires(&[f("a")]));
+    }
+
+    #[test]
+    fn a_catastrophic_regex_runs_in_linear_time() {
+        let s = Selector::parse(&json!({"s": {"$regex": "^(a+)+$"}})).unwrap();
+        let long = "a".repeat(100_000) + "b";
+        assert!(!s.matches(&json!({ "s": long })));
     }
 
     mod random {
@@ -342,15 +569,36 @@ mod tests {
             })
         }
 
-        fn ops() -> Vec<&'static str> {
-            let mut v = super::super::OPERATORS.to_vec();
-            v.extend(["$regex", "$bogus"]);
-            v
-        }
+        const OPS: [&str; 24] = [
+            "$eq",
+            "$ne",
+            "$gt",
+            "$gte",
+            "$lt",
+            "$lte",
+            "$in",
+            "$nin",
+            "$exists",
+            "$type",
+            "$size",
+            "$mod",
+            "$all",
+            "$elemMatch",
+            "$allMatch",
+            "$and",
+            "$or",
+            "$nor",
+            "$not",
+            "$keyMapMatch",
+            "$regex",
+            "$beginsWith",
+            "$bogus",
+            "$where",
+        ];
 
         fn selector() -> impl Strategy<Value = Value> {
             let leaf = (
-                prop::sample::select(ops()),
+                prop::sample::select(&OPS[..]),
                 json_value(),
                 "[a-c]{1,2}(\\.[a-c0-9])?",
             )

@@ -108,7 +108,8 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             let sel = body.get("selector").ok_or_else(|| {
                 ApiError::bad_request("filter=_selector needs a \"selector\" in the body")
             })?;
-            cq.selector = Some(Selector::parse(sel).map_err(ApiError::bad_request)?);
+            cq.selector =
+                Some(Selector::parse(sel).map_err(|e| ApiError::new(400, e.error, e.reason))?);
         }
         Some("_view") => {
             let Some(spec) = q.get("view") else {

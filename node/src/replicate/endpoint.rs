@@ -251,7 +251,9 @@ impl Endpoint {
                         q.doc_ids = Some(ids.iter().cloned().collect::<HashSet<_>>())
                     }
                     Filter::Selector(s) => {
-                        q.selector = Some(Selector::parse(s).map_err(ReplError::BadSpec)?)
+                        q.selector = Some(
+                            Selector::parse(s).map_err(|e| ReplError::BadSpec(e.to_string()))?,
+                        )
                     }
                     Filter::Function(fname, params) => {
                         let plugins = db.plugins();
