@@ -110,6 +110,26 @@ pub fn start_pouchdb_server(root: &std::path::Path) -> Target {
 }
 
 impl Target {
+    /// The node's peer key id.
+    pub fn key(&self) -> String {
+        crate::node_identity(&self._dir.0).key_id()
+    }
+
+    /// An httpkey URL of database `db` on this node's peer port.
+    pub fn httpkey(&self, db: &str) -> String {
+        format!("httpkey://127.0.0.1:{}/{}/{db}", self.peer_port, self.key())
+    }
+
+    /// Creates `db` (if missing) and lets `other`'s key read and write it.
+    pub fn allow(&self, db: &str, other: &Target) {
+        let _ = self.call("PUT", &format!("/{db}"), None);
+        let sec = serde_json::json!({"members": {"names": [other.key()], "roles": []}});
+        assert_eq!(
+            self.call("PUT", &format!("/{db}/_security"), Some(&sec)).0,
+            200
+        );
+    }
+
     /// A JSON request with this server's credentials (long timeout: replications run in it).
     pub fn call(
         &self,

@@ -39,23 +39,6 @@ fn load(t: &Target, db: &str, n: usize, size: usize) {
     }
 }
 
-fn key(t: &Target) -> String {
-    thali_tests::node_identity(&t._dir.0).key_id()
-}
-
-fn httpkey(t: &Target, db: &str) -> String {
-    format!("httpkey://127.0.0.1:{}/{}/{db}", t.peer_port, key(t))
-}
-
-fn allow(t: &Target, db: &str, other: &Target) {
-    let _ = t.call("PUT", &format!("/{db}"), None);
-    let sec = json!({"members": {"names": [key(other)], "roles": []}});
-    assert_eq!(
-        t.call("PUT", &format!("/{db}/_security"), Some(&sec)).0,
-        200
-    );
-}
-
 const MB: f64 = 1e6;
 
 struct Run {
@@ -106,15 +89,11 @@ fn main() {
 
     let (a, b) = (start_thali(&root), start_thali(&root));
     load(&a, "src", n, size);
-    allow(&b, "dst", &a);
-    allow(&a, "src", &b);
+    b.allow("dst", &a);
+    a.allow("src", &b);
     let pids = [a.child.id(), b.child.id()];
     let push = sampled(&pids, bytes, || {
-        replicate(
-            &a,
-            json!({"source": "src", "target": httpkey(&b, "dst")}),
-            n,
-        )
+        replicate(&a, json!({"source": "src", "target": b.httpkey("dst")}), n)
     });
     println!(
         "thali push A -> B over httpkey: {:.1} MB/s; peak RSS above idle A {:.1} MB, B {:.1} MB",
@@ -123,7 +102,7 @@ fn main() {
     let pull = sampled(&pids, bytes, || {
         replicate(
             &b,
-            json!({"source": httpkey(&a, "src"), "target": "pulled", "create_target": true}),
+            json!({"source": a.httpkey("src"), "target": "pulled", "create_target": true}),
             n,
         )
     });

@@ -27,23 +27,6 @@ fn load(t: &Target, db: &str, n: usize) {
     }
 }
 
-fn key(t: &Target) -> String {
-    thali_tests::node_identity(&t._dir.0).key_id()
-}
-
-fn httpkey(t: &Target, db: &str) -> String {
-    format!("httpkey://127.0.0.1:{}/{}/{db}", t.peer_port, key(t))
-}
-
-fn allow(t: &Target, db: &str, other: &Target) {
-    let _ = t.call("PUT", &format!("/{db}"), None);
-    let sec = json!({"members": {"names": [key(other)], "roles": []}});
-    assert_eq!(
-        t.call("PUT", &format!("/{db}/_security"), Some(&sec)).0,
-        200
-    );
-}
-
 /// Runs one replication on `on` and returns docs/s.
 fn replicate(on: &Target, body: Value, n: usize) -> f64 {
     let t = Instant::now();
@@ -65,17 +48,13 @@ fn main() {
 
     let (a, b) = (start_thali(&root), start_thali(&root));
     load(&a, "src", n);
-    allow(&b, "dst", &a);
-    allow(&a, "src", &b);
-    let push = replicate(
-        &a,
-        json!({"source": "src", "target": httpkey(&b, "dst")}),
-        n,
-    );
+    b.allow("dst", &a);
+    a.allow("src", &b);
+    let push = replicate(&a, json!({"source": "src", "target": b.httpkey("dst")}), n);
     println!("thali push A -> B over httpkey: {push:.0} docs/s");
     let pull = replicate(
         &b,
-        json!({"source": httpkey(&a, "src"), "target": "pulled", "create_target": true}),
+        json!({"source": a.httpkey("src"), "target": "pulled", "create_target": true}),
         n,
     );
     println!("thali pull B <- A over httpkey: {pull:.0} docs/s");
