@@ -5,6 +5,7 @@ pub mod db;
 pub mod dev;
 pub mod doc;
 pub mod http;
+pub mod mango;
 pub mod multipart;
 pub mod peer;
 pub mod plugins;

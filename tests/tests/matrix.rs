@@ -395,6 +395,26 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             let rev = w.seed_att(&format!("/m/_design/{t}/a.txt"), Some(&rev));
             Call::new("DELETE", format!("/m/_design/{t}/a.txt?rev={rev}"))
         })],
+        ("Find", "POST") => vec![case("find", EVERYONE, |_, _, _| {
+            Call::new("POST", "/m/_find".into()).json(json!({"selector": {"_id": "seed"}}))
+        })],
+        ("Explain", "POST") => vec![case("explain", EVERYONE, |_, _, _| {
+            Call::new("POST", "/m/_explain".into()).json(json!({"selector": {}}))
+        })],
+        ("Index", "GET" | "HEAD") => vec![case("index list", EVERYONE, g("/m/_index"))],
+        // A JSON index is a design document: only admins create or delete one.
+        ("Index", "POST") => vec![case("index create", ADMINS, |_, _, t| {
+            Call::new("POST", "/m/_index".into())
+                .json(json!({"index": {"fields": ["x"]}, "ddoc": t, "name": "i"}))
+        })],
+        ("IndexDoc", "DELETE") => vec![case("index delete", ADMINS, |w, _, t| {
+            w.seed(
+                &format!("/m/_design/{t}"),
+                json!({"language": "query", "views": {"i": {"map": {"fields": {"x": "asc"}},
+                    "reduce": "_count", "options": {"def": {"fields": ["x"]}}}}}),
+            );
+            Call::new("DELETE", format!("/m/_index/{t}/json/i"))
+        })],
         _ => Vec::new(),
     }
 }

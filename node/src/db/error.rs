@@ -51,6 +51,9 @@ pub enum DbError {
     UnknownLanguage(String),
     #[error("internal: {0}")]
     Internal(String),
+    /// A refused `_find` or `_index` request, with Mango's own status and names.
+    #[error("{0}")]
+    Mango(#[from] crate::mango::MangoError),
 }
 
 impl DbError {
@@ -76,6 +79,7 @@ impl DbError {
             DbError::ReduceOverflow(_) => "reduce_overflow_error",
             DbError::UnknownLanguage(_) => "unknown_query_language",
             DbError::Internal(_) => "internal_server_error",
+            DbError::Mango(e) => e.error,
         }
     }
 
@@ -103,6 +107,7 @@ impl DbError {
             | DbError::ReduceOverflow(r)
             | DbError::UnknownLanguage(r)
             | DbError::Internal(r) => r.clone(),
+            DbError::Mango(e) => e.reason.clone(),
         }
     }
 
@@ -122,6 +127,7 @@ impl DbError {
             DbError::Forbidden(_) => 403,
             DbError::Unauthorized(_) => 401,
             DbError::Plugin(_) | DbError::ReduceOverflow(_) | DbError::Internal(_) => 500,
+            DbError::Mango(e) => e.status,
         }
     }
 

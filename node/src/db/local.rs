@@ -70,8 +70,8 @@ impl Database {
         }
         let rev = format!("0-{}", n + 1);
         let mut body = doc.body;
-        body.insert("_id".into(), json!(full_id));
-        body.insert("_rev".into(), json!(rev));
+        body.shift_insert(0, "_id".into(), json!(full_id));
+        body.shift_insert(1, "_rev".into(), json!(rev));
         let v = Value::Object(body);
         bs.batch.put_local(local_id, &v);
         bs.locals.insert(local_id.to_string(), Some(v));

@@ -5,6 +5,7 @@ mod access;
 mod changes;
 mod compact;
 mod error;
+mod find;
 mod local;
 mod plugins;
 mod queue;
@@ -370,6 +371,8 @@ pub struct Database {
     host: Arc<crate::plugins::Host>,
     /// The compiled design documents, replaced as a whole when one changes.
     plugins: RwLock<Arc<crate::plugins::DbPlugins>>,
+    /// The Mango JSON indexes of those design documents, replaced with them.
+    mango: RwLock<Arc<Vec<crate::mango::index::IndexDef>>>,
     resolver_stats: resolve::ResolverStats,
     views: views::Views,
 }
@@ -406,6 +409,7 @@ impl Database {
             limits,
             host,
             plugins: RwLock::new(Arc::default()),
+            mango: RwLock::new(Arc::default()),
             resolver_stats: Default::default(),
             views: Default::default(),
             security_epoch,

@@ -35,6 +35,7 @@ impl Database {
             ..Default::default()
         };
         let mut ddocs = Vec::new();
+        let mut indexes = Vec::new();
         let rows = self.all_docs(&q).ok();
         for row in rows
             .iter()
@@ -51,6 +52,14 @@ impl Database {
                 let digest = atts.get(name)?.get("digest")?.as_str()?;
                 self.attachment_bytes(digest).ok()
             };
+            if crate::plugins::design::language_name(&out.doc) == "query" {
+                // Mango indexes: native maps, nothing to sandbox.
+                indexes.extend(crate::mango::index::from_ddoc(id, &out.doc));
+                if let Some(fns) = crate::mango::index::compile(id, &out.doc) {
+                    ddocs.push(Arc::new(fns));
+                }
+                continue;
+            }
             match self.host.compile(id, &out.doc, &fetch) {
                 Ok(Some(fns)) => ddocs.push(fns),
                 Ok(None) => {}
@@ -63,6 +72,11 @@ impl Database {
         match self.plugins.write() {
             Ok(mut p) => *p = set,
             Err(p) => *p.into_inner() = set,
+        }
+        let indexes = Arc::new(indexes);
+        match self.mango.write() {
+            Ok(mut m) => *m = indexes,
+            Err(m) => *m.into_inner() = indexes,
         }
     }
 

@@ -194,8 +194,9 @@ impl Database {
         opts: &DocOptions,
     ) -> RevisionOut {
         let mut doc = body.body;
-        doc.insert("_id".into(), json!(id));
-        doc.insert("_rev".into(), json!(rev.to_string()));
+        // First, as CouchDB prints them; the body keeps its members' order after them.
+        doc.shift_insert(0, "_id".into(), json!(id));
+        doc.shift_insert(1, "_rev".into(), json!(rev.to_string()));
         if body.deleted {
             doc.insert("_deleted".into(), json!(true));
         }
@@ -236,7 +237,7 @@ impl Database {
                         a["data"] = json!(base64::engine::general_purpose::STANDARD.encode(data));
                         // CouchDB gives no `length` beside inline `data`.
                         if let Some(m) = a.as_object_mut() {
-                            m.remove("length");
+                            m.shift_remove("length");
                         }
                     }
                     (true, AttMode::Follows) => {

@@ -231,7 +231,7 @@ fn merged_revision(
         "_local_seq",
         "_revs_info",
     ] {
-        body.remove(k);
+        body.shift_remove(k);
     }
     body.insert("_id".into(), Value::String(id.to_string()));
     let mut doc = parse_doc(Value::Object(body)).map_err(|e| DbError::from(e).to_string())?;

@@ -40,7 +40,7 @@ struct Progress {
 pub(super) struct ViewIndex {
     sig: String,
     ddoc: String,
-    store: IndexStore,
+    pub(super) store: IndexStore,
     /// Held by the one updater; queries that want a fresh index wait on it.
     update: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
@@ -159,7 +159,7 @@ impl Database {
         // Stored but not run here (`--store-only-language`), or missing.
         let doc = self.get_doc(&id, None, &DocOptions::default())?;
         let lang = crate::plugins::design::language_name(&doc.doc);
-        if crate::plugins::design::Language::named(lang).is_some() {
+        if crate::plugins::design::Language::named(lang).is_some() || lang == "query" {
             // A language that runs, but the design document has no functions.
             return Err(DbError::NotFound("missing_named_view".into()));
         }
@@ -184,7 +184,7 @@ impl Database {
         })
     }
 
-    fn open_index(&self, sig: &str, ddoc: &str) -> DbResult<Arc<ViewIndex>> {
+    pub(super) fn open_index(&self, sig: &str, ddoc: &str) -> DbResult<Arc<ViewIndex>> {
         let mut open = lock(&self.views.open);
         if let Some(i) = open.get(sig) {
             return Ok(i.clone());
@@ -204,7 +204,11 @@ impl Database {
     }
 
     /// Brings the index up to the database's current sequence (waiting for a running update).
-    async fn refresh(self: &Arc<Self>, idx: &Arc<ViewIndex>, fns: &Arc<DesignFns>) -> DbResult<()> {
+    pub(super) async fn refresh(
+        self: &Arc<Self>,
+        idx: &Arc<ViewIndex>,
+        fns: &Arc<DesignFns>,
+    ) -> DbResult<()> {
         idx.waiting.fetch_add(1, Ordering::SeqCst);
         let _g = idx.update.lock().await;
         idx.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -855,7 +859,7 @@ fn stored_row(val: &[u8]) -> DbResult<(Value, Value)> {
 }
 
 /// The document id inside a row key (after the collation key, up to the 0 before `n`).
-fn row_id(key: &[u8]) -> String {
+pub(super) fn row_id(key: &[u8]) -> String {
     let enc = &key[3..];
     let start = 3 + collate::term_len(enc);
     let end = key.len().saturating_sub(5).max(start);

@@ -89,8 +89,8 @@ fn doc_json(
     atts: &BTreeMap<String, AttMeta>,
 ) -> Value {
     let mut m = body.clone();
-    m.insert("_id".into(), Value::String(id.to_string()));
-    m.insert("_rev".into(), Value::String(rev.to_string()));
+    m.shift_insert(0, "_id".into(), Value::String(id.to_string()));
+    m.shift_insert(1, "_rev".into(), Value::String(rev.to_string()));
     if !ancestry.is_empty() {
         m.insert(
             "_revisions".into(),

@@ -1,5 +1,6 @@
 //! Documents and their revisions: pure logic, no I/O.
 
+pub mod canonical;
 pub mod collate;
 pub mod parse;
 pub mod rev;

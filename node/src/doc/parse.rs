@@ -135,8 +135,8 @@ pub fn validate_doc_id(id: &str) -> Result<(), ParseError> {
 /// Drops what a `_local` document's JSON may carry but CouchDB ignores for it (`_revisions`,
 /// `_attachments`); for bodies written to a `_local/` path without an `_id` member.
 pub fn strip_local_members(map: &mut Map<String, Value>) {
-    map.remove("_revisions");
-    map.remove("_attachments");
+    map.shift_remove("_revisions");
+    map.shift_remove("_attachments");
 }
 
 pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
@@ -159,7 +159,9 @@ pub fn parse_doc(value: Value) -> Result<IncomingDoc, ParseError> {
     // without rebuilding it.
     let special: Vec<String> = map.keys().filter(|k| k.starts_with('_')).cloned().collect();
     for k in special {
-        let Some(v) = map.remove(&k) else { continue };
+        let Some(v) = map.shift_remove(&k) else {
+            continue;
+        };
         match k.as_str() {
             "_id" => match v {
                 Value::String(s) => {

@@ -1,5 +1,6 @@
 //! Revision identifiers (`N-<id>`) and the deterministic revision hash.
 
+use super::canonical::SortedMap;
 use md5::{Digest, Md5};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -57,8 +58,7 @@ impl fmt::Display for Rev {
 /// deleted flag, the body (no `_` fields) and the attachments' names and digests. The same edit
 /// on two peers gives the same revision, which is what lets conflict resolvers converge.
 ///
-/// `serde_json::Map` is a BTreeMap here (no `preserve_order`), so serialisation sorts keys and is
-/// canonical for equal values.
+/// The body is written with sorted members (`canonical`), so member order does not change the id.
 pub fn hash_rev(
     parent: Option<&Rev>,
     deleted: bool,
@@ -70,7 +70,7 @@ pub fn hash_rev(
     let mut hasher = HashWriter::default();
     let parent = parent.map(|r| r.to_string());
     // Writing into a hasher cannot fail, nor can serialising these types.
-    let _ = serde_json::to_writer(&mut hasher, &(parent, deleted, body, atts));
+    let _ = serde_json::to_writer(&mut hasher, &(parent, deleted, SortedMap(body), atts));
     hex::encode(hasher.finish())
 }
 
@@ -88,7 +88,7 @@ pub fn hash_rev_and_len(
     let _ = serde_json::to_writer(&mut hasher, &parent);
     let _ = hasher.write_all(if deleted { b",true," } else { b",false," });
     let before = hasher.len;
-    let _ = serde_json::to_writer(&mut hasher, body);
+    let _ = serde_json::to_writer(&mut hasher, &SortedMap(body));
     let len = hasher.len - before;
     let _ = hasher.write_all(b",[]]");
     (hex::encode(hasher.finish()), len)
@@ -168,8 +168,11 @@ mod tests {
             serde_json::from_str(r#"{"b":[1,2.5,"x\"y"],"a":{"z":null,"k":true}}"#).unwrap();
         let parent = Rev::parse("2-abc").unwrap();
         let atts = [("f.txt", "md5-xyz")];
-        let canonical = serde_json::json!(["2-abc", false, body, atts]);
-        let expected = hex::encode(Md5::digest(serde_json::to_vec(&canonical).unwrap()));
+        // The bytes revision ids have always been hashed from: members sorted, whatever order
+        // the body was written in.
+        let canonical =
+            r#"["2-abc",false,{"a":{"k":true,"z":null},"b":[1,2.5,"x\"y"]},[["f.txt","md5-xyz"]]]"#;
+        let expected = hex::encode(Md5::digest(canonical.as_bytes()));
         assert_eq!(hash_rev(Some(&parent), false, &body, &atts), expected);
         let empty = serde_json::to_vec(&serde_json::json!([null, true, {}, []])).unwrap();
         assert_eq!(

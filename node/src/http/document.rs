@@ -454,7 +454,7 @@ async fn copy(
     src.insert("_id".into(), json!(dest_id));
     match dest_rev {
         Some(rv) => src.insert("_rev".into(), json!(rv)),
-        None => src.remove("_rev"),
+        None => src.shift_remove("_rev"),
     };
     let mut res = db
         .bulk_docs(vec![Value::Object(src)], true, &r.caller(db.name()))

@@ -6,6 +6,7 @@ mod changes;
 mod database;
 mod document;
 mod error;
+mod find;
 mod query;
 mod replicate;
 mod respond;
@@ -347,6 +348,10 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         View => view::view(state, r, db, id.strip_prefix("_design/").unwrap_or(id), sub).await,
         ViewInfo => view::info(state, r, db, id.strip_prefix("_design/").unwrap_or(id)),
         Attachment | DesignAttachment => document::attachment(state, r, db, id, sub).await,
+        Find => find::find(state, r, db).await,
+        Explain => find::explain(state, r, db).await,
+        Index => find::index(state, r, db).await,
+        IndexDoc => find::delete_index(state, r, db, id, sub).await,
     }
 }
 

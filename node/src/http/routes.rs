@@ -45,6 +45,10 @@ kinds!(
     ViewInfo,
     Attachment,
     DesignAttachment,
+    Find,
+    Explain,
+    Index,
+    IndexDoc,
 );
 
 /// A path template and the methods a route answers (others get 405 once authorized).
@@ -194,6 +198,26 @@ pub const ROUTES: &[Spec] = &[
         path: "/{db}/_design/{ddoc}/{att}",
         methods: &["GET", "HEAD", "PUT", "DELETE"],
     },
+    Spec {
+        kind: Kind::Find,
+        path: "/{db}/_find",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::Explain,
+        path: "/{db}/_explain",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::Index,
+        path: "/{db}/_index",
+        methods: &["GET", "HEAD", "POST"],
+    },
+    Spec {
+        kind: Kind::IndexDoc,
+        path: "/{db}/_index/{ddoc}/json/{view}",
+        methods: &["DELETE"],
+    },
 ];
 
 /// The route table as JSON (`thali routes`).
@@ -260,6 +284,17 @@ impl Route {
             [db, "_security"] => d(Security, db),
             [db, "_revs_limit"] => d(RevsLimit, db),
             [db, "_local_docs"] => d(LocalDocs, db),
+            [db, "_find"] => d(Find, db),
+            [db, "_explain"] => d(Explain, db),
+            [db, "_index"] => d(Index, db),
+            [db, "_index", "_design", ddoc, "json", name] | [db, "_index", ddoc, "json", name] => {
+                let id = if ddoc.starts_with("_design/") {
+                    ddoc.to_string()
+                } else {
+                    format!("_design/{ddoc}")
+                };
+                Ok(Route::new(IndexDoc, db, &id, name))
+            }
             [db, "_local", id] => Ok(Route::new(Local, db, id, "")),
             [_, "_local", ..] => Err(ApiError::bad_request(
                 "_local documents do not accept attachments.",

@@ -63,7 +63,7 @@ pub fn session(r: &Req) -> ApiResult<Response> {
         Method::GET | Method::HEAD => {
             let mut ctx = r.principal.user_ctx(None);
             if let Some(m) = ctx.as_object_mut() {
-                m.remove("db");
+                m.shift_remove("db");
             }
             Ok(ok(json!({
                 "ok": true,

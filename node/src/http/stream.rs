@@ -73,7 +73,7 @@ impl Sink {
     /// base64 `data`, encoded piece by piece from the store (CouchDB gives no `length` then).
     pub fn doc(&mut self, db: &Database, out: RevisionOut) -> io::Result<()> {
         let mut doc = out.doc;
-        let Some(Value::Object(atts)) = doc.remove("_attachments") else {
+        let Some(Value::Object(atts)) = doc.shift_remove("_attachments") else {
             return self.json(&DocJson(&doc));
         };
         let head = serde_json::to_vec(&DocJson(&doc))?;
@@ -101,8 +101,8 @@ impl Sink {
                 continue;
             };
             if let Some(m) = a.as_object_mut() {
-                m.remove("follows");
-                m.remove("length");
+                m.shift_remove("follows");
+                m.shift_remove("length");
             }
             let a = serde_json::to_vec(&a)?;
             self.write(&a[..a.len() - 1])?;

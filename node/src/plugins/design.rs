@@ -2,6 +2,7 @@
 //! or names of exports of an attached WASM module), and the compiled result per database.
 
 use super::{Func, PluginError};
+use crate::doc::canonical;
 use md5::{Digest, Md5};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -12,6 +13,8 @@ pub enum Language {
     JavaScript,
     Lua,
     Wasm,
+    /// Mango JSON indexes: native maps the `mango` module builds, no plugin code.
+    Query,
 }
 
 impl Language {
@@ -174,7 +177,7 @@ impl Source {
         }
         let module = match self.language {
             Language::Wasm => self.module.as_ref().map(|m| hex::encode(Md5::digest(m))),
-            Language::Lua | Language::JavaScript => None,
+            Language::Lua | Language::JavaScript | Language::Query => None,
         };
         let mut material = json!([
             crate::doc::collate::VERSION,
@@ -189,7 +192,9 @@ impl Source {
                 a.push(self.lib.clone());
             }
         }
-        Some(hex::encode(Md5::digest(material.to_string().as_bytes())))
+        Some(hex::encode(Md5::digest(
+            canonical::to_string(&material).as_bytes(),
+        )))
     }
 
     /// Identifies the code: the same hash means the same compiled plugin.
@@ -206,7 +211,7 @@ impl Source {
             self.options,
             self.lib,
         ]);
-        hex::encode(Md5::digest(material.to_string().as_bytes()))
+        hex::encode(Md5::digest(canonical::to_string(&material).as_bytes()))
     }
 }
 

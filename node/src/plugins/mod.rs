@@ -109,6 +109,8 @@ impl Host {
             design::Language::JavaScript => js::compile(&src, doc, &self.limits)?,
             design::Language::Lua => lua::compile(&src, &self.limits)?,
             design::Language::Wasm => self.wasm.compile(&src, &self.limits)?,
+            // Mango indexes are built by `db` (`mango::index::compile`): no plugin code.
+            design::Language::Query => return Ok(None),
         });
         if let Ok(mut c) = self.cache.lock() {
             // Old versions are dropped lazily: a bounded cache is enough for development loops.

@@ -427,7 +427,7 @@ pub async fn write_remote(
             .and_then(|a| a.get_mut(&n.name))
             .and_then(Value::as_object_mut)
         {
-            a.remove("stub");
+            a.shift_remove("stub");
             a.insert("follows".into(), json!(true));
             a.insert("length".into(), json!(n.length));
         }
@@ -584,10 +584,10 @@ mod tests {
             }
         });
         let names = |v: Vec<Needed>| v.into_iter().map(|n| n.name).collect::<Vec<_>>();
-        assert_eq!(names(needed(&doc, &[])), ["new", "old"]);
+        assert_eq!(names(needed(&doc, &[])), ["old", "new"]);
         assert_eq!(names(needed(&doc, &["2-b".into()])), ["new"]);
         // A possible ancestor on another branch says nothing about this path.
-        assert_eq!(names(needed(&doc, &["2-z".into()])), ["new", "old"]);
+        assert_eq!(names(needed(&doc, &["2-z".into()])), ["old", "new"]);
         assert!(needed(&doc, &["3-c".into(), "1-a".into()]).is_empty());
         assert!(needed(&json!({"_id": "x"}), &[]).is_empty());
     }

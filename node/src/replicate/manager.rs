@@ -107,7 +107,7 @@ async fn handle_doc(
     let doc = doc.doc;
     let mut spec_doc = doc.clone();
     for f in STATE_FIELDS {
-        spec_doc.remove(f);
+        spec_doc.shift_remove(f);
     }
     let spec = match Spec::parse(&Value::Object(spec_doc)) {
         Ok(s) => s,
@@ -182,15 +182,15 @@ async fn write_state(
         d.insert("_replication_state_time".into(), json!(now_rfc3339()));
         match rep_id {
             Some(r) => d.insert("_replication_id".into(), json!(r)),
-            None => d.remove("_replication_id"),
+            None => d.shift_remove("_replication_id"),
         };
         match reason {
             Some(ref r) => d.insert("_replication_state_reason".into(), json!(r)),
-            None => d.remove("_replication_state_reason"),
+            None => d.shift_remove("_replication_state_reason"),
         };
         match stats {
             Some(ref s) => d.insert("_replication_stats".into(), s.clone()),
-            None => d.remove("_replication_stats"),
+            None => d.shift_remove("_replication_stats"),
         };
         match db
             .bulk_docs(vec![Value::Object(d)], true, &crate::db::Caller::node(DB))

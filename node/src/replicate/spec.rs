@@ -2,6 +2,7 @@
 //! `POST /_replicate`, a `_replicator` document, or the command line), and its replication id.
 
 use super::error::{ReplError, ReplResult};
+use crate::doc::canonical;
 use md5::{Digest, Md5};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -68,8 +69,8 @@ impl EndpointSpec {
             EndpointSpec::Local(name) => json!(["local", name]),
             EndpointSpec::Remote { url, headers } => {
                 let mut h = headers.clone();
-                h.remove("Authorization");
-                h.remove("authorization");
+                h.shift_remove("Authorization");
+                h.shift_remove("authorization");
                 json!(["remote", mask_password(url), h])
             }
         }
@@ -240,7 +241,7 @@ impl Spec {
             self.selector,
             self.since_seq,
         ]);
-        hex::encode(Md5::digest(material.to_string().as_bytes()))
+        hex::encode(Md5::digest(canonical::to_string(&material).as_bytes()))
     }
 
     /// The full id, as CouchDB prints it: base plus option suffixes.

@@ -1,0 +1,149 @@
+//! Benchmark: Mango `_find` on JSON indexes, thali beside pouchdb-server (pouchdb-find over
+//! LevelDB) on the same documents in the same run. Index builds are timed from the first
+//! `_find` that uses the index (which builds it) to its answer; then queries from one client:
+//! an equality and a range with a sort, each as queries per second and median latency. Both
+//! servers must return the same documents.
+//!
+//! Usage: `cargo run --release -p thali-tests --bin thali-bench-find [-- --docs N --queries Q]`
+//! (needs `npm ci` in tests/interop, as `tests/run-all.sh` does).
+
+use serde_json::{json, Value};
+use std::time::Instant;
+use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, Target};
+
+const TYPES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+fn insert(t: &Target, db: &str, n: usize) {
+    assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
+    let batches: Vec<Value> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| json!({"docs": c.iter().map(|i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": (i * 7919) % 10_000, "title": "a small document to query"})).collect::<Vec<_>>()}))
+        .collect();
+    std::thread::scope(|s| {
+        for half in batches.chunks(batches.len().div_ceil(2)) {
+            s.spawn(move || {
+                for b in half {
+                    let (st, v) = t.call("POST", &format!("/{db}/_bulk_docs"), Some(b));
+                    assert!(st == 201 || st == 200, "{v}");
+                }
+            });
+        }
+    });
+}
+
+fn find(t: &Target, q: &Value) -> Value {
+    let (st, v) = t.call("POST", "/bench/_find", Some(q));
+    assert_eq!(st, 200, "{}: {v}", t.name);
+    v
+}
+
+/// Creates the index and times the first query that uses it (the build).
+fn build(t: &Target, fields: Value, q: &Value) -> f64 {
+    let (st, v) = t.call(
+        "POST",
+        "/bench/_index",
+        Some(&json!({"index": {"fields": fields}})),
+    );
+    assert_eq!(st, 200, "{}: {v}", t.name);
+    let t0 = Instant::now();
+    let v = find(t, q);
+    assert!(
+        v.get("warning").is_none(),
+        "{}: index not used: {v}",
+        t.name
+    );
+    t0.elapsed().as_secs_f64()
+}
+
+/// Queries per second and median latency (ms) of up to `q` runs (20 s at most).
+fn run(t: &Target, body: &Value, q: usize) -> (f64, f64, Value) {
+    let mut ms = Vec::with_capacity(q);
+    let mut last = Value::Null;
+    let start = Instant::now();
+    for i in 0..q {
+        if i >= 5 && start.elapsed().as_secs() >= 20 {
+            break;
+        }
+        let t0 = Instant::now();
+        last = find(t, body);
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let qps = ms.len() as f64 / start.elapsed().as_secs_f64();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (qps, ms[ms.len() / 2], last)
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["docs"]
+        .as_array()
+        .expect("docs")
+        .iter()
+        .map(|d| d["_id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn main() {
+    let n = arg_usize("--docs", 100_000);
+    let queries = arg_usize("--queries", 500);
+    let root = thali_tests::workspace_root();
+    let eq = json!({"selector": {"type": "c"}, "limit": 25});
+    let range = json!({"selector": {"n": {"$gte": 4000, "$lt": 4100}}, "sort": ["n"], "limit": 25});
+    println!("workload: {n} docs of ~100 B; index builds timed from the first _find; up to {queries} queries each, one client");
+
+    let mut results = Vec::new();
+    let thali = start_thali(&root);
+    let pouch = start_pouchdb_server(&root);
+    for t in [&thali, &pouch] {
+        insert(t, "bench", n);
+        let b_type = build(t, json!(["type"]), &eq);
+        let b_n = build(t, json!(["n"]), &range);
+        let (eq_qps, eq_p50, eq_v) = run(t, &eq, queries);
+        let (r_qps, r_p50, r_v) = run(t, &range, queries);
+        results.push((b_type, b_n, eq_qps, eq_p50, r_qps, r_p50, eq_v, r_v));
+    }
+    let (t, p) = (&results[0], &results[1]);
+    assert_eq!(ids(&t.7), ids(&p.7), "range + sort answers differ");
+    assert_eq!(ids(&t.7).len(), 25);
+    let (mut te, mut pe) = (ids(&t.6), ids(&p.6));
+    te.sort();
+    pe.sort();
+    assert_eq!(te.len(), 25);
+    assert!(
+        t.6["docs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["type"] == "c")
+            && p.6["docs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["type"] == "c"),
+        "equality answers wrong"
+    );
+    let rate = |s: f64| n as f64 / s;
+    println!();
+    println!("| index build, {n} docs | thali docs/s | pouchdb-server docs/s | ratio |");
+    println!("|---|---|---|---|");
+    for (what, a, b) in [("fields [type]", t.0, p.0), ("fields [n]", t.1, p.1)] {
+        println!(
+            "| {what} | {:.0} | {:.0} | {:.1}x |",
+            rate(a),
+            rate(b),
+            b / a
+        );
+    }
+    println!();
+    println!("| _find, limit 25 | thali q/s | thali p50 ms | pouchdb-server q/s | pouchdb-server p50 ms | ratio (q/s) |");
+    println!("|---|---|---|---|---|---|");
+    for (what, tq, tm, pq, pm) in [
+        ("equality {type: \"c\"}", t.2, t.3, p.2, p.3),
+        ("range n in [4000, 4100) sorted by n", t.4, t.5, p.4, p.5),
+    ] {
+        println!(
+            "| {what} | {tq:.0} | {tm:.2} | {pq:.0} | {pm:.2} | {:.1}x |",
+            tq / pq
+        );
+    }
+}
