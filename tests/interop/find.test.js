@@ -39,7 +39,7 @@ const INDEXES = [
 const QUERIES = [
   { selector: { size: { $gte: 10, $lt: 30 } }, sort: ['size'] },
   { selector: { size: { $gt: 90 } }, sort: [{ size: 'desc' }] },
-  { selector: { color: 'red', size: { $lt: 50 } }, sort: ['color', 'size'] },
+  { selector: { color: 'red', size: { $gt: 0, $lt: 50 } }, sort: ['color', 'size'] },
   { selector: { color: 'blue' }, sort: [{ color: 'desc' }, { size: 'desc' }], limit: 7 },
   { selector: { 'meta.rank': 3, tags: { $size: 2 } } },
   { selector: { size: { $in: [1, 2, 3, 74, 75] } } },
@@ -69,11 +69,13 @@ test.after(async () => {
 });
 
 // Unsorted answers come in index order, which may differ between planners: compare as sets
-// then, and in order when the query sorts.
+// then, and in order when the query sorts. Revision ids differ (PouchDB makes random ones).
+// pouchdb-find rewrites the query objects it is given: each call gets its own copy.
 function same(q, a, b) {
   const ids = (r) => r.docs.map((d) => d._id);
+  const bodies = (r) => r.docs.map(({ _rev, ...rest }) => rest);
   if (q.sort) {
-    assert.deepEqual(b.docs, a.docs, JSON.stringify(q));
+    assert.deepEqual(bodies(b), bodies(a), JSON.stringify(q));
   } else {
     assert.deepEqual([...ids(b)].sort(), [...ids(a)].sort(), JSON.stringify(q));
   }
@@ -97,10 +99,22 @@ test('pouchdb-find creates the same indexes on thali', async () => {
 
 test('the same queries give the same answers from PouchDB and thali', async () => {
   for (const q of QUERIES) {
-    const [a, b] = await Promise.all([local.find(q), remote.find(q)]);
+    const [a, b] = await Promise.all([local.find(structuredClone(q)), remote.find(structuredClone(q))]);
     assert.ok(b.docs.length > 0 || a.docs.length === 0, JSON.stringify(q));
     same(q, a, b);
   }
+});
+
+// One known difference, checked so it stays known: on a local database pouchdb-find matches
+// `$lt` against documents that lack the field (the index sorts them first); CouchDB and thali
+// do not, a missing field matches no comparison.
+test('a missing field matches no comparison on thali, as on CouchDB', async () => {
+  const q = { selector: { color: 'red', size: { $lt: 50 } }, sort: ['color', 'size'] };
+  const [a, b] = await Promise.all([local.find(structuredClone(q)), remote.find(structuredClone(q))]);
+  assert.ok(b.docs.every((d) => typeof d.size === 'number' && d.size < 50));
+  assert.ok(a.docs.some((d) => d.size === undefined), 'PouchDB still differs here');
+  const present = a.docs.filter((d) => d.size !== undefined).map((d) => d._id);
+  assert.deepEqual(b.docs.map((d) => d._id).slice(0, present.length), present);
 });
 
 test('explain names the index thali chose', async () => {
@@ -113,7 +127,7 @@ test('explain names the index thali chose', async () => {
 test('a sort no index serves is refused like CouchDB refuses it', async () => {
   await assert.rejects(remote.find({ selector: { name: { $gt: null } }, sort: ['name'] }), (e) => {
     assert.equal(e.status, 400);
-    assert.equal(e.name, 'no_usable_index');
+    assert.equal(e.error, 'no_usable_index');
     return true;
   });
 });
@@ -124,8 +138,8 @@ test('an index made on thali replicates to PouchDB and serves its queries', asyn
     await PouchDB.replicate(remote, fresh);
     const idx = await fresh.getIndexes();
     assert.ok(idx.indexes.some((i) => i.name === 'color-size'), JSON.stringify(idx));
-    const q = { selector: { color: 'black', size: { $lt: 40 } }, sort: ['color', 'size'] };
-    const [a, b] = await Promise.all([fresh.find(q), remote.find(q)]);
+    const q = { selector: { color: 'black', size: { $gte: 0, $lt: 40 } }, sort: ['color', 'size'] };
+    const [a, b] = await Promise.all([fresh.find(structuredClone(q)), remote.find(structuredClone(q))]);
     same(q, a, b);
     const e = await fresh.explain(q);
     assert.equal(e.index.name, 'color-size');
