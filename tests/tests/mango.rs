@@ -24,10 +24,10 @@ fn doc(i: usize) -> Value {
         "nested": {"x": i % 7},
         "tags": (0..(i % 4)).map(|t| format!("t{t}")).collect::<Vec<_>>(),
         "s": format!("s{i}"),
-        "type": if i % 2 == 0 { "user" } else { "item" },
+        "type": if i.is_multiple_of(2) { "user" } else { "item" },
     });
-    if i % 9 != 0 {
-        d["n"] = if i % 11 == 0 {
+    if !i.is_multiple_of(9) {
+        d["n"] = if i.is_multiple_of(11) {
             json!(format!("{i}"))
         } else {
             json!(i)

@@ -132,11 +132,10 @@ impl Database {
         };
         out.insert("bookmark".into(), json!(bookmark));
         let mut warnings = p.warnings.clone();
-        let ratio = if results == 0 {
-            scan.docs_examined
-        } else {
-            scan.docs_examined / results
-        };
+        let ratio = scan
+            .docs_examined
+            .checked_div(results)
+            .unwrap_or(scan.docs_examined);
         if ratio > SCAN_WARNING_RATIO {
             warnings.push("The number of documents examined is high in proportion to the number of results returned. Consider adding a more specific index to improve this.".into());
         }
