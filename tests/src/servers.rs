@@ -235,3 +235,23 @@ pub fn arg_usize(name: &str, default: usize) -> usize {
         })
         .unwrap_or(default)
 }
+
+/// Runs `f` up to `q` times (fewer, at least 5, once 20 s have passed: a slow server would take
+/// minutes): each run's milliseconds in run order, the seconds in all, and the last answer.
+pub fn timed_runs(
+    q: usize,
+    mut f: impl FnMut() -> serde_json::Value,
+) -> (Vec<f64>, f64, serde_json::Value) {
+    let mut ms = Vec::with_capacity(q);
+    let mut last = serde_json::Value::Null;
+    let start = std::time::Instant::now();
+    for i in 0..q {
+        if i >= 5 && start.elapsed().as_secs() >= 20 {
+            break;
+        }
+        let t0 = std::time::Instant::now();
+        last = f();
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    (ms, start.elapsed().as_secs_f64(), last)
+}

@@ -590,3 +590,42 @@ fn bad_requests_get_couchdb_errors_and_change_nothing() {
     );
     assert_eq!(all["docs"].as_array().unwrap().len(), N);
 }
+
+#[test]
+fn a_huge_answer_ends_early_with_a_bookmark_to_go_on() {
+    let (_d, n) = start("mango-huge");
+    let big = "x".repeat(1 << 20);
+    for batch in 0..8 {
+        let docs: Vec<Value> = (0..10)
+            .map(|i| json!({"_id": format!("big{:02}", batch * 10 + i), "blob": big}))
+            .collect();
+        let r = n.post("/db/_bulk_docs", &json!({ "docs": docs }));
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let mut seen = 0;
+    let mut bookmark = Value::Null;
+    let mut pages = 0;
+    loop {
+        let r = find(
+            &n,
+            json!({"selector": {"blob": {"$exists": true}}, "limit": 1000, "fields": ["_id", "blob"], "bookmark": bookmark}),
+        );
+        let docs = r["docs"].as_array().unwrap().len();
+        if docs == 0 {
+            break;
+        }
+        pages += 1;
+        if pages == 1 {
+            assert!(docs < 80, "the first answer stops at the size bound");
+            assert!(
+                r["warning"].as_str().unwrap().contains("ends early"),
+                "{}",
+                r["warning"]
+            );
+        }
+        seen += docs;
+        bookmark = r["bookmark"].clone();
+        assert!(pages < 10);
+    }
+    assert_eq!(seen, 80, "the bookmark goes on where the answer stopped");
+}

@@ -27,6 +27,11 @@ const ALL_DOCS_TAG: u8 = b'd';
 /// Ratio of documents examined to results above which `_find` warns (CouchDB's default).
 const SCAN_WARNING_RATIO: u64 = 10;
 
+/// A `_find` answer is held whole while it is built: past this many bytes of documents it ends
+/// early, with a warning and a bookmark to go on from (a `limit` of millions cannot exhaust
+/// the node's memory).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
 }
@@ -52,6 +57,8 @@ struct Scan {
     keys_examined: u64,
     docs_examined: u64,
     last_key: Option<Vec<u8>>,
+    /// JSON bytes of `docs` so far.
+    bytes: usize,
 }
 
 impl Database {
@@ -136,6 +143,12 @@ impl Database {
             .docs_examined
             .checked_div(results)
             .unwrap_or(scan.docs_examined);
+        if scan.bytes >= MAX_ANSWER_BYTES && (results as usize) < req.limit {
+            warnings.push(format!(
+                "The answer reached {} MiB and ends early: go on with its bookmark.",
+                MAX_ANSWER_BYTES >> 20
+            ));
+        }
         if ratio > SCAN_WARNING_RATIO {
             warnings.push("The number of documents examined is high in proportion to the number of results returned. Consider adding a more specific index to improve this.".into());
         }
@@ -185,11 +198,13 @@ impl Database {
             *skip -= 1;
             return Ok(true);
         }
-        scan.docs.push(match &req.fields {
+        let doc = match &req.fields {
             Some(f) => project(&doc, f),
             None => doc,
-        });
-        Ok(scan.docs.len() < req.limit)
+        };
+        scan.bytes += serde_json::to_vec(&doc).map_or(0, |v| v.len());
+        scan.docs.push(doc);
+        Ok(scan.docs.len() < req.limit && scan.bytes < MAX_ANSWER_BYTES)
     }
 
     fn scan_all_docs(&self, req: &FindRequest, p: &Plan) -> DbResult<Scan> {

@@ -76,15 +76,16 @@ pub struct Selector {
     source: Value,
 }
 
-/// Splits a field name on unescaped dots (`a\.b` is the one field `a.b`).
+/// Splits a field name on unescaped dots (`a\.b` is the one field `a.b`); `\$` is a `$` that
+/// does not start an operator.
 pub fn parse_field(name: &str) -> Vec<String> {
     let mut parts = vec![String::new()];
     let mut chars = name.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\\' if chars.peek() == Some(&'.') => {
-                parts.last_mut().expect("one part").push('.');
-                chars.next();
+            '\\' if matches!(chars.peek(), Some('.' | '$')) => {
+                let escaped = chars.next().expect("peeked");
+                parts.last_mut().expect("one part").push(escaped);
             }
             '.' => parts.push(String::new()),
             c => parts.last_mut().expect("one part").push(c),
@@ -363,8 +364,10 @@ fn match_node(n: &Node, v: &Value) -> bool {
 fn match_op(op: &Op, v: &Value, raw: bool) -> bool {
     let cmp = |a: &Value| -> Ordering {
         match (raw, v, a) {
-            // `_id` compares by its bytes, as the `_all_docs` index orders it.
+            // `_id` compares as CouchDB's `_all_docs` orders it: strings by their bytes, and
+            // above every other type (Erlang's term order, which CouchDB uses there).
             (true, Value::String(x), Value::String(y)) => x.as_str().cmp(y.as_str()),
+            (true, Value::String(_), _) => Ordering::Greater,
             _ => collate::cmp(v, a),
         }
     };

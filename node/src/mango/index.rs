@@ -205,10 +205,20 @@ pub fn parse_create(body: &Value) -> Result<NewIndex, MangoError> {
             "Index fields must name at least one field.",
         ));
     }
+    if columns.iter().any(|c| c.desc != columns[0].desc) {
+        return Err(MangoError::bad(
+            "unsupported_mixed_sort",
+            "Sorts currently only support a single direction for all fields.",
+        ));
+    }
     let partial = match index.get("partial_filter_selector") {
         None => None,
         Some(s) if s.as_object().is_some_and(Map::is_empty) => None,
-        Some(s) => Some(Selector::parse(s)?),
+        // Parsed as given (errors), stored with its shorthands spelled out, as CouchDB does.
+        Some(s) => {
+            Selector::parse(s)?;
+            Some(Selector::parse(&explicit_eq(s))?)
+        }
     };
     let name_of = |k: &str| -> Result<Option<String>, MangoError> {
         match b.get(k) {
@@ -234,11 +244,14 @@ pub fn parse_create(body: &Value) -> Result<NewIndex, MangoError> {
         columns,
         partial,
     };
-    // CouchDB names an unnamed index by a hash of its definition, so creating it twice finds it.
+    // CouchDB names an unnamed index and its design document by a hash of the definition and
+    // the options (the name among them), so creating the same index twice finds it, and two
+    // names for the same fields get two design documents.
+    let name = name_of("name")?;
     let auto = hex::encode(Md5::digest(
-        canonical::to_string(&def.def_json()).as_bytes(),
+        canonical::to_string(&json!([def.def_json(), name])).as_bytes(),
     ));
-    def.name = name_of("name")?.unwrap_or_else(|| auto.clone());
+    def.name = name.unwrap_or_else(|| auto.clone());
     let ddoc = name_of("ddoc")?.unwrap_or(auto);
     def.ddoc = if ddoc.starts_with("_design/") {
         ddoc
@@ -246,6 +259,48 @@ pub fn parse_create(body: &Value) -> Result<NewIndex, MangoError> {
         format!("_design/{ddoc}")
     };
     Ok(NewIndex { def })
+}
+
+/// A selector with `{"field": value}` shorthands spelled `{"field": {"$eq": value}}` (objects
+/// without operators are nested fields and are walked into).
+fn explicit_eq(v: &Value) -> Value {
+    let Value::Object(m) = v else {
+        return v.clone();
+    };
+    let mut out = Map::new();
+    for (k, val) in m {
+        let is_op = |k: &str| k.starts_with('$');
+        let new = if is_op(k) {
+            match val {
+                Value::Array(a) if matches!(k.as_str(), "$and" | "$or" | "$nor") => {
+                    Value::Array(a.iter().map(explicit_eq).collect())
+                }
+                Value::Object(_)
+                    if matches!(
+                        k.as_str(),
+                        "$not"
+                            | "$elemMatch"
+                            | "$allMatch"
+                            | "$keyMapMatch"
+                            | "$and"
+                            | "$or"
+                            | "$nor"
+                    ) =>
+                {
+                    explicit_eq(val)
+                }
+                other => other.clone(),
+            }
+        } else {
+            match val {
+                Value::Object(o) if o.keys().any(|k| is_op(k)) => explicit_eq(val),
+                Value::Object(o) if !o.is_empty() => explicit_eq(val),
+                other => json!({"$eq": other}),
+            }
+        };
+        out.insert(k.clone(), new);
+    }
+    Value::Object(out)
 }
 
 /// Index fields (or sort fields): `["a", {"b": "desc"}]`, errors as `mango_sort` words them.
@@ -299,11 +354,12 @@ pub fn parse_fields(v: &Value) -> Result<Vec<Column>, MangoError> {
 /// already there (`"result": "exists"`).
 pub fn add_to_ddoc(doc: &mut Map<String, Value>, def: &IndexDef) -> Result<bool, MangoError> {
     match doc.get("language") {
-        None => {
+        // A new design document (no `_rev`); a stored one without a language is JavaScript.
+        None if !doc.contains_key("_rev") => {
             doc.insert("language".into(), json!("query"));
         }
         Some(l) if l == "query" => {}
-        Some(_) => {
+        _ => {
             return Err(MangoError::bad(
                 "invalid_index",
                 "Invalid design document query language.",
@@ -410,7 +466,7 @@ mod tests {
 
     #[test]
     fn create_request_round_trips_through_the_design_document() {
-        let req = json!({"index": {"fields": ["b", {"a.x": "desc"}],
+        let req = json!({"index": {"fields": [{"b": "desc"}, {"a.x": "desc"}],
             "partial_filter_selector": {"t": "x"}}, "ddoc": "d", "name": "n"});
         let new = parse_create(&req).unwrap();
         assert_eq!(new.def.ddoc, "_design/d");
@@ -427,7 +483,7 @@ mod tests {
         assert_eq!(defs[0].columns[1].path, ["a", "x"]);
         assert_eq!(
             defs[0].json()["def"],
-            json!({"fields": [{"b": "asc"}, {"a.x": "desc"}], "partial_filter_selector": {"t": "x"}})
+            json!({"fields": [{"b": "desc"}, {"a.x": "desc"}], "partial_filter_selector": {"t": {"$eq": "x"}}})
         );
         let fns = compile("_design/d", &doc).unwrap();
         let map = &fns.views["n"].map;
@@ -464,6 +520,10 @@ mod tests {
             "invalid_sort_dir"
         );
         assert_eq!(err(json!({"index": {"fields": [1]}})), "invalid_sort_field");
+        assert_eq!(
+            err(json!({"index": {"fields": [{"a": "desc"}, "b"]}})),
+            "unsupported_mixed_sort"
+        );
         assert_eq!(err(json!({"index": {"fields": []}})), "invalid_index");
         assert_eq!(
             err(json!({"index": {"fields": ["x"]}, "name": ""})),

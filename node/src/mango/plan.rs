@@ -227,8 +227,11 @@ pub fn plan<'a>(req: &FindRequest, indexes: &'a [IndexDef]) -> Result<Plan<'a>, 
     let descending = req.descending();
     if use_all_docs {
         warnings.push("No matching index found, create an index to optimize query time.".into());
+        // As the selector compares `_id`: strings by bytes, above every other type.
         let by_bytes = |a: &Value, b: &Value| match (a, b) {
             (Value::String(x), Value::String(y)) => x.as_bytes().cmp(y.as_bytes()),
+            (Value::String(_), _) => Ordering::Greater,
+            (_, Value::String(_)) => Ordering::Less,
             _ => collate::cmp(a, b),
         };
         let b = bounds(&req.selector, &id_path(), &by_bytes, true);

@@ -9,7 +9,7 @@
 
 use serde_json::{json, Value};
 use std::time::Instant;
-use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, Target};
+use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, timed_runs, Target};
 
 const TYPES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
@@ -58,18 +58,8 @@ fn build(t: &Target, fields: Value, q: &Value) -> f64 {
 
 /// Queries per second and median latency (ms) of up to `q` runs (20 s at most).
 fn run(t: &Target, body: &Value, q: usize) -> (f64, f64, Value) {
-    let mut ms = Vec::with_capacity(q);
-    let mut last = Value::Null;
-    let start = Instant::now();
-    for i in 0..q {
-        if i >= 5 && start.elapsed().as_secs() >= 20 {
-            break;
-        }
-        let t0 = Instant::now();
-        last = find(t, body);
-        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-    }
-    let qps = ms.len() as f64 / start.elapsed().as_secs_f64();
+    let (mut ms, secs, last) = timed_runs(q, || find(t, body));
+    let qps = ms.len() as f64 / secs;
     ms.sort_by(|a, b| a.total_cmp(b));
     (qps, ms[ms.len() / 2], last)
 }

@@ -11,7 +11,7 @@
 use base64::Engine;
 use serde_json::{json, Value};
 use std::time::Instant;
-use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, Target};
+use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, timed_runs, Target};
 
 const TYPES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
@@ -52,19 +52,11 @@ fn build(t: &Target, db: &str, ddoc: &str, view: &str, reduce: bool) -> (f64, Va
 /// least 5, when they take over 20 s in all: pouchdb-server needs seconds per reduce of 100k
 /// rows), in milliseconds.
 fn latency(t: &Target, path: &str, q: usize) -> (f64, f64, f64, Value) {
-    let mut ms = Vec::with_capacity(q);
-    let mut last = Value::Null;
-    let start = Instant::now();
-    for i in 0..q {
-        if i >= 5 && start.elapsed().as_secs() >= 20 {
-            break;
-        }
-        let t0 = Instant::now();
+    let (mut ms, _, last) = timed_runs(q, || {
         let (st, v) = t.call("GET", path, None);
-        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(st, 200, "{}: {v}", t.name);
-        last = v;
-    }
+        v
+    });
     let first = ms[0];
     ms.sort_by(|a, b| a.total_cmp(b));
     let q = ms.len();
