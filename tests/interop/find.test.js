@@ -50,6 +50,21 @@ const QUERIES = [
   { selector: { size: { $gte: 0 } }, sort: ['size'], skip: 10, limit: 5, fields: ['_id', 'size'] },
   { selector: { _id: { $gt: 'doc0100', $lte: 'doc0110' } } },
   { selector: { color: { $nin: ['red', 'blue'] }, 'meta.rank': { $gt: 2 } }, limit: 200 },
+  { selector: { size: { $gte: 50 } }, sort: ['size'], limit: 40 },
+  { selector: { size: { $lte: 20, $gt: 5 } }, sort: [{ size: 'desc' }] },
+  { selector: { size: { $eq: 42 } } },
+  { selector: { color: 'green', size: { $gte: 60 } }, sort: [{ color: 'desc' }, { size: 'desc' }] },
+  { selector: { color: { $in: ['red', 'black'] }, size: { $mod: [10, 0] } }, limit: 200 },
+  { selector: { 'meta.rank': { $gte: 1, $lte: 2 }, color: 'red' }, sort: ['meta.rank'], limit: 100 },
+  { selector: { tags: { $all: ['t0', 't1'] } }, limit: 200 },
+  { selector: { tags: { $size: 0 }, size: { $lt: 10 } }, limit: 200 },
+  { selector: { $and: [{ size: { $gt: 10 } }, { size: { $lt: 15 } }] }, sort: ['size'] },
+  { selector: { $nor: [{ color: 'red' }, { color: 'green' }], size: { $gt: 95 } }, limit: 200 },
+  { selector: { $not: { color: 'blue' }, 'meta.rank': 0 }, limit: 200 },
+  { selector: { name: { $type: 'string' }, size: { $gt: 98 } }, limit: 200 },
+  { selector: { tags: { $allMatch: { $eq: 't0' } }, size: { $lt: 30 } }, limit: 200 },
+  { selector: { name: { $in: ['item 1', 'item 2'] } }, fields: ['_id', 'name'], limit: 200 },
+  { selector: { size: { $gt: 30 } }, sort: ['size'], limit: 10, skip: 30 },
 ];
 
 test.before(async () => {

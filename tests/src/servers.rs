@@ -34,16 +34,10 @@ pub fn wait_up(base: &str) {
 }
 
 pub fn start_thali(root: &std::path::Path) -> Target {
+    // `--workspace`, not `-p thali-node`: the features then unify as in `cargo build
+    // --workspace`, whose artifacts are reused instead of a second set being built.
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "thali-node",
-            "--bin",
-            "thali",
-        ])
+        .args(["build", "--release", "-q", "--workspace", "--bin", "thali"])
         .current_dir(root)
         .status()
         .expect("cargo build");

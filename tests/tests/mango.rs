@@ -363,6 +363,31 @@ fn partial_indexes_are_used_only_when_asked_for() {
                 "ddoc": "p", "name": "users_by_n"}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // pouchdb-find lists indexes through `_design_docs`: design documents only, either way.
+    assert_eq!(
+        n.put("/db/_design/other", &json!({"language": "lua"}))
+            .status,
+        201
+    );
+    for q in [
+        "",
+        "?descending=true",
+        "?startkey=%22_design%2Fo%22",
+        "?endkey=%22zzz%22&include_docs=true",
+    ] {
+        let r = n.get(&format!("/db/_design_docs{q}")).json();
+        let rows: Vec<&str> = r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        let mut want = vec!["_design/other", "_design/p"];
+        if q.contains("descending") {
+            want.reverse();
+        }
+        assert_eq!(rows, want, "{q}");
+    }
     let sel = json!({"type": "user", "n": {"$lt": 30}});
     assert_eq!(explain_index(&n, json!({"selector": sel})), "_all_docs");
     let r = find(&n, json!({"selector": sel, "use_index": "p"}));

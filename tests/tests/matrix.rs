@@ -395,6 +395,14 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             let rev = w.seed_att(&format!("/m/_design/{t}/a.txt"), Some(&rev));
             Call::new("DELETE", format!("/m/_design/{t}/a.txt?rev={rev}"))
         })],
+        ("DesignDocs", _) => vec![case("design_docs", EVERYONE, move |_, _, _| {
+            let c = Call::new(ms, "/m/_design_docs".into());
+            if read {
+                c
+            } else {
+                c.json(json!({}))
+            }
+        })],
         ("Find", "POST") => vec![case("find", EVERYONE, |_, _, _| {
             Call::new("POST", "/m/_find".into()).json(json!({"selector": {"_id": "seed"}}))
         })],

@@ -103,8 +103,8 @@ fn classify(route: &Route, m: &Method) -> Need {
         Db if read_method => db(Level::Read),
         Db if *m == Method::POST => db(Level::Write),
         Db => Need::NodeAdmin,
-        AllDocs | BulkGet | RevsDiff | Changes | EnsureFullCommit | View | ViewInfo | Find
-        | Explain => db(Level::Read),
+        AllDocs | DesignDocs | BulkGet | RevsDiff | Changes | EnsureFullCommit | View
+        | ViewInfo | Find | Explain => db(Level::Read),
         Index if read_method => db(Level::Read),
         // Indexes are design documents: the write path decides who may write those.
         Index | IndexDoc => db(Level::Write),

@@ -269,7 +269,13 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     Ok(ok(db.revs_diff(body)?))
 }
 
-pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
+/// `_all_docs`, or with `design_only` `_design_docs` (the same, within `_design/`).
+pub async fn all_docs(
+    state: &AppState,
+    r: &mut Req,
+    name: &str,
+    design_only: bool,
+) -> ApiResult<Response> {
     let db = open(state, name)?;
     let body_keys = r.query_body().await?;
     let q = &r.query;
@@ -311,6 +317,17 @@ pub async fn all_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
             }
             None => query.limit = Some(0),
         }
+    }
+    if design_only {
+        // Within `_design/` whatever the range asked ("_design0" is no legal id: past them all).
+        let (lo, hi) = ("_design/".to_string(), "_design0".to_string());
+        let (low, high) = if query.descending {
+            (&mut query.end, &mut query.start)
+        } else {
+            (&mut query.start, &mut query.end)
+        };
+        *low = Some(low.take().map_or(lo.clone(), |s| s.max(lo)));
+        *high = Some(high.take().map_or(hi.clone(), |s| s.min(hi)));
     }
     // An inverted key range is no error here (CouchDB answers no rows; views refuse it).
     // Streamed: `_all_docs` of a large database would otherwise be held whole, twice (as

@@ -45,6 +45,7 @@ kinds!(
     ViewInfo,
     Attachment,
     DesignAttachment,
+    DesignDocs,
     Find,
     Explain,
     Index,
@@ -199,6 +200,11 @@ pub const ROUTES: &[Spec] = &[
         methods: &["GET", "HEAD", "PUT", "DELETE"],
     },
     Spec {
+        kind: Kind::DesignDocs,
+        path: "/{db}/_design_docs",
+        methods: &["GET", "HEAD", "POST"],
+    },
+    Spec {
         kind: Kind::Find,
         path: "/{db}/_find",
         methods: &["POST"],
@@ -284,6 +290,7 @@ impl Route {
             [db, "_security"] => d(Security, db),
             [db, "_revs_limit"] => d(RevsLimit, db),
             [db, "_local_docs"] => d(LocalDocs, db),
+            [db, "_design_docs"] => d(DesignDocs, db),
             [db, "_find"] => d(Find, db),
             [db, "_explain"] => d(Explain, db),
             [db, "_index"] => d(Index, db),

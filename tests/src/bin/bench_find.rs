@@ -1,8 +1,9 @@
-//! Benchmark: Mango `_find` on JSON indexes, thali beside pouchdb-server (pouchdb-find over
-//! LevelDB) on the same documents in the same run. Index builds are timed from the first
-//! `_find` that uses the index (which builds it) to its answer; then queries from one client:
-//! an equality and a range with a sort, each as queries per second and median latency. Both
-//! servers must return the same documents.
+//! Benchmark: Mango `_find`, thali beside pouchdb-server (pouchdb-find over LevelDB) on the
+//! same documents in the same run. Without an index first (`_all_docs` scans: an equality that
+//! finds its 25 at once, and a range whose 25 matches lie spread over the whole database), then
+//! with JSON indexes: builds timed from the first `_find` that uses the index (which builds it)
+//! to its answer, and queries from one client: an equality and a range with a sort, as queries
+//! per second and median latency. Both servers must return the same documents.
 //!
 //! Usage: `cargo run --release -p thali-tests --bin thali-bench-find [-- --docs N --queries Q]`
 //! (needs `npm ci` in tests/interop, as `tests/run-all.sh` does).
@@ -18,7 +19,7 @@ fn insert(t: &Target, db: &str, n: usize) {
     let batches: Vec<Value> = (0..n)
         .collect::<Vec<_>>()
         .chunks(1000)
-        .map(|c| json!({"docs": c.iter().map(|i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": (i * 7919) % 10_000, "title": "a small document to query"})).collect::<Vec<_>>()}))
+        .map(|c| json!({"docs": c.iter().map(|i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": (i * 7919) % 10_000, "m": (i * 7919) % 10_000, "kind": TYPES[i % 5], "title": "a small document to query"})).collect::<Vec<_>>()}))
         .collect();
     std::thread::scope(|s| {
         for half in batches.chunks(batches.len().div_ceil(2)) {
@@ -38,15 +39,16 @@ fn find(t: &Target, q: &Value) -> Value {
     v
 }
 
-/// Creates the index and times the first query that uses it (the build).
+/// Creates the index and times it with the first query that uses it: thali builds at that
+/// query, pouchdb-server while it answers `POST _index`.
 fn build(t: &Target, fields: Value, q: &Value) -> f64 {
+    let t0 = Instant::now();
     let (st, v) = t.call(
         "POST",
         "/bench/_index",
         Some(&json!({"index": {"fields": fields}})),
     );
     assert_eq!(st, 200, "{}: {v}", t.name);
-    let t0 = Instant::now();
     let v = find(t, q);
     assert!(
         v.get("warning").is_none(),
@@ -79,19 +81,31 @@ fn main() {
     let root = thali_tests::workspace_root();
     let eq = json!({"selector": {"type": "c"}, "limit": 25});
     let range = json!({"selector": {"n": {"$gte": 4000, "$lt": 4100}}, "sort": ["n"], "limit": 25});
-    println!("workload: {n} docs of ~100 B; index builds timed from the first _find; up to {queries} queries each, one client");
+    // The same on fields no index holds.
+    let eq_scan = json!({"selector": {"kind": "c"}, "limit": 25});
+    let range_scan = json!({"selector": {"m": {"$gte": 4000, "$lt": 4010}}, "limit": 25});
+    println!("workload: {n} docs of ~100 B; index builds timed from POST _index to the first _find answer; up to {queries} queries each, one client");
 
     let mut results = Vec::new();
+    let mut scans = Vec::new();
     let thali = start_thali(&root);
     let pouch = start_pouchdb_server(&root);
     for t in [&thali, &pouch] {
         insert(t, "bench", n);
+        let (s_eq_qps, s_eq_p50, _) = run(t, &eq_scan, queries);
+        let (s_r_qps, s_r_p50, s_r_v) = run(t, &range_scan, queries);
         let b_type = build(t, json!(["type"]), &eq);
         let b_n = build(t, json!(["n"]), &range);
         let (eq_qps, eq_p50, eq_v) = run(t, &eq, queries);
         let (r_qps, r_p50, r_v) = run(t, &range, queries);
         results.push((b_type, b_n, eq_qps, eq_p50, r_qps, r_p50, eq_v, r_v));
+        scans.push((s_eq_qps, s_eq_p50, s_r_qps, s_r_p50, s_r_v));
     }
+    let (ts, ps) = (&scans[0], &scans[1]);
+    let (mut a, mut b) = (ids(&ts.4), ids(&ps.4));
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "range scans differ");
     let (t, p) = (&results[0], &results[1]);
     assert_eq!(ids(&t.7), ids(&p.7), "range + sort answers differ");
     assert_eq!(ids(&t.7).len(), 25);
@@ -128,11 +142,13 @@ fn main() {
     println!("| _find, limit 25 | thali q/s | thali p50 ms | pouchdb-server q/s | pouchdb-server p50 ms | ratio (q/s) |");
     println!("|---|---|---|---|---|---|");
     for (what, tq, tm, pq, pm) in [
+        ("no index: equality {kind: \"c\"}", ts.0, ts.1, ps.0, ps.1),
+        ("no index: range m in [4000, 4010)", ts.2, ts.3, ps.2, ps.3),
         ("equality {type: \"c\"}", t.2, t.3, p.2, p.3),
         ("range n in [4000, 4100) sorted by n", t.4, t.5, p.4, p.5),
     ] {
         println!(
-            "| {what} | {tq:.0} | {tm:.2} | {pq:.0} | {pm:.2} | {:.1}x |",
+            "| {what} | {tq:.1} | {tm:.2} | {pq:.1} | {pm:.2} | {:.1}x |",
             tq / pq
         );
     }
