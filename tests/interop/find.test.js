@@ -57,14 +57,14 @@ const QUERIES = [
   { selector: { color: { $in: ['red', 'black'] }, size: { $mod: [10, 0] } }, limit: 200 },
   { selector: { 'meta.rank': { $gte: 1, $lte: 2 }, color: 'red' }, sort: ['meta.rank'], limit: 100 },
   { selector: { tags: { $all: ['t0', 't1'] } }, limit: 200 },
-  { selector: { tags: { $size: 0 }, size: { $lt: 10 } }, limit: 200 },
+  { selector: { tags: { $size: 0 }, size: { $gte: 0, $lt: 10 } }, limit: 200 },
   { selector: { $and: [{ size: { $gt: 10 } }, { size: { $lt: 15 } }] }, sort: ['size'] },
   { selector: { $nor: [{ color: 'red' }, { color: 'green' }], size: { $gt: 95 } }, limit: 200 },
   { selector: { $not: { color: 'blue' }, 'meta.rank': 0 }, limit: 200 },
   { selector: { name: { $type: 'string' }, size: { $gt: 98 } }, limit: 200 },
-  { selector: { tags: { $allMatch: { $eq: 't0' } }, size: { $lt: 30 } }, limit: 200 },
+  { selector: { tags: { $allMatch: { $eq: 't0' } }, size: { $gte: 0, $lt: 30 } }, limit: 200 },
   { selector: { name: { $in: ['item 1', 'item 2'] } }, fields: ['_id', 'name'], limit: 200 },
-  { selector: { size: { $gt: 30 } }, sort: ['size'], limit: 10, skip: 30 },
+  { selector: { size: { $gte: 31 } }, sort: ['size'], limit: 10, skip: 30 },
 ];
 
 test.before(async () => {
@@ -122,7 +122,9 @@ test('the same queries give the same answers from PouchDB and thali', async () =
 
 // One known difference, checked so it stays known: on a local database pouchdb-find matches
 // `$lt` against documents that lack the field (the index sorts them first); CouchDB and thali
-// do not, a missing field matches no comparison.
+// do not, a missing field matches no comparison. (Another, not in QUERIES: with `$gt` and a
+// `limit`, local pouchdb-find counts the rows equal to the bound toward the limit and returns
+// fewer documents.)
 test('a missing field matches no comparison on thali, as on CouchDB', async () => {
   const q = { selector: { color: 'red', size: { $lt: 50 } }, sort: ['color', 'size'] };
   const [a, b] = await Promise.all([local.find(structuredClone(q)), remote.find(structuredClone(q))]);
