@@ -7,6 +7,7 @@ pub mod dial;
 pub mod httpkey;
 pub mod identity;
 pub mod listener;
+pub mod pairing;
 pub mod tls;
 
 pub use dial::Dialer;
