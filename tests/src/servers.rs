@@ -249,3 +249,24 @@ pub fn timed_runs(
     }
     (ms, start.elapsed().as_secs_f64(), last)
 }
+
+/// Creates `db` on `t` and loads documents `doc(0..n)` in `_bulk_docs` batches of 1000 from
+/// two client threads.
+pub fn load_docs(t: &Target, db: &str, n: usize, doc: impl Fn(usize) -> serde_json::Value) {
+    assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
+    let batches: Vec<serde_json::Value> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| serde_json::json!({"docs": c.iter().map(|i| doc(*i)).collect::<Vec<_>>()}))
+        .collect();
+    std::thread::scope(|s| {
+        for half in batches.chunks(batches.len().div_ceil(2)) {
+            s.spawn(move || {
+                for b in half {
+                    let (st, v) = t.call("POST", &format!("/{db}/_bulk_docs"), Some(b));
+                    assert!(st == 201 || st == 200, "{v}");
+                }
+            });
+        }
+    });
+}

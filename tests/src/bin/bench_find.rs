@@ -10,27 +10,19 @@
 
 use serde_json::{json, Value};
 use std::time::Instant;
-use thali_tests::servers::{arg_usize, start_pouchdb_server, start_thali, timed_runs, Target};
+use thali_tests::servers::{
+    arg_usize, load_docs, start_pouchdb_server, start_thali, timed_runs, Target,
+};
 
 const TYPES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
 fn insert(t: &Target, db: &str, n: usize) {
-    assert!(t.call("PUT", &format!("/{db}"), None).0 < 300);
-    let batches: Vec<Value> = (0..n)
-        .collect::<Vec<_>>()
-        .chunks(1000)
-        .map(|c| json!({"docs": c.iter().map(|i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": (i * 7919) % 10_000, "m": (i * 7919) % 10_000, "kind": TYPES[i % 5], "title": "a small document to query"})).collect::<Vec<_>>()}))
-        .collect();
-    std::thread::scope(|s| {
-        for half in batches.chunks(batches.len().div_ceil(2)) {
-            s.spawn(move || {
-                for b in half {
-                    let (st, v) = t.call("POST", &format!("/{db}/_bulk_docs"), Some(b));
-                    assert!(st == 201 || st == 200, "{v}");
-                }
-            });
-        }
-    });
+    load_docs(
+        t,
+        db,
+        n,
+        |i| json!({"_id": format!("d{i:08}"), "type": TYPES[i % 5], "n": (i * 7919) % 10_000, "m": (i * 7919) % 10_000, "kind": TYPES[i % 5], "title": "a small document to query"}),
+    );
 }
 
 fn find(t: &Target, q: &Value) -> Value {
