@@ -12,6 +12,7 @@ use crate::mango::index::{self, IndexDef};
 use crate::mango::plan::{self, Access, Plan};
 use crate::mango::request::{project, FindRequest};
 use crate::mango::MangoError;
+use crate::plugins::DesignFns;
 use crate::store::gateway;
 use crate::store::index::view_prefix;
 use base64::Engine;
@@ -62,22 +63,28 @@ struct Scan {
 }
 
 impl Database {
-    /// The database's JSON indexes and the signature of each one's design document.
-    fn mango_indexes(&self) -> Vec<(IndexDef, String)> {
-        let defs = match self.mango.read() {
+    /// The database's JSON indexes, sorted by design document and name (a snapshot, replaced
+    /// with the compiled design documents).
+    fn mango_indexes(&self) -> Arc<Vec<IndexDef>> {
+        match self.mango.read() {
             Ok(m) => m.clone(),
             Err(m) => m.into_inner().clone(),
-        };
-        let plugins = self.plugins();
-        let mut out: Vec<(IndexDef, String)> = defs
-            .iter()
-            .filter_map(|i| {
-                let sig = plugins.ddoc(&i.ddoc)?.view_sig.clone()?;
-                Some((i.clone(), sig))
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.0.ddoc, &a.0.name).cmp(&(&b.0.ddoc, &b.0.name)));
-        out
+        }
+    }
+
+    /// The compiled design document of an index, its view signature and its view's number.
+    fn index_view(&self, idx: &IndexDef) -> DbResult<(Arc<DesignFns>, String, u16)> {
+        let fns = self
+            .plugins()
+            .ddoc(&idx.ddoc)
+            .cloned()
+            .ok_or_else(|| DbError::Internal("index design document vanished".into()))?;
+        let sig = fns.view_sig.clone();
+        let view = fns.views.keys().position(|v| *v == idx.name);
+        match (sig, view) {
+            (Some(sig), Some(view)) => Ok((fns, sig, view as u16)),
+            _ => Err(DbError::Internal("index view vanished".into())),
+        }
     }
 
     /// `POST /db/_find`.
@@ -85,20 +92,10 @@ impl Database {
         self.check_alive()?;
         let started = Instant::now();
         let indexes = self.mango_indexes();
-        let defs: Vec<IndexDef> = indexes.iter().map(|(d, _)| d.clone()).collect();
         // The chosen index is brought up to date first (unless `update: false`).
-        if let Access::Json(chosen) = plan::plan(&req, &defs)?.access {
-            let sig = indexes
-                .iter()
-                .find(|(d, _)| d.ddoc == chosen.ddoc && d.name == chosen.name)
-                .map(|(_, s)| s.clone())
-                .ok_or_else(|| DbError::Internal("index vanished".into()))?;
-            let fns = self
-                .plugins()
-                .ddoc(&chosen.ddoc)
-                .cloned()
-                .ok_or_else(|| DbError::Internal("index design document vanished".into()))?;
+        if let Access::Json(chosen) = plan::plan(&req, &indexes)?.access {
             if req.update {
+                let (fns, sig, _) = self.index_view(chosen)?;
                 let idx = self.open_index(&sig, &chosen.ddoc)?;
                 self.refresh(&idx, &fns).await?;
             }
@@ -110,24 +107,15 @@ impl Database {
     fn find_now(
         &self,
         req: &FindRequest,
-        indexes: &[(IndexDef, String)],
+        indexes: &[IndexDef],
         started: Instant,
     ) -> DbResult<Value> {
-        let defs: Vec<IndexDef> = indexes.iter().map(|(d, _)| d.clone()).collect();
-        let p = plan::plan(req, &defs)?;
+        let p = plan::plan(req, indexes)?;
         let scan = match p.access {
             Access::AllDocs => self.scan_all_docs(req, &p)?,
             Access::Json(chosen) => {
-                let (_, sig) = indexes
-                    .iter()
-                    .find(|(d, _)| d.ddoc == chosen.ddoc && d.name == chosen.name)
-                    .ok_or_else(|| DbError::Internal("index vanished".into()))?;
-                let view = self
-                    .plugins()
-                    .ddoc(&chosen.ddoc)
-                    .and_then(|f| f.views.keys().position(|v| *v == chosen.name))
-                    .ok_or_else(|| DbError::Internal("index view vanished".into()))?;
-                self.scan_index(req, &p, sig, &chosen.ddoc, view as u16)?
+                let (_, sig, view) = self.index_view(chosen)?;
+                self.scan_index(req, &p, &sig, &chosen.ddoc, view)?
             }
         };
         let mut out = Map::new();
@@ -337,8 +325,7 @@ impl Database {
     pub fn explain(&self, req: &FindRequest) -> DbResult<Value> {
         self.check_alive()?;
         let indexes = self.mango_indexes();
-        let defs: Vec<IndexDef> = indexes.iter().map(|(d, _)| d.clone()).collect();
-        let p = plan::plan(req, &defs)?;
+        let p = plan::plan(req, &indexes)?;
         let (index, start_key, end_key) = match p.access {
             Access::AllDocs => (
                 all_docs_json(),
@@ -396,7 +383,7 @@ impl Database {
     pub fn list_indexes(&self, skip: usize, limit: Option<usize>) -> DbResult<Value> {
         self.check_alive()?;
         let mut all = vec![all_docs_json()];
-        all.extend(self.mango_indexes().iter().map(|(d, _)| d.json()));
+        all.extend(self.mango_indexes().iter().map(IndexDef::json));
         let total = all.len();
         let page: Vec<Value> = all
             .into_iter()

@@ -54,10 +54,11 @@ impl Database {
             };
             if crate::plugins::design::language_name(&out.doc) == "query" {
                 // Mango indexes: native maps, nothing to sandbox.
-                indexes.extend(crate::mango::index::from_ddoc(id, &out.doc));
-                if let Some(fns) = crate::mango::index::compile(id, &out.doc) {
+                let defs = crate::mango::index::from_ddoc(id, &out.doc);
+                if let Some(fns) = crate::mango::index::compile(id, &defs) {
                     ddocs.push(Arc::new(fns));
                 }
+                indexes.extend(defs);
                 continue;
             }
             match self.host.compile(id, &out.doc, &fetch) {
@@ -73,6 +74,8 @@ impl Database {
             Ok(mut p) => *p = set,
             Err(p) => *p.into_inner() = set,
         }
+        // Sorted once here: `_index` lists them so, and the planner breaks ties by name.
+        indexes.sort_by(|a, b| (&a.ddoc, &a.name).cmp(&(&b.ddoc, &b.name)));
         let indexes = Arc::new(indexes);
         match self.mango.write() {
             Ok(mut m) => *m = indexes,

@@ -423,16 +423,15 @@ impl PluginFn for IndexMap {
     }
 }
 
-/// Compiles a `"language": "query"` design document: its indexes as views with native maps.
-/// `None` when it defines no valid index.
-pub fn compile(id: &str, doc: &Map<String, Value>) -> Option<DesignFns> {
-    let defs = from_ddoc(id, doc);
+/// Compiles a `"language": "query"` design document from its indexes (`from_ddoc`): views
+/// with native maps. `None` when it defines no valid index.
+pub fn compile(id: &str, defs: &[IndexDef]) -> Option<DesignFns> {
     if defs.is_empty() {
         return None;
     }
     let mut views = BTreeMap::new();
     let mut material = Vec::new();
-    for d in &defs {
+    for d in defs {
         let map: crate::plugins::Func = Arc::new(IndexMap {
             columns: d.paths(),
             partial: d.partial.clone(),
@@ -485,7 +484,7 @@ mod tests {
             defs[0].json()["def"],
             json!({"fields": [{"b": "desc"}, {"a.x": "desc"}], "partial_filter_selector": {"t": {"$eq": "x"}}})
         );
-        let fns = compile("_design/d", &doc).unwrap();
+        let fns = compile("_design/d", &defs).unwrap();
         let map = &fns.views["n"].map;
         assert_eq!(
             map.call(&[json!({"t": "x", "b": 1, "a": {"x": [2]}})])
