@@ -24,6 +24,16 @@ if ! command -v tor >/dev/null 2>&1 && [ ! -x /usr/sbin/tor ] || ! command -v to
   fi
 fi
 
+echo "== iproute2 (two network namespaces on a veth pair for the LAN discovery test)"
+if [ "$(id -u)" != 0 ]; then
+  echo "run-all: the LAN test creates network namespaces (ip netns) and must run as root" >&2
+  exit 1
+fi
+if ! command -v ip >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 echo "== installing npm packages for interop tests"
 (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
 

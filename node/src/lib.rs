@@ -7,6 +7,7 @@ pub mod doc;
 pub mod http;
 pub mod mango;
 pub mod multipart;
+pub mod pair;
 pub mod peer;
 pub mod plugins;
 pub mod replicate;

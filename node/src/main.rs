@@ -45,6 +45,83 @@ enum Command {
     },
     /// Print the HTTP API's route table as JSON (kinds, path templates, methods).
     Routes,
+    /// Invite another device to a database: prints a single-use `thali:` URI and its QR code
+    /// (`thali invite list`, `thali invite revoke ID` manage them).
+    #[command(args_conflicts_with_subcommands = true)]
+    Invite {
+        #[command(subcommand)]
+        action: Option<InviteAction>,
+        /// The database to share.
+        #[arg(long)]
+        db: Option<String>,
+        /// What the other device may do: read, write or admin.
+        #[arg(long, default_value = "write")]
+        level: String,
+        /// How long the invite stays valid (90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        expires: String,
+        /// `tcp` (the peer listener) or `tor` (the onion service).
+        #[arg(long)]
+        via: Option<String>,
+        /// The host the other device should dial, when the peer listener is on 0.0.0.0.
+        #[arg(long)]
+        host: Option<String>,
+        /// The name the other device will know this one by.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, global = true, default_value = "./thali-data")]
+        data: PathBuf,
+        #[arg(long, global = true, default_value = "127.0.0.1:5984")]
+        node: SocketAddr,
+    },
+    /// Accept an invite made by `thali invite` on another device: pair, grant it the same
+    /// access here and replicate both ways.
+    Join {
+        invite: String,
+        /// The name to know the inviting device by (default: the one in the invite).
+        #[arg(long)]
+        name: Option<String>,
+        /// The name the inviting device will know this one by.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        /// Pair without setting up replication.
+        #[arg(long)]
+        no_replicate: bool,
+        #[arg(long, default_value = "./thali-data")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:5984")]
+        node: SocketAddr,
+    },
+    /// Pair with a device face to face: both show a 6-digit code and each user confirms it.
+    /// One side waits (`--wait`), the other asks (`--with KEY|URL --db NAME`).
+    Pair {
+        /// Wait for another device to ask.
+        #[arg(long, conflicts_with = "with")]
+        wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// The device to ask: an httpkey URL, or the start of a key `thali peer discover` lists.
+        #[arg(long, required_unless_present = "wait")]
+        with: Option<String>,
+        /// The database to share.
+        #[arg(long, required_unless_present = "wait")]
+        db: Option<String>,
+        #[arg(long, default_value = "write")]
+        level: String,
+        /// The name to know the other device by.
+        #[arg(long)]
+        name: Option<String>,
+        /// The name the other device will know this one by.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        #[arg(long)]
+        no_replicate: bool,
+        #[arg(long, default_value = "./thali-data")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:5984")]
+        node: SocketAddr,
+    },
     /// Manage which peer keys may use a database (edits its `_security` on the running node).
     Peer {
         #[command(subcommand)]
@@ -74,11 +151,24 @@ enum PeerAction {
         #[arg(long)]
         db: String,
     },
-    /// List the keys allowed on a database.
+    /// The paired peers (name, key, databases and levels, replications); with --db, the keys
+    /// allowed on that database.
     List {
         #[arg(long)]
-        db: String,
+        db: Option<String>,
     },
+    /// Forget a paired peer: revoke its access everywhere and delete its replications.
+    Remove { name: String },
+    /// The nodes `serve --lan` found nearby.
+    Discover,
+}
+
+#[derive(Subcommand)]
+enum InviteAction {
+    /// The invites made, with their state (open, used, expired, revoked).
+    List,
+    /// Make an open invite unusable.
+    Revoke { id: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -134,8 +224,81 @@ fn main() -> std::process::ExitCode {
                 }
                 PeerAction::Deny { key, db } => thali_node::cli::PeerCommand::Deny { key, db },
                 PeerAction::List { db } => thali_node::cli::PeerCommand::List { db },
+                PeerAction::Remove { name } => thali_node::cli::PeerCommand::Remove { name },
+                PeerAction::Discover => thali_node::cli::PeerCommand::Discover,
             };
             thali_node::cli::peer(&data, node, action)
+        }
+        Command::Invite {
+            action,
+            db,
+            level,
+            expires,
+            via,
+            host,
+            name,
+            data,
+            node,
+        } => {
+            use thali_node::cli::{InviteArgs, InviteCommand};
+            let cmd = match (action, db) {
+                (Some(InviteAction::List), _) => Ok(InviteCommand::List),
+                (Some(InviteAction::Revoke { id }), _) => Ok(InviteCommand::Revoke { id }),
+                (None, Some(db)) => Ok(InviteCommand::Create(InviteArgs {
+                    db,
+                    level,
+                    expires,
+                    via,
+                    host,
+                    name,
+                })),
+                (None, None) => Err("say which database to share: thali invite --db NAME".into()),
+            };
+            cmd.and_then(|c| thali_node::cli::invite(&data, node, c))
+        }
+        Command::Join {
+            invite,
+            name,
+            as_name,
+            no_replicate,
+            data,
+            node,
+        } => thali_node::cli::join(
+            &data,
+            node,
+            thali_node::cli::JoinArgs {
+                invite,
+                name,
+                as_name,
+                no_replicate,
+            },
+        ),
+        Command::Pair {
+            wait,
+            timeout,
+            with,
+            db,
+            level,
+            name,
+            as_name,
+            no_replicate,
+            data,
+            node,
+        } => {
+            use thali_node::cli::PairCommand;
+            let cmd = match (wait, with, db) {
+                (true, _, _) => Ok(PairCommand::Wait { timeout, as_name }),
+                (false, Some(with), Some(db)) => Ok(PairCommand::With {
+                    with,
+                    db,
+                    level,
+                    name,
+                    as_name,
+                    no_replicate,
+                }),
+                _ => Err("give --wait, or --with and --db".into()),
+            };
+            cmd.and_then(|c| thali_node::cli::pair(&data, node, c))
         }
         Command::Migrate { data, to } => thali_node::cli::migrate(&data, to),
         Command::Replicate(args) => rt.block_on(thali_node::cli::replicate(args)),

@@ -71,6 +71,10 @@ pub struct ServeConfig {
     /// every save.
     #[arg(long, value_name = "DIR")]
     pub dev: Option<PathBuf>,
+    /// Discovery on the local network: announce the first peer listener over mDNS (under a
+    /// random name that changes every 10 minutes) and list nodes nearby (`thali peer discover`).
+    #[arg(long)]
+    pub lan: bool,
     #[command(flatten)]
     pub tor: crate::tor::TorOptions,
 }
@@ -85,6 +89,8 @@ pub enum ServeError {
     Store(String),
     #[error("identity: {0}")]
     Identity(String),
+    #[error("--lan announces the peer listener: give one with --peer ADDR")]
+    Lan,
 }
 
 /// The admin password: given, or read from / generated into `DIR/admin.password` (0600).
@@ -117,6 +123,9 @@ async fn bind(addr: &SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)
 }
 
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    if cfg.lan && cfg.peer.is_empty() {
+        return Err(ServeError::Lan);
+    }
     std::fs::create_dir_all(&cfg.data).map_err(|e| ServeError::DataDir(cfg.data.clone(), e))?;
     let (password, generated) = admin_password(&cfg.data, cfg.admin_password.clone())?;
     if generated {
@@ -158,14 +167,13 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .tor
         .is_enabled()
         .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone(), &identity));
-    let replicator = crate::replicate::Replicator::new(
-        node.clone(),
-        crate::peer::Dialer::new(
-            identity.clone(),
-            tor.clone()
-                .map(|t| t as Arc<dyn crate::peer::dial::OnionConnect>),
-        ),
+    let dialer = crate::peer::Dialer::new(
+        identity.clone(),
+        tor.clone()
+            .map(|t| t as Arc<dyn crate::peer::dial::OnionConnect>),
     );
+    let replicator = crate::replicate::Replicator::new(node.clone(), dialer.clone());
+    let pairing = crate::pair::Pairing::new(node.clone(), identity.clone(), dialer, tor.clone());
     let manager = tokio::spawn(crate::replicate::manager::run(
         replicator.clone(),
         shutdown_tx.subscribe(),
@@ -186,11 +194,13 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         shutdown: shutdown_rx,
         key_id: identity.key_id().into(),
         tor: tor.clone(),
+        pairing: pairing.clone(),
     };
     let app = router(state);
     let mut servers = Vec::new();
     // Peer listeners first: once the HTTP API answers, every listener is up.
     let mut peer_urls = Vec::new();
+    let mut listening = Vec::new();
     if !cfg.peer.is_empty() || tor.is_some() {
         let tls = crate::peer::tls::server_config(&identity)
             .map_err(|e| ServeError::Identity(e.to_string()))?;
@@ -210,6 +220,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
             println!("thali peers reach this node at {url}");
             peer_urls.push(url);
+            listening.push(local);
             servers.push(tokio::spawn(crate::peer::listener::serve(
                 listener,
                 acceptor.clone(),
@@ -250,6 +261,17 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         }));
     }
+    if cfg.lan {
+        match listening.first() {
+            Some(addr) => servers.push(tokio::spawn(crate::pair::lan::run(
+                pairing.clone(),
+                *addr,
+                shutdown_tx.subscribe(),
+            ))),
+            None => return Err(ServeError::Lan),
+        }
+    }
+    pairing.set_listeners(listening);
     // `thali id` prints these while the node runs.
     let urls_file = cfg.data.join("peer-urls");
     let _ = std::fs::write(&urls_file, peer_urls.join("\n"));

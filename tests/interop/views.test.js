@@ -17,7 +17,7 @@ let local;
 let remote;
 
 // Keys on which UCA and code-unit order agree: every type, numbers, lower-case ASCII strings,
-// arrays and objects (with their members in sorted order, as thali stores them).
+// arrays and objects (with their members in sorted order, as a Lua table hands them to emit).
 function keyFor(i) {
   const words = ['apple', 'b', 'ba', 'banana', 'c', 'cherry', 'zz', '1', '10', '9'];
   switch (i % 9) {

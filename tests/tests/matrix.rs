@@ -423,7 +423,69 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             );
             Call::new("DELETE", format!("/m/_index/{t}/json/i"))
         })],
+        ("Invites", _) if read => vec![case("invites", LOCAL, g("/_thali/invites"))],
+        ("Invites", "POST") => vec![case("invite create", LOCAL, |_, _, t| {
+            Call::new("POST", "/_thali/invites".into()).json(json!({"db": format!("inv-{t}")}))
+        })],
+        ("Invite", "DELETE") => vec![case("invite revoke", LOCAL, |w, _, _| {
+            let id = w.invite("m")["id"].as_str().unwrap().to_string();
+            Call::new("DELETE", format!("/_thali/invites/{id}"))
+        })],
+        // The node cannot join its own invite (400): what matters is who is refused.
+        ("Join", "POST") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("join", LOCAL, |w, _, _| {
+                let uri = w.invite("m")["uri"].clone();
+                Call::new("POST", "/_thali/join".into()).json(json!({ "invite": uri }))
+            })
+        }],
+        // Any peer key may show an invite's secret; the local admin is told to use TLS (400).
+        ("PairAccept", "POST") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("pair accept", EVERYONE, |w, _, t| {
+                let uri = w.invite(&format!("acc-{t}"))["uri"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let secret = uri.split("secret=").nth(1).unwrap()[..32].to_string();
+                Call::new("POST", "/_thali/accept".into()).json(json!({ "secret": secret }))
+            })
+        }],
+        ("Paired", _) if read => vec![case("paired", LOCAL, g("/_thali/paired"))],
+        ("PairedPeer", "DELETE") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("paired remove", LOCAL, g("/_thali/paired/nobody"))
+        }],
+        // Cancelling an unknown session: 404 to whoever may ask, 403 to the rest.
+        ("Pairing", "POST") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("pairing action", LOCAL, |_, _, _| {
+                Call::new("POST", "/_thali/pairing".into())
+                    .json(json!({"action": "cancel", "session": "x"}))
+            })
+        }],
+        ("PairStep", "POST") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("pairing step", EVERYONE, |_, _, _| {
+                Call::new("POST", "/_thali/pair".into())
+                    .json(json!({"step": "cancel", "session": "x"}))
+            })
+        }],
+        // Discovery is off on this node (400 to the admin).
+        ("Nearby", _) => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("nearby", LOCAL, g("/_thali/peers"))
+        }],
         _ => Vec::new(),
+    }
+}
+
+impl World {
+    /// An invite to `db` made by the local admin.
+    fn invite(&self, db: &str) -> Value {
+        let r = self.p.node.post("/_thali/invites", &json!({ "db": db }));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
     }
 }
 

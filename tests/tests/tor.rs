@@ -13,6 +13,62 @@ fn tor_end_to_end() {
     eprintln!("private Tor network bootstrapped in {:?}", net.bootstrap);
     onion_nodes_replicate_both_ways_and_keep_their_address(&net);
     restricted_discovery_hides_the_service_from_unknown_peers(&net);
+    an_invite_over_tor_pairs_and_syncs(&net);
+}
+
+/// `thali invite --via tor` puts the onion URL in the invite; joining dials it through arti and
+/// the pair syncs over Tor. Prints the figures of the closing note.
+fn an_invite_over_tor_pairs_and_syncs(net: &PrivNet) {
+    use std::time::{Duration, Instant};
+    let a = OnionNode::start("inv-tor-a", net);
+    let b = OnionNode::start("inv-tor-b", net);
+    let inv = a.node.post(
+        "/_thali/invites",
+        &json!({"db": "trip", "via": "tor", "name": "ann"}),
+    );
+    assert_eq!(inv.status, 200, "{}", inv.text());
+    let uri = inv.json()["uri"].as_str().unwrap().to_string();
+    assert!(uri.contains(".onion%3A6984"), "{uri}");
+    assert_eq!(a.node.put("/trip/first", &json!({"v": 1})).status, 201);
+    let started = Instant::now();
+    let body = serde_json::to_vec(&json!({ "invite": uri })).unwrap();
+    let r = thali_tests::try_request_within(
+        b.node.addr,
+        "POST",
+        "/_thali/join",
+        &[
+            ("Authorization".into(), thali_tests::admin_auth()),
+            ("Content-Type".into(), "application/json".into()),
+        ],
+        Some(&body),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let joined = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while b.node.get("/trip/first").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the document did not arrive over Tor"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "invite over Tor: join answered after {:.1} s, first document replicated {:.1} s after join",
+        joined.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    // And back, through the joiner's push replication.
+    assert_eq!(b.node.put("/trip/second", &json!({"v": 2})).status, 201);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while a.node.get("/trip/second").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the push over Tor did not arrive"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn onion_nodes_replicate_both_ways_and_keep_their_address(net: &PrivNet) {

@@ -173,6 +173,16 @@ impl Node {
         &self.uuid
     }
 
+    /// A record of the node's own (pairing state), not of any database.
+    pub fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> DbResult<Option<T>> {
+        Ok(self.store.node_meta(key)?)
+    }
+
+    /// Writes a node record durably.
+    pub fn set_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> DbResult<()> {
+        Ok(self.store.set_node_meta(key, v)?)
+    }
+
     pub fn all_dbs(&self) -> Vec<String> {
         match self.store.list_databases() {
             Ok(names) => names,

@@ -32,6 +32,8 @@ enum Need {
     Open,
     /// Anyone on the loopback listener (`/_up`).
     LoopbackOpen,
+    /// Any peer key, known or not (showing an invite's secret), and the local admin.
+    AnyPeer,
     /// The node's admin only (creating and deleting databases, server endpoints).
     NodeAdmin,
     Db(String, Level),
@@ -100,6 +102,8 @@ fn classify(route: &Route, m: &Method) -> Need {
         Root | Session => Need::Open,
         Up => Need::LoopbackOpen,
         AllDbs | Uuids | ActiveTasks | Replicate | SchedulerJobs => Need::NodeAdmin,
+        Invites | Invite | Join | Paired | PairedPeer | Pairing | Nearby => Need::NodeAdmin,
+        PairAccept | PairStep => Need::AnyPeer,
         Db if read_method => db(Level::Read),
         Db if *m == Method::POST => db(Level::Write),
         Db => Need::NodeAdmin,
@@ -143,6 +147,7 @@ pub fn authorize(state: &AppState, r: &Req, route: Option<&Route>) -> ApiResult<
     match (&r.principal, need) {
         (Principal::Admin, _) => Ok(Some(Level::Admin)),
         (_, Need::Open) => Ok(None),
+        (Principal::Peer(_), Need::AnyPeer) => Ok(None),
         (Principal::Anonymous, Need::LoopbackOpen) => Ok(None),
         (Principal::Anonymous, _) => Err(ApiError::unauthorized()),
         (Principal::Peer(_), Need::LoopbackOpen | Need::NodeAdmin) => Err(ApiError::new(

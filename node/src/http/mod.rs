@@ -7,6 +7,7 @@ mod database;
 mod document;
 mod error;
 mod find;
+mod pair;
 mod query;
 mod replicate;
 mod respond;
@@ -50,6 +51,7 @@ pub struct AppState {
     /// The node's key id and, with `--tor`, its onion service (status in `GET /`).
     pub key_id: Arc<str>,
     pub tor: Option<Arc<crate::tor::Tor>>,
+    pub pairing: Arc<crate::pair::Pairing>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -353,6 +355,15 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         Explain => find::explain(state, r, db).await,
         Index => find::index(state, r, db).await,
         IndexDoc => find::delete_index(state, r, db, id, sub).await,
+        Invites => pair::invites(state, r).await,
+        Invite => pair::revoke_invite(state, r, id).await,
+        Join => pair::join(state, r).await,
+        PairAccept => pair::accept(state, r).await,
+        Paired => pair::paired(state, r).await,
+        PairedPeer => pair::remove(state, r, id).await,
+        Pairing => pair::pairing(state, r).await,
+        PairStep => pair::step(state, r).await,
+        Nearby => pair::nearby(state, r),
     }
 }
 

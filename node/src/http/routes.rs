@@ -50,6 +50,15 @@ kinds!(
     Explain,
     Index,
     IndexDoc,
+    Invites,
+    Invite,
+    Join,
+    PairAccept,
+    Paired,
+    PairedPeer,
+    Pairing,
+    PairStep,
+    Nearby,
 );
 
 /// A path template and the methods a route answers (others get 405 once authorized).
@@ -102,6 +111,51 @@ pub const ROUTES: &[Spec] = &[
     Spec {
         kind: Kind::SchedulerJobs,
         path: "/_scheduler/jobs",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::Invites,
+        path: "/_thali/invites",
+        methods: &["GET", "HEAD", "POST"],
+    },
+    Spec {
+        kind: Kind::Invite,
+        path: "/_thali/invites/{id}",
+        methods: &["DELETE"],
+    },
+    Spec {
+        kind: Kind::Join,
+        path: "/_thali/join",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::PairAccept,
+        path: "/_thali/accept",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::Paired,
+        path: "/_thali/paired",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::PairedPeer,
+        path: "/_thali/paired/{id}",
+        methods: &["DELETE"],
+    },
+    Spec {
+        kind: Kind::Pairing,
+        path: "/_thali/pairing",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::PairStep,
+        path: "/_thali/pair",
+        methods: &["POST"],
+    },
+    Spec {
+        kind: Kind::Nearby,
+        path: "/_thali/peers",
         methods: READ,
     },
     Spec {
@@ -271,6 +325,15 @@ impl Route {
             ["_active_tasks"] => k(ActiveTasks),
             ["_replicate"] => k(Replicate),
             ["_scheduler", "jobs"] => k(SchedulerJobs),
+            ["_thali", "invites"] => k(Invites),
+            ["_thali", "invites", id] => Ok(Route::new(Invite, "", id, "")),
+            ["_thali", "join"] => k(Join),
+            ["_thali", "accept"] => k(PairAccept),
+            ["_thali", "paired"] => k(Paired),
+            ["_thali", "paired", name] => Ok(Route::new(PairedPeer, "", name, "")),
+            ["_thali", "pairing"] => k(Pairing),
+            ["_thali", "pair"] => k(PairStep),
+            ["_thali", "peers"] => k(Nearby),
             [name, ..] if name.starts_with('_') && !matches!(*name, "_replicator" | "_users") => {
                 Err(ApiError::new(
                     400,

@@ -161,6 +161,60 @@ impl ServerCertVerifier for PinnedServer {
     tls13_signatures!();
 }
 
+/// Client side of a discovery probe: any valid self-signed Ed25519 server is accepted; the
+/// caller reads the key it presented (`probe_key`) and decides nothing else from it.
+#[derive(Debug)]
+struct AnyServer;
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        self_signed_key(end_entity, now)
+            .map_err(|r| Error::General(format!("server certificate refused: {r}")))?;
+        Ok(ServerCertVerified::assertion())
+    }
+    tls13_signatures!();
+}
+
+/// Learns the key of the node listening at the other end of `stream` (a node found by
+/// discovery): a mutual-TLS handshake presenting `id`, then the connection is dropped.
+pub async fn probe_key<S>(
+    id: &Identity,
+    stream: S,
+    timeout: std::time::Duration,
+) -> Result<[u8; 32], String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(vec![id.cert()], id.private_key())
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("thali.peer").map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, stream),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| cert_key(c))
+        .ok_or_else(|| "the server presented no certificate".to_string())
+}
+
 pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, Error> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -255,9 +255,12 @@ impl PluginFn for LuaFn {
             largs.push_back(v);
         }
         let (ok, out): (bool, mlua::Value) = st.protect.call(largs).map_err(|e| fail(clean(&e)))?;
+        // Lua tables have no member order and iterate in a per-process hash order: sort
+        // members so an emitted object is the same JSON on every run (and on every node).
         let de = DeserializeOptions::new()
             .deny_unsupported_types(true)
-            .deny_recursive_tables(true);
+            .deny_recursive_tables(true)
+            .sort_keys(true);
         let v: Value = lua.from_value_with(out, de).map_err(|e| {
             fail(format!(
                 "returned something that is not JSON: {}",
@@ -410,5 +413,18 @@ mod tests {
             Limits::default(),
         );
         assert!(matches!(out, Err(PluginError::Thrown(v)) if v == json!({"forbidden": 1})));
+    }
+
+    #[test]
+    fn returned_tables_have_sorted_members() {
+        let out = one(
+            "function() return {zeta = 1, b = {y = 1, x = 2}, alpha = 3, m = 4} end",
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"alpha":3,"b":{"x":2,"y":1},"m":4,"zeta":1}"#
+        );
     }
 }

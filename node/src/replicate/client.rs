@@ -351,18 +351,44 @@ impl Remote {
         timeout: Duration,
     ) -> ReplResult<Response> {
         let path = format!("{}{}", self.base, rel);
+        self.send_retrying(method, &path, rel, body, timeout).await
+    }
+
+    /// `method` on a path of the node rather than of its database (pairing's `/_thali/…`),
+    /// retried as `request` is.
+    pub async fn request_path<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> ReplResult<Response> {
+        let shown = format!(" {path}");
+        self.send_retrying(method, path, &shown, body, timeout)
+            .await
+    }
+
+    /// `shown` follows the endpoint's name in error messages.
+    async fn send_retrying<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        shown: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> ReplResult<Response> {
         let body = body
             .map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()))
             .unwrap_or_default();
         let mut delay = Duration::from_millis(250);
         let mut attempt = 0;
         loop {
-            let err = match self.send_once(&method, &path, &body, timeout).await {
+            let err = match self.send_once(&method, path, &body, timeout).await {
                 Ok(r) if r.status >= 500 => r.describe(),
                 Ok(r) => return Ok(r),
                 Err(e) => e,
             };
-            let msg = format!("{method} {}{rel}: {err}", self.display);
+            let msg = format!("{method} {}{shown}: {err}", self.display);
             if attempt >= self.retries {
                 return Err(ReplError::Transient(msg));
             }

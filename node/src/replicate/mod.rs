@@ -6,7 +6,7 @@
 
 mod attachments;
 mod checkpoint;
-mod client;
+pub mod client;
 mod endpoint;
 mod error;
 mod job;
