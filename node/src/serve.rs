@@ -75,6 +75,9 @@ pub struct ServeConfig {
     /// random name that changes every 10 minutes) and list nodes nearby (`thali peer discover`).
     #[arg(long)]
     pub lan: bool,
+    /// Seconds between changes of the announced name (tests shorten it).
+    #[arg(long, default_value_t = 600, hide = true)]
+    pub lan_rotate: u64,
     #[command(flatten)]
     pub tor: crate::tor::TorOptions,
 }
@@ -266,6 +269,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             Some(addr) => servers.push(tokio::spawn(crate::pair::lan::run(
                 pairing.clone(),
                 *addr,
+                Duration::from_secs(cfg.lan_rotate.max(1)),
                 shutdown_tx.subscribe(),
             ))),
             None => return Err(ServeError::Lan),

@@ -122,11 +122,16 @@ fn serve(ns: &str, data: &TempDir, peer: &str) -> NsNode {
             "--peer",
             peer,
             "--lan",
+            "--lan-rotate",
+            "2",
             "--data",
         ])
         .arg(&data.0)
         .env("THALI_ADMIN_PASSWORD", PASSWORD)
-        .env("THALI_LOG", "warn")
+        .env(
+            "THALI_LOG",
+            std::env::var("LAN_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -168,6 +173,34 @@ fn code_in(out: &str) -> String {
         .find_map(|l| l.strip_prefix("Code: "))
         .unwrap_or_else(|| panic!("no code in {out}"))
         .to_string()
+}
+
+/// What a passive listener in `ns` hears for `secs`: (instance name, host, TXT entries,
+/// addresses) of every resolved `_thali._tcp` announcement.
+fn overheard(ns: &str, secs: u64) -> Vec<(String, String, usize, Vec<String>)> {
+    in_ns(ns, move || {
+        let d = mdns_sd::ServiceDaemon::new().unwrap();
+        let rx = d.browse("_thali._tcp.local.").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.recv_deadline(deadline) {
+            if let mdns_sd::ServiceEvent::ServiceResolved(r) = ev {
+                let addrs = r
+                    .addresses
+                    .iter()
+                    .map(|a| a.to_ip_addr().to_string())
+                    .collect();
+                out.push((
+                    r.fullname.clone(),
+                    r.host.clone(),
+                    r.txt_properties.len(),
+                    addrs,
+                ));
+            }
+        }
+        let _ = d.shutdown();
+        out
+    })
 }
 
 #[test]
@@ -216,6 +249,36 @@ fn two_devices_discover_each_other_pair_by_code_and_sync() {
     assert!(
         out.contains(&key_b) && out.contains("10.77.1.2:9898") && out.contains("new"),
         "{out}"
+    );
+
+    // A passive listener hears random names that change (every 2 s here, 10 min by default),
+    // no key and no TXT; the node still lists b once, by key.
+    let heard: Vec<_> = overheard(&na.name, 7)
+        .into_iter()
+        .filter(|(.., addrs)| addrs.contains(&"10.77.1.2".to_string()))
+        .collect();
+    let names: std::collections::BTreeSet<&String> = heard.iter().map(|h| &h.0).collect();
+    assert!(names.len() >= 2, "b's name did not change: {heard:?}");
+    let b32 = &key_b["ed25519:".len()..];
+    for (full, host, txt, _) in &heard {
+        let label = full
+            .strip_suffix("._thali._tcp.local.")
+            .unwrap_or_else(|| panic!("{full}"));
+        assert!(
+            label.len() == 16 && label.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{full}"
+        );
+        assert_eq!(host, &format!("{label}.local."));
+        assert_eq!(*txt, 0, "{full} carries TXT data");
+        assert!(!full.contains(&b32[..8]) && !host.contains(&b32[..8]));
+    }
+    assert_eq!(
+        admin(&na.name, "GET", "/_thali/peers", None)
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
     );
 
     // Pair by code: b waits, a asks by the start of b's key; both users answer yes.

@@ -29,6 +29,7 @@ fn an_invite_over_tor_pairs_and_syncs(net: &PrivNet) {
     assert_eq!(inv.status, 200, "{}", inv.text());
     let uri = inv.json()["uri"].as_str().unwrap().to_string();
     assert!(uri.contains(".onion%3A6984"), "{uri}");
+    assert_eq!(a.node.put("/trip", &json!({})).status, 201);
     assert_eq!(a.node.put("/trip/first", &json!({"v": 1})).status, 201);
     let started = Instant::now();
     let body = serde_json::to_vec(&json!({ "invite": uri })).unwrap();

@@ -2,7 +2,7 @@
 //! over mDNS/DNS-SD as `_thali._tcp.local.` and browses for others.
 //!
 //! What a passive listener sees is a random instance and host name, replaced every
-//! `ROTATE`, an address and a port: no key, no device name, nothing in TXT. A node's key is
+//! ten minutes (`--lan-rotate`), an address and a port: no key, no device name, nothing in TXT. A node's key is
 //! learned the way Thali's presence work intended, over a mutual-TLS handshake with the
 //! announced address (`peer::tls::probe_key`); entries are kept by key, so a rotated name
 //! updates the same entry. Probes are bounded (a few at a time, each address at most once per
@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 
 pub const SERVICE: &str = "_thali._tcp.local.";
-/// How often the announced names change.
-const ROTATE: Duration = Duration::from_secs(600);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const REPROBE: Duration = Duration::from_secs(30);
 const MAX_SEEN: usize = 256;
@@ -104,7 +102,12 @@ impl Pairing {
 }
 
 /// Announces the first peer listener and browses until shutdown.
-pub async fn run(pairing: Arc<Pairing>, listener: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    pairing: Arc<Pairing>,
+    listener: SocketAddr,
+    rotate_every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let daemon = match ServiceDaemon::new() {
         Ok(d) => d,
         Err(e) => {
@@ -126,8 +129,12 @@ pub async fn run(pairing: Arc<Pairing>, listener: SocketAddr, mut shutdown: watc
     }
     let probes = Arc::new(Semaphore::new(4));
     let mut own: Option<String> = None;
-    let mut rotate = tokio::time::interval(ROTATE);
-    tracing::info!(port = listener.port(), "LAN discovery on");
+    let mut rotate = tokio::time::interval(rotate_every);
+    tracing::info!(
+        port = listener.port(),
+        rotate_s = rotate_every.as_secs(),
+        "LAN discovery on"
+    );
     loop {
         tokio::select! {
             _ = rotate.tick() => {
@@ -135,12 +142,19 @@ pub async fn run(pairing: Arc<Pairing>, listener: SocketAddr, mut shutdown: watc
                     let _ = daemon.unregister(&old);
                 }
                 match announce(&daemon, listener) {
-                    Ok(name) => own = Some(name),
+                    Ok(name) => {
+                        tracing::debug!(%name, "announced on the LAN");
+                        own = Some(name)
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot announce on the LAN"),
                 }
             }
             ev = events.recv_async() => {
-                let Ok(ev) = ev else { break };
+                let Ok(ev) = ev else {
+                    tracing::debug!("browse channel closed");
+                    break;
+                };
+                tracing::trace!(?ev, "mdns event");
                 if let ServiceEvent::ServiceResolved(r) = ev {
                     if Some(r.get_fullname()) == own.as_deref() {
                         continue;
@@ -155,7 +169,10 @@ pub async fn run(pairing: Arc<Pairing>, listener: SocketAddr, mut shutdown: watc
                     }
                 }
             }
-            _ = shutdown.wait_for(|v| *v) => break,
+            _ = shutdown.wait_for(|v| *v) => {
+                tracing::debug!("LAN discovery stopping");
+                break;
+            }
         }
     }
     if let Some(old) = own {
