@@ -177,21 +177,29 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
-                // arti's crates log their routine work at info; the node's own lines stay at info.
-                // lsm_tree warns when a dropped keyspace's table files are already gone (its
-                // folder went first): routine after every database deletion and compaction.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new(
-                        "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn,\
-                         lsm_tree::table::inner=error",
-                    )
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
+        // arti's crates log their routine work at info; the node's own lines stay at info.
+        // lsm_tree warns when a dropped keyspace's table files are already gone (its
+        // folder went first): routine after every database deletion and compaction.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn,\
+                 lsm_tree::table::inner=error",
+            )
+        });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // One JSON object per line, with the fields of the event and of its spans (request,
+    // replication), for log collectors.
+    if std::env::var("THALI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
+    } else {
+        logs.init();
+    }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_)) {
         // Command-line output piped into `head` ends the command quietly, as Unix tools do,

@@ -476,6 +476,14 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             judge: Judge::NotRefused,
             ..case("nearby", LOCAL, g("/_thali/peers"))
         }],
+        ("NodeStats", _) => vec![case("stats", LOCAL, g("/_node/_local/_stats"))],
+        ("NodePrometheus", _) => vec![case("prometheus", LOCAL, g("/_node/_local/_prometheus"))],
+        ("NodeSystem", _) => vec![case("system", LOCAL, g("/_node/_local/_system"))],
+        ("Membership", _) => vec![case("membership", LOCAL, g("/_membership"))],
+        ("DbsInfo", _) if read => vec![case("dbs_info", LOCAL, g("/_dbs_info"))],
+        ("DbsInfo", "POST") => vec![case("dbs_info keys", LOCAL, |_, _, _| {
+            Call::new("POST", "/_dbs_info".into()).json(json!({"keys": ["m"]}))
+        })],
         _ => Vec::new(),
     }
 }

@@ -173,6 +173,17 @@ impl Node {
         &self.uuid
     }
 
+    /// Bytes the whole store takes on disk.
+    pub fn disk_size(&self) -> u64 {
+        self.store.disk_size()
+    }
+
+    /// Whether the store answers reads (`/_up`).
+    pub fn healthy(&self) -> DbResult<()> {
+        self.store.node_meta::<String>("uuid")?;
+        Ok(())
+    }
+
     /// A record of the node's own (pairing state), not of any database.
     pub fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> DbResult<Option<T>> {
         Ok(self.store.node_meta(key)?)

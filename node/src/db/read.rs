@@ -90,6 +90,7 @@ impl Database {
 
     /// `GET /db/doc` (without `open_revs`).
     pub fn get_doc(&self, id: &str, rev: Option<&Rev>, opts: &DocOptions) -> DbResult<RevisionOut> {
+        crate::sys::metrics::get().reads.inc();
         let info = self.info_of(id)?;
         let rev = match rev {
             Some(r) if opts.latest => info
@@ -397,6 +398,7 @@ impl Database {
         opts: &DocOptions,
     ) -> DbResult<Vec<Result<RevisionOut, Value>>> {
         self.check_alive()?;
+        crate::sys::metrics::get().reads.inc();
         let Some(id) = &item.id else {
             return Ok(vec![Err(
                 json!({"error": {"id": null, "rev": null, "error": "illegal_docid", "reason": "missing document id"}}),

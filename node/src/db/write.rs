@@ -149,7 +149,10 @@ impl Database {
         for doc in docs.iter_mut().flatten() {
             doc.prepare(new_edits);
         }
-        self.enqueue(docs, new_edits, ctx).await
+        let results = self.enqueue(docs, new_edits, ctx).await?;
+        let written = results.iter().filter(|r| r.is_ok()).count();
+        crate::sys::metrics::get().writes.inc_by(written as u64);
+        Ok(results)
     }
 
     pub(super) fn write_ctx(&self, caller: &Caller) -> DbResult<WriteCtx> {

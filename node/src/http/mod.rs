@@ -7,6 +7,7 @@ mod database;
 mod document;
 mod error;
 mod find;
+mod node;
 mod pair;
 mod query;
 mod replicate;
@@ -306,6 +307,11 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         header::SERVER,
         HeaderValue::from_static(concat!("thali/", env!("CARGO_PKG_VERSION"))),
     );
+    crate::sys::metrics::get().request(
+        method.as_str(),
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     span.in_scope(|| {
         tracing::debug!(
             status = resp.status().as_u16(),
@@ -326,7 +332,7 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
     let r = &mut r;
     match rt.kind {
         Root => server::root(state, r),
-        Up => server::up(r),
+        Up => server::up(state, r),
         AllDbs => server::all_dbs(state, r),
         Uuids => server::uuids(r),
         Session => server::session(r),
@@ -364,6 +370,11 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         Pairing => pair::pairing(state, r).await,
         PairStep => pair::step(state, r).await,
         Nearby => pair::nearby(state, r),
+        NodeStats => node::stats(state, r, id, sub),
+        NodePrometheus => node::prometheus(state, r, id),
+        NodeSystem => node::system(state, r, id),
+        Membership => node::membership(r),
+        DbsInfo => node::dbs_info(state, r).await,
     }
 }
 

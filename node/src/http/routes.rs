@@ -59,6 +59,11 @@ kinds!(
     Pairing,
     PairStep,
     Nearby,
+    NodeStats,
+    NodePrometheus,
+    NodeSystem,
+    Membership,
+    DbsInfo,
 );
 
 /// A path template and the methods a route answers (others get 405 once authorized).
@@ -157,6 +162,31 @@ pub const ROUTES: &[Spec] = &[
         kind: Kind::Nearby,
         path: "/_thali/peers",
         methods: READ,
+    },
+    Spec {
+        kind: Kind::NodeStats,
+        path: "/_node/_local/_stats",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::NodePrometheus,
+        path: "/_node/_local/_prometheus",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::NodeSystem,
+        path: "/_node/_local/_system",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::Membership,
+        path: "/_membership",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::DbsInfo,
+        path: "/_dbs_info",
+        methods: &["GET", "HEAD", "POST"],
     },
     Spec {
         kind: Kind::Db,
@@ -334,6 +364,14 @@ impl Route {
             ["_thali", "pairing"] => k(Pairing),
             ["_thali", "pair"] => k(PairStep),
             ["_thali", "peers"] => k(Nearby),
+            // `id` holds the node's name: `_local` or the one `_membership` lists.
+            ["_node", node, "_stats", rest @ ..] => {
+                Ok(Route::new(NodeStats, "", node, &rest.join("/")))
+            }
+            ["_node", node, "_prometheus"] => Ok(Route::new(NodePrometheus, "", node, "")),
+            ["_node", node, "_system"] => Ok(Route::new(NodeSystem, "", node, "")),
+            ["_membership"] => k(Membership),
+            ["_dbs_info"] => k(DbsInfo),
             [name, ..] if name.starts_with('_') && !matches!(*name, "_replicator" | "_users") => {
                 Err(ApiError::new(
                     400,

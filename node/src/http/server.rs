@@ -36,9 +36,16 @@ pub fn root(state: &AppState, r: &Req) -> ApiResult<Response> {
     Ok(ok(info))
 }
 
-pub fn up(r: &Req) -> ApiResult<Response> {
+/// `/_up`: `ok` when the store answers a read; 503 with the reason otherwise.
+pub fn up(state: &AppState, r: &Req) -> ApiResult<Response> {
     only(r, &[Method::GET, Method::HEAD], "GET,HEAD")?;
-    Ok(ok(json!({"status": "ok"})))
+    match state.node.healthy() {
+        Ok(()) => Ok(ok(json!({"status": "ok", "storage": "ok"}))),
+        Err(e) => Ok(super::respond::status(
+            503,
+            json!({"status": "error", "storage": e.reason()}),
+        )),
+    }
 }
 
 pub fn all_dbs(state: &AppState, r: &Req) -> ApiResult<Response> {

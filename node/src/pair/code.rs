@@ -402,6 +402,7 @@ impl Pairing {
         let name = add_peer(&mut st, name, key, Vec::new(), &db, Vec::new(), now, "code");
         self.save(&st)?;
         tracing::info!(peer = %key, %name, %db, level = level.name(), "paired by code");
+        crate::sys::metrics::get().pairings.inc();
         Ok(
             json!({"ok": true, "key": self.identity.key_id(), "db": db, "level": level.name(),
                   "name": host_name}),

@@ -518,6 +518,7 @@ impl Pairing {
         let name = add_peer(&mut st, name, key, urls, &db, Vec::new(), now, "invite");
         self.save(&st)?;
         tracing::info!(invite = %id, peer = %key, %name, %db, level = %level_name, "paired by invite");
+        crate::sys::metrics::get().pairings.inc();
         Ok(
             json!({"ok": true, "key": self.identity.key_id(), "db": db, "level": level_name,
                   "name": name}),

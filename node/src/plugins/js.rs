@@ -316,6 +316,7 @@ impl State {
         let field = &self.defs[slot].field;
         let fail = |m: String| {
             tracing::warn!(ddoc = %self.id, function = %field, error = %m, "plugin call failed");
+            crate::sys::metrics::get().plugin_errors.inc();
             PluginError::Call(format!("{} {field}: {m}", self.id))
         };
         let args = serde_json::to_string(args).map_err(|e| fail(e.to_string()))?;

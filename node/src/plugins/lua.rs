@@ -237,6 +237,7 @@ impl PluginFn for LuaFn {
         let st = &self.state;
         let fail = |m: String| {
             tracing::warn!(ddoc = %st.id, function = %self.name, error = %m, "plugin call failed");
+            crate::sys::metrics::get().plugin_errors.inc();
             PluginError::Call(format!("{} {}: {m}", st.id, self.name))
         };
         let _g = lock(&st.calls);

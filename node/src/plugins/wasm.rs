@@ -375,6 +375,7 @@ impl PluginFn for WasmFn {
         });
         res.map_err(|m| {
             tracing::warn!(ddoc = %self.module.id, function = %self.field, error = %m, "plugin call failed");
+            crate::sys::metrics::get().plugin_errors.inc();
             PluginError::Call(format!("{} {}: {m}", self.module.id, self.field))
         })
     }

@@ -425,6 +425,7 @@ impl Job {
         }
         let n = docs.len() as u64 + large.len() as u64;
         self.stats.docs_read.fetch_add(n, Relaxed);
+        crate::sys::metrics::get().repl_docs_read.inc_by(n);
         let mut errors = self.target.write(docs).await?;
         // Documents with large attachments go one by one (two at a time), bodies streamed.
         let streamed: Vec<ReplResult<Option<Value>>> = futures_util::stream::iter(large)
@@ -453,6 +454,9 @@ impl Job {
         self.stats
             .docs_written
             .fetch_add(n.saturating_sub(failed), Relaxed);
+        let m = crate::sys::metrics::get();
+        m.repl_docs_written.inc_by(n.saturating_sub(failed));
+        m.repl_write_failures.inc_by(failed);
         Ok(())
     }
 

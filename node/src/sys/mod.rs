@@ -3,4 +3,5 @@
 
 pub mod clock;
 pub mod files;
+pub mod metrics;
 pub mod shutdown;
