@@ -24,6 +24,17 @@ if ! command -v tor >/dev/null 2>&1 && [ ! -x /usr/sbin/tor ] || ! command -v to
   fi
 fi
 
+echo "== Debian's chromium (the dashboard's browser tests, driven by playwright-core)"
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "run-all: the dashboard tests need Debian's chromium: apt-get install -y chromium" >&2
+    exit 1
+  fi
+fi
+
 echo "== iproute2 (two network namespaces on a veth pair for the LAN discovery test)"
 if [ "$(id -u)" != 0 ]; then
   echo "run-all: the LAN test creates network namespaces (ip netns) and must run as root" >&2

@@ -193,6 +193,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             cors_origins: cfg.cors_origins.clone(),
             max_request_size: cfg.max_request_size,
             body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
+            cookie_secret: rand::random(),
         }),
         shutdown: shutdown_rx,
         key_id: identity.key_id().into(),

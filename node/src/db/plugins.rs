@@ -124,7 +124,16 @@ impl Database {
             let out = match f.call(&args) {
                 Ok(v) => v,
                 Err(PluginError::Thrown(v)) => v,
-                Err(e) => return Err(DbError::Plugin(e.to_string())),
+                Err(e) => {
+                    crate::sys::metrics::get().plugin_failed(
+                        &self.name,
+                        ddoc,
+                        "validate_doc_update",
+                        new_doc["_id"].as_str().unwrap_or(""),
+                        &e.to_string(),
+                    );
+                    return Err(DbError::Plugin(e.to_string()));
+                }
             };
             match verdict(&out) {
                 Ok(Verdict::Accept) => {}

@@ -441,6 +441,13 @@ impl Database {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(db = %self.name, ddoc = %idx.ddoc, view = %name, id = %entry.id, error = %e, "map function failed; document skipped");
+                    crate::sys::metrics::get().plugin_failed(
+                        &self.name,
+                        &idx.ddoc,
+                        &format!("views.{name}.map"),
+                        &entry.id,
+                        &e.to_string(),
+                    );
                     continue;
                 }
             };

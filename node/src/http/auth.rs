@@ -58,7 +58,10 @@ pub fn principal(headers: &HeaderMap, ext: &Extensions, cfg: &HttpConfig) -> Pri
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     else {
-        return Principal::Anonymous;
+        return match session_cookie(headers).and_then(|t| cookie::verify(cfg, &t)) {
+            Some(_) => Principal::Admin,
+            None => Principal::Anonymous,
+        };
     };
     // The scheme name is case-insensitive (RFC 9110).
     let Some((scheme, b64)) = v.trim_start().split_once(' ') else {
@@ -81,6 +84,76 @@ pub fn principal(headers: &HeaderMap, ext: &Extensions, cfg: &HttpConfig) -> Pri
     }
 }
 
+/// The `AuthSession` cookie's value, if the request carries one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == "AuthSession")
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Is `password` the admin's?
+pub fn admin_password_ok(cfg: &HttpConfig, password: &str) -> bool {
+    constant_time_eq(password.as_bytes(), cfg.admin_password.as_bytes())
+}
+
+/// `AuthSession` cookies, as CouchDB makes them: `base64url(name:hex expiry:hex mac)`, the MAC
+/// (HMAC-SHA256) keyed by a secret of this process and the admin password, so a restart or a
+/// new password ends every session.
+pub mod cookie {
+    use super::HttpConfig;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+
+    /// Seconds a session lasts (CouchDB's `chttpd_auth/timeout`); refreshed past half.
+    pub const TIMEOUT: u64 = 600;
+
+    fn mac(cfg: &HttpConfig, msg: &str) -> Vec<u8> {
+        let mut key = cfg.cookie_secret.to_vec();
+        key.extend_from_slice(cfg.admin_password.as_bytes());
+        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+        m.update(msg.as_bytes());
+        m.finalize().into_bytes().to_vec()
+    }
+
+    pub fn make(cfg: &HttpConfig, name: &str) -> String {
+        let expires = crate::sys::clock::unix_now() + TIMEOUT;
+        let msg = format!("{name}:{expires:X}");
+        let token = format!("{msg}:{}", hex::encode(mac(cfg, &msg)));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+    }
+
+    /// The user name and expiry of a valid, unexpired cookie.
+    pub fn verify(cfg: &HttpConfig, value: &str) -> Option<(String, u64)> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value.trim_end_matches('='))
+            .ok()?;
+        let s = String::from_utf8(raw).ok()?;
+        let (msg, mac_hex) = s.rsplit_once(':')?;
+        let (name, exp) = msg.split_once(':')?;
+        let expires = u64::from_str_radix(exp, 16).ok()?;
+        let given = hex::decode(mac_hex).ok()?;
+        let ok = super::constant_time_eq(&given, &mac(cfg, msg));
+        (ok && name == "admin" && expires > crate::sys::clock::unix_now())
+            .then(|| (name.to_string(), expires))
+    }
+
+    /// `Set-Cookie` for a new session, or (with `None`) one that ends it.
+    pub fn header(value: Option<&str>) -> String {
+        match value {
+            Some(v) => format!(
+                "AuthSession={v}; Version=1; Path=/; Max-Age={TIMEOUT}; HttpOnly; SameSite=Strict"
+            ),
+            None => "AuthSession=; Version=1; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".into(),
+        }
+    }
+}
+
 /// Compares digests of the two, so neither the content nor the length of the secret shows in
 /// the time taken.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -100,10 +173,11 @@ fn classify(route: &Route, m: &Method) -> Need {
     let db = |level| Need::Db(route.db.clone(), level);
     match route.kind {
         Root | Session => Need::Open,
-        Up => Need::LoopbackOpen,
+        // The page itself holds no data; it logs in like any client.
+        Up | Dashboard => Need::LoopbackOpen,
         AllDbs | Uuids | ActiveTasks | Replicate | SchedulerJobs => Need::NodeAdmin,
         Invites | Invite | Join | Paired | PairedPeer | Pairing | Nearby => Need::NodeAdmin,
-        NodeStats | NodePrometheus | NodeSystem | Membership | DbsInfo => Need::NodeAdmin,
+        NodeStats | NodePrometheus | NodeSystem | Membership | DbsInfo | Events => Need::NodeAdmin,
         PairAccept | PairStep => Need::AnyPeer,
         Db if read_method => db(Level::Read),
         Db if *m == Method::POST => db(Level::Write),

@@ -3,6 +3,7 @@
 
 mod auth;
 mod changes;
+mod dashboard;
 mod database;
 mod document;
 mod error;
@@ -40,6 +41,8 @@ pub struct HttpConfig {
     pub max_request_size: usize,
     /// How long a client may take to send a request body.
     pub body_timeout: std::time::Duration,
+    /// Signs `AuthSession` cookies (random per start: a restart logs everyone out).
+    pub cookie_secret: [u8; 32],
 }
 
 #[derive(Clone)]
@@ -274,6 +277,12 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         let (parts, body) = req.into_parts();
         let principal = auth::principal(&parts.headers, &parts.extensions, &state.config);
+        let refresh = matches!(principal, Principal::Admin)
+            && auth::session_cookie(&parts.headers)
+                .and_then(|c| auth::cookie::verify(&state.config, &c))
+                .is_some_and(|(_, exp)| {
+                    exp < crate::sys::clock::unix_now() + auth::cookie::TIMEOUT / 2
+                });
         let segments = match split_path(parts.uri.path()) {
             Ok(s) => s,
             Err(e) => return e.into_response(),
@@ -296,6 +305,12 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         };
         if head {
             *resp.body_mut() = Body::empty();
+        }
+        if refresh && !resp.headers().contains_key(header::SET_COOKIE) {
+            let v = auth::cookie::header(Some(&auth::cookie::make(&state.config, "admin")));
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
         }
         resp
     }
@@ -335,7 +350,7 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         Up => server::up(state, r),
         AllDbs => server::all_dbs(state, r),
         Uuids => server::uuids(r),
-        Session => server::session(r),
+        Session => server::session(state, r).await,
         ActiveTasks => replicate::active_tasks(state, r),
         Replicate => replicate::replicate(state, r).await,
         SchedulerJobs => replicate::scheduler_jobs(state, r),
@@ -375,6 +390,8 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         NodeSystem => node::system(state, r, id),
         Membership => node::membership(r),
         DbsInfo => node::dbs_info(state, r).await,
+        Dashboard => dashboard::page(r),
+        Events => dashboard::events(state, r),
     }
 }
 

@@ -64,6 +64,8 @@ kinds!(
     NodeSystem,
     Membership,
     DbsInfo,
+    Dashboard,
+    Events,
 );
 
 /// A path template and the methods a route answers (others get 405 once authorized).
@@ -187,6 +189,16 @@ pub const ROUTES: &[Spec] = &[
         kind: Kind::DbsInfo,
         path: "/_dbs_info",
         methods: &["GET", "HEAD", "POST"],
+    },
+    Spec {
+        kind: Kind::Dashboard,
+        path: "/_thali",
+        methods: READ,
+    },
+    Spec {
+        kind: Kind::Events,
+        path: "/_thali/events",
+        methods: &["GET"],
     },
     Spec {
         kind: Kind::Db,
@@ -355,6 +367,8 @@ impl Route {
             ["_active_tasks"] => k(ActiveTasks),
             ["_replicate"] => k(Replicate),
             ["_scheduler", "jobs"] => k(SchedulerJobs),
+            ["_thali"] => k(Dashboard),
+            ["_thali", "events"] => k(Events),
             ["_thali", "invites"] => k(Invites),
             ["_thali", "invites", id] => Ok(Route::new(Invite, "", id, "")),
             ["_thali", "join"] => k(Join),

@@ -65,8 +65,55 @@ pub fn uuids(r: &Req) -> ApiResult<Response> {
 
 /// Cookie sessions are not implemented: POST answers 404, which tells CouchDB's replicator to
 /// use basic auth. GET reports who the request authenticated as.
-pub fn session(r: &Req) -> ApiResult<Response> {
+/// `/_session`: `GET` tells who is asking; `POST` (JSON or form `name`, `password`) checks the
+/// admin's password and sets an `AuthSession` cookie; `DELETE` clears it. Only on the loopback
+/// API: a peer is its key, and the peer listener must not test admin passwords.
+pub async fn session(state: &AppState, r: &mut Req) -> ApiResult<Response> {
+    use super::auth::cookie;
     match r.method {
+        Method::POST => {
+            if matches!(r.principal, Principal::Peer(_)) {
+                return Err(ApiError::new(
+                    403,
+                    "forbidden",
+                    "Peers are their keys; log in on the node's local API.",
+                ));
+            }
+            let form = r
+                .content_type()
+                .starts_with("application/x-www-form-urlencoded");
+            let body = r.bytes().await?;
+            let (name, password) = if form {
+                let q = super::query::Query::parse(std::str::from_utf8(&body).ok());
+                (
+                    q.get("name").unwrap_or("").to_string(),
+                    q.get("password").unwrap_or("").to_string(),
+                )
+            } else {
+                let v: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+                (
+                    v["name"].as_str().unwrap_or("").to_string(),
+                    v["password"].as_str().unwrap_or("").to_string(),
+                )
+            };
+            if name != "admin" || !super::auth::admin_password_ok(&state.config, &password) {
+                return Err(ApiError::unauthorized());
+            }
+            let mut resp = ok(json!({"ok": true, "name": "admin", "roles": ["_admin"]}));
+            let c = cookie::header(Some(&cookie::make(&state.config, "admin")));
+            if let Ok(v) = axum::http::HeaderValue::from_str(&c) {
+                resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+            }
+            Ok(resp)
+        }
+        Method::DELETE => {
+            let mut resp = ok(json!({"ok": true}));
+            if let Ok(v) = axum::http::HeaderValue::from_str(&cookie::header(None)) {
+                resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+            }
+            Ok(resp)
+        }
         Method::GET | Method::HEAD => {
             let mut ctx = r.principal.user_ctx(None);
             if let Some(m) = ctx.as_object_mut() {

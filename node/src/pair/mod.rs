@@ -299,6 +299,11 @@ impl Pairing {
         Ok(self.node.set_meta(META_KEY, st)?)
     }
 
+    /// This node's httpkey URLs (no database): its peer listeners and onion service.
+    pub fn urls(&self) -> Vec<String> {
+        self.my_urls(None)
+    }
+
     /// This node's httpkey URLs (no database) that a peer could dial.
     fn my_urls(&self, host: Option<&str>) -> Vec<String> {
         let key = self.identity.key_id();

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub pairings: Counter,
     /// Request times kept for `_stats`' percentiles (the last 1000).
     recent: Mutex<std::collections::VecDeque<f64>>,
+    /// The last plugin failures with what they concern (for the dashboard).
+    plugin_events: Mutex<std::collections::VecDeque<Value>>,
 }
 
 /// The node's metrics (created on first use).
@@ -97,6 +99,7 @@ impl Metrics {
             memory_bytes: Gauge::default(),
             pairings: Counter::default(),
             recent: Mutex::default(),
+            plugin_events: Mutex::default(),
         };
         r.register(
             "couchdb_httpd_requests",
@@ -180,6 +183,27 @@ impl Metrics {
             m.pairings.clone(),
         );
         Metrics { registry: r, ..m }
+    }
+
+    /// A plugin failure on a document (counted by the runtime already): kept, the last 50.
+    pub fn plugin_failed(&self, db: &str, ddoc: &str, function: &str, doc: &str, error: &str) {
+        if let Ok(mut q) = self.plugin_events.lock() {
+            if q.len() >= 50 {
+                q.pop_back();
+            }
+            q.push_front(
+                json!({"at": crate::sys::clock::unix_now(), "db": db, "ddoc": ddoc,
+                                "function": function, "doc": doc, "error": error}),
+            );
+        }
+    }
+
+    /// The last plugin failures, newest first.
+    pub fn plugin_error_events(&self) -> Vec<Value> {
+        self.plugin_events
+            .lock()
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn uptime_seconds(&self) -> u64 {
