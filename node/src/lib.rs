@@ -1,6 +1,7 @@
 //! thali-node: a CouchDB-protocol document node. See ARCHITECTURE.md for the code map.
 
 pub mod cli;
+pub mod config;
 pub mod db;
 pub mod dev;
 pub mod doc;

@@ -1,6 +1,6 @@
 //! The `thali` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use thali_node::serve::{run, ServeConfig};
@@ -45,6 +45,11 @@ enum Command {
     },
     /// Print the HTTP API's route table as JSON (kinds, path templates, methods).
     Routes,
+    /// Check a settings file (DIR/thali.toml): unknown keys and bad values, by line.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Invite another device to a database: prints a single-use `thali:` URI and its QR code
     /// (`thali invite list`, `thali invite revoke ID` manage them).
     #[command(args_conflicts_with_subcommands = true)]
@@ -164,6 +169,18 @@ enum PeerAction {
 }
 
 #[derive(Subcommand)]
+enum ConfigAction {
+    /// Report every problem of the file, or that it is fine.
+    Check {
+        /// The file (default: DIR/thali.toml).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "./thali-data")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum InviteAction {
     /// The invites made, with their state (open, used, expired, revoked).
     List,
@@ -177,30 +194,60 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("THALI_LOG")
-        // arti's crates log their routine work at info; the node's own lines stay at info.
-        // lsm_tree warns when a dropped keyspace's table files are already gone (its
-        // folder went first): routine after every database deletion and compaction.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(
-                "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn,\
-                 lsm_tree::table::inner=error",
-            )
+    use tracing_subscriber::prelude::*;
+    // arti's crates log their routine work at info; the node's own lines stay at info.
+    // lsm_tree warns when a dropped keyspace's table files are already gone (its folder went
+    // first): routine after every database deletion and compaction.
+    let directives = std::env::var("THALI_LOG")
+        .ok()
+        .filter(|d| tracing_subscriber::EnvFilter::try_new(d).is_ok())
+        .unwrap_or_else(|| {
+            "info,tor_=warn,arti_=warn,fjall=warn,lsm_tree=warn,lsm_tree::table::inner=error"
+                .to_string()
         });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::new(&directives);
+    // Reloadable, so `PUT /_node/_local/_config/log/level` changes it while the node runs.
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     // One JSON object per line, with the fields of the event and of its spans (request,
     // replication), for log collectors.
     if std::env::var("THALI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        logs.json()
-            .with_current_span(true)
-            .with_span_list(true)
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
             .init();
     } else {
-        logs.init();
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
     }
-    let cli = Cli::parse();
+    thali_node::sys::logs::install(
+        &directives,
+        Box::new(move |d: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(d).map_err(|e| e.to_string())?;
+            reload.reload(f).map_err(|e| e.to_string())
+        }),
+    );
+    // `serve` settings from DIR/thali.toml come in as flags the command line did not give.
+    let argv = match thali_node::config::with_file(&Cli::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("thali: settings file {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     if !matches!(cli.command, Command::Serve(_)) {
         // Command-line output piped into `head` ends the command quietly, as Unix tools do,
         // instead of panicking on the broken pipe.
@@ -221,6 +268,18 @@ fn main() -> std::process::ExitCode {
     };
     let res: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Id { data, peer } => thali_node::cli::print_id(&data, &peer),
+        Command::Config {
+            action: ConfigAction::Check { file, data },
+        } => {
+            let path = file.unwrap_or_else(|| data.join(thali_node::config::FILE_NAME));
+            match thali_node::config::check(&Cli::command(), &path) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Routes => {
             println!("{}", thali_node::http::routes::table_json());
             Ok(())

@@ -11,72 +11,90 @@ use std::time::Duration;
 /// Options of `thali serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
+    /// Settings file (TOML, keys named like these flags); default DIR/thali.toml if it exists.
+    /// Precedence: file < environment (THALI_<FLAG>) < command line.
+    #[arg(long, env = "THALI_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Data directory, created on first start.
-    #[arg(long, default_value = "./thali-data")]
+    #[arg(long, default_value = "./thali-data", env = "THALI_DATA")]
     pub data: PathBuf,
     /// Address of the local HTTP API (repeatable, e.g. `127.0.0.1:5984` and `[::1]:5984`).
-    #[arg(long, default_value = "127.0.0.1:5984")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:5984",
+        env = "THALI_HTTP",
+        value_delimiter = ','
+    )]
     pub http: Vec<SocketAddr>,
     /// Address of the mutual-TLS peer listener (repeatable; none by default).
-    #[arg(long)]
+    #[arg(long, env = "THALI_PEER", value_delimiter = ',')]
     pub peer: Vec<SocketAddr>,
     /// Password of the `admin` user; otherwise read from or generated into DIR/admin.password.
     #[arg(long, env = "THALI_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
     /// Origins allowed by CORS (repeatable; `*` for any).
-    #[arg(long = "cors-origin")]
+    #[arg(long = "cors-origin", env = "THALI_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, default_value_t = 256 * 1024 * 1024, env = "THALI_MAX_REQUEST_SIZE")]
     pub max_request_size: usize,
     /// Largest attachment in bytes (413 beyond). Standalone attachment uploads stream to disk,
     /// so this bounds disk use, not memory; inline (base64) ones also obey --max-request-size.
-    #[arg(long, default_value_t = 4 << 30)]
+    #[arg(long, default_value_t = 4 << 30, env = "THALI_MAX_ATTACHMENT_SIZE")]
     pub max_attachment_size: u64,
     /// Largest JSON document in bytes (413 beyond).
-    #[arg(long = "max-document-size", default_value_t = 8_000_000)]
+    #[arg(
+        long = "max-document-size",
+        default_value_t = 8_000_000,
+        env = "THALI_MAX_DOCUMENT_SIZE"
+    )]
     pub max_doc_size: usize,
     /// Seconds a client may take to send request headers or a request body (408 beyond).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, env = "THALI_REQUEST_TIMEOUT")]
     pub request_timeout: u64,
     /// Most concurrent connections on the peer listener; more are closed at once.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS")]
     pub max_peer_connections: usize,
     /// A design document language to store and replicate without running it (repeatable), for
     /// a relay that only replicates: its validators are NOT enforced here. Without it, a design
     /// document in a language thali does not run is refused.
-    #[arg(long = "store-only-language", value_name = "LANG")]
+    #[arg(
+        long = "store-only-language",
+        value_name = "LANG",
+        env = "THALI_STORE_ONLY_LANGUAGE",
+        value_delimiter = ','
+    )]
     pub store_only_languages: Vec<String>,
     /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions / JavaScript
     /// operations.
-    #[arg(long, default_value_t = 50_000_000)]
+    #[arg(long, default_value_t = 50_000_000, env = "THALI_PLUGIN_CPU")]
     pub plugin_cpu: u64,
     /// Memory of one plugin instance (WASM store or Lua state), in bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "THALI_PLUGIN_MEMORY")]
     pub plugin_memory: usize,
     /// Wall-clock limit of one plugin call, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, env = "THALI_PLUGIN_TIMEOUT_MS")]
     pub plugin_timeout_ms: u64,
     /// Storage engine of a new data directory (`fjall` or `sled`); an existing one keeps the
     /// engine it records (`thali migrate` converts it).
-    #[arg(long)]
+    #[arg(long, env = "THALI_STORAGE")]
     pub storage: Option<crate::store::Kind>,
     /// The node's block cache, in bytes, shared by every database and index.
-    #[arg(long, default_value_t = crate::store::DEFAULT_CACHE)]
+    #[arg(long, default_value_t = crate::store::DEFAULT_CACHE, env = "THALI_CACHE_SIZE")]
     pub cache_size: u64,
     /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN")]
     pub max_dbs_open: usize,
     /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
     /// every save.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "THALI_DEV")]
     pub dev: Option<PathBuf>,
     /// Discovery on the local network: announce the first peer listener over mDNS (under a
     /// random name that changes every 10 minutes) and list nodes nearby (`thali peer discover`).
-    #[arg(long)]
+    #[arg(long, env = "THALI_LAN")]
     pub lan: bool,
     /// Seconds between changes of the announced name (tests shorten it).
-    #[arg(long, default_value_t = 600, hide = true)]
+    #[arg(long, default_value_t = 600, hide = true, env = "THALI_LAN_ROTATE")]
     pub lan_rotate: u64,
     #[command(flatten)]
     pub tor: crate::tor::TorOptions,
@@ -94,6 +112,50 @@ pub enum ServeError {
     Identity(String),
     #[error("--lan announces the peer listener: give one with --peer ADDR")]
     Lan,
+}
+
+/// The settings in force as `GET /_node/_local/_config` shows them: CouchDB's sections for
+/// what CouchDB tools look for, and `thali` with every flag. Values are strings, as in CouchDB;
+/// the admin password is never shown.
+fn settings(cfg: &ServeConfig, uuid: &str) -> serde_json::Value {
+    let join = |v: &[String]| v.join(",");
+    let addrs = |v: &[SocketAddr]| join(&v.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    let path = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let first = cfg.http.first();
+    serde_json::json!({
+        "couchdb": {"uuid": uuid, "max_document_size": cfg.max_doc_size.to_string(),
+                    "max_dbs_open": cfg.max_dbs_open.to_string(),
+                    "database_dir": cfg.data.display().to_string()},
+        "chttpd": {"bind_address": first.map(|a| a.ip().to_string()).unwrap_or_default(),
+                   "port": first.map(|a| a.port().to_string()).unwrap_or_default(),
+                   "max_http_request_size": cfg.max_request_size.to_string()},
+        "chttpd_auth": {"timeout": crate::http::SESSION_TIMEOUT.to_string()},
+        "admins": {"admin": "-hidden-"},
+        "thali": {
+            "data": cfg.data.display().to_string(), "config": path(&cfg.config),
+            "http": addrs(&cfg.http), "peer": addrs(&cfg.peer),
+            "cors-origin": join(&cfg.cors_origins),
+            "max-request-size": cfg.max_request_size.to_string(),
+            "max-attachment-size": cfg.max_attachment_size.to_string(),
+            "max-document-size": cfg.max_doc_size.to_string(),
+            "request-timeout": cfg.request_timeout.to_string(),
+            "max-peer-connections": cfg.max_peer_connections.to_string(),
+            "store-only-language": join(&cfg.store_only_languages),
+            "plugin-cpu": cfg.plugin_cpu.to_string(),
+            "plugin-memory": cfg.plugin_memory.to_string(),
+            "plugin-timeout-ms": cfg.plugin_timeout_ms.to_string(),
+            "storage": cfg.storage.map(|k| k.name().to_string()).unwrap_or_default(),
+            "cache-size": cfg.cache_size.to_string(),
+            "max-dbs-open": cfg.max_dbs_open.to_string(),
+            "dev": path(&cfg.dev), "lan": cfg.lan.to_string(),
+            "tor": cfg.tor.enabled.to_string(), "tor-network": path(&cfg.tor.network),
+            "tor-port": cfg.tor.port.to_string(), "tor-restricted": cfg.tor.restricted.to_string(),
+        },
+    })
 }
 
 /// The admin password: given, or read from / generated into `DIR/admin.password` (0600).
@@ -199,6 +261,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         key_id: identity.key_id().into(),
         tor: tor.clone(),
         pairing: pairing.clone(),
+        settings: Arc::new(settings(&cfg, node.uuid())),
     };
     let app = router(state);
     let mut servers = Vec::new();

@@ -485,6 +485,15 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         }],
         ("NodeStats", _) => vec![case("stats", LOCAL, g("/_node/_local/_stats"))],
         ("NodePrometheus", _) => vec![case("prometheus", LOCAL, g("/_node/_local/_prometheus"))],
+        ("NodeConfig", _) if read => vec![case("config", LOCAL, g("/_node/_local/_config"))],
+        ("NodeConfig", "PUT") => vec![case("config set", LOCAL, |_, _, _| {
+            Call::new("PUT", "/_node/_local/_config/log/level".into()).json(json!("warn"))
+        })],
+        // Nothing can be deleted (400 to the admin).
+        ("NodeConfig", "DELETE") => vec![Case {
+            judge: Judge::NotRefused,
+            ..case("config delete", LOCAL, g("/_node/_local/_config/log/level"))
+        }],
         ("NodeSystem", _) => vec![case("system", LOCAL, g("/_node/_local/_system"))],
         ("Membership", _) => vec![case("membership", LOCAL, g("/_membership"))],
         ("DbsInfo", _) if read => vec![case("dbs_info", LOCAL, g("/_dbs_info"))],

@@ -177,7 +177,9 @@ fn classify(route: &Route, m: &Method) -> Need {
         Up | Dashboard => Need::LoopbackOpen,
         AllDbs | Uuids | ActiveTasks | Replicate | SchedulerJobs => Need::NodeAdmin,
         Invites | Invite | Join | Paired | PairedPeer | Pairing | Nearby => Need::NodeAdmin,
-        NodeStats | NodePrometheus | NodeSystem | Membership | DbsInfo | Events => Need::NodeAdmin,
+        NodeStats | NodePrometheus | NodeSystem | NodeConfig | Membership | DbsInfo | Events => {
+            Need::NodeAdmin
+        }
         PairAccept | PairStep => Need::AnyPeer,
         Db if read_method => db(Level::Read),
         Db if *m == Method::POST => db(Level::Write),

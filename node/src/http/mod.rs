@@ -56,7 +56,12 @@ pub struct AppState {
     pub key_id: Arc<str>,
     pub tor: Option<Arc<crate::tor::Tor>>,
     pub pairing: Arc<crate::pair::Pairing>,
+    /// The settings in force, for `/_node/_local/_config` (the `log` section is live).
+    pub settings: Arc<serde_json::Value>,
 }
+
+/// Seconds an `AuthSession` cookie lasts.
+pub const SESSION_TIMEOUT: u64 = auth::cookie::TIMEOUT;
 
 pub fn router(state: AppState) -> Router {
     Router::new().fallback(dispatch).with_state(state)
@@ -388,6 +393,7 @@ async fn route(state: &AppState, mut r: Req) -> ApiResult<Response> {
         NodeStats => node::stats(state, r, id, sub),
         NodePrometheus => node::prometheus(state, r, id),
         NodeSystem => node::system(state, r, id),
+        NodeConfig => node::config(state, r, id, sub).await,
         Membership => node::membership(r),
         DbsInfo => node::dbs_info(state, r).await,
         Dashboard => dashboard::page(r),

@@ -90,6 +90,47 @@ pub fn system(state: &AppState, r: &Req, node: &str) -> ApiResult<Response> {
     })))
 }
 
+/// `/_node/{node}/_config[/section[/key]]`: the settings in force. Only `log/level` changes
+/// while the node runs (`PUT` a JSON string of `tracing` directives; the old value comes back);
+/// the rest are read at start, from flags, `THALI_*` or `DIR/thali.toml`.
+pub async fn config(state: &AppState, r: &mut Req, node: &str, path: &str) -> ApiResult<Response> {
+    this_node(node)?;
+    let mut all = (*state.settings).clone();
+    all["log"] = json!({"level": crate::sys::logs::current()});
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let unknown = || ApiError::not_found("unknown_config_value");
+    match r.method {
+        Method::GET | Method::HEAD => {
+            let mut v = &all;
+            for p in &parts {
+                v = v.get(*p).ok_or_else(unknown)?;
+            }
+            Ok(ok(v.clone()))
+        }
+        Method::PUT | Method::DELETE => {
+            let [section, key] = parts.as_slice() else {
+                return Err(ApiError::bad_request("give a section and a key"));
+            };
+            all.get(*section)
+                .and_then(|s| s.get(*key))
+                .ok_or_else(unknown)?;
+            if (*section, *key) != ("log", "level") || r.method == Method::DELETE {
+                return Err(ApiError::bad_request(format!(
+                    "{section}/{key} is read at start: set it with its flag, THALI_* or thali.toml and restart"
+                )));
+            }
+            let v = r.json().await?;
+            let level = v
+                .as_str()
+                .ok_or_else(|| ApiError::bad_request("the value must be a JSON string"))?;
+            let old = crate::sys::logs::set(level).map_err(ApiError::bad_request)?;
+            tracing::info!(level, "log level changed");
+            Ok(ok(json!(old)))
+        }
+        _ => Err(ApiError::method_not_allowed("GET,HEAD,PUT,DELETE")),
+    }
+}
+
 pub fn membership(r: &Req) -> ApiResult<Response> {
     read_only(r)?;
     Ok(ok(

@@ -66,6 +66,7 @@ kinds!(
     DbsInfo,
     Dashboard,
     Events,
+    NodeConfig,
 );
 
 /// A path template and the methods a route answers (others get 405 once authorized).
@@ -189,6 +190,11 @@ pub const ROUTES: &[Spec] = &[
         kind: Kind::DbsInfo,
         path: "/_dbs_info",
         methods: &["GET", "HEAD", "POST"],
+    },
+    Spec {
+        kind: Kind::NodeConfig,
+        path: "/_node/_local/_config",
+        methods: &["GET", "HEAD", "PUT", "DELETE"],
     },
     Spec {
         kind: Kind::Dashboard,
@@ -384,6 +390,9 @@ impl Route {
             }
             ["_node", node, "_prometheus"] => Ok(Route::new(NodePrometheus, "", node, "")),
             ["_node", node, "_system"] => Ok(Route::new(NodeSystem, "", node, "")),
+            ["_node", node, "_config", rest @ ..] => {
+                Ok(Route::new(NodeConfig, "", node, &rest.join("/")))
+            }
             ["_membership"] => k(Membership),
             ["_dbs_info"] => k(DbsInfo),
             [name, ..] if name.starts_with('_') && !matches!(*name, "_replicator" | "_users") => {

@@ -3,5 +3,6 @@
 
 pub mod clock;
 pub mod files;
+pub mod logs;
 pub mod metrics;
 pub mod shutdown;

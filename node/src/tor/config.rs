@@ -9,23 +9,28 @@ use tor_config::{sources::MustRead, ConfigurationSource};
 pub struct TorOptions {
     /// Publish this node as a Tor onion service (arti, embedded; state in DIR/tor/) and dial
     /// `.onion` peers through Tor.
-    #[arg(long = "tor")]
+    #[arg(long = "tor", env = "THALI_TOR")]
     pub enabled: bool,
     /// An arti configuration file (arti's TOML) merged under the node's own settings: e.g.
     /// `[tor_network]` authorities and fallback caches and `[override_net_params]` for a
     /// private Tor network. Implies `--tor`.
-    #[arg(long = "tor-network", value_name = "FILE")]
+    #[arg(long = "tor-network", value_name = "FILE", env = "THALI_TOR_NETWORK")]
     pub network: Option<PathBuf>,
     /// The onion service's virtual port (peers use `httpkey://<onion>:PORT/<key>/db`).
-    #[arg(long = "tor-port", default_value_t = 6984)]
+    #[arg(long = "tor-port", default_value_t = 6984, env = "THALI_TOR_PORT")]
     pub port: u16,
     /// Restricted discovery: only peers whose keys some database's `_security` names (and this
     /// node) can fetch the service's descriptor, i.e. even find it. Rechecked every 10 s; a
     /// change relaunches the service (same address).
-    #[arg(long = "tor-restricted")]
+    #[arg(long = "tor-restricted", env = "THALI_TOR_RESTRICTED")]
     pub restricted: bool,
     /// The service's nickname in arti's keystore (`DIR/tor/state/keystore/hss/<nickname>/`).
-    #[arg(long = "tor-nickname", default_value = "thali", hide = true)]
+    #[arg(
+        long = "tor-nickname",
+        default_value = "thali",
+        hide = true,
+        env = "THALI_TOR_NICKNAME"
+    )]
     pub nickname: String,
 }
 
