@@ -125,6 +125,7 @@ impl Database {
                 Ok(v) => v,
                 Err(PluginError::Thrown(v)) => v,
                 Err(e) => {
+                    tracing::warn!(db = %self.name, %ddoc, doc = %new_doc["_id"], error = %e, "validator failed; write refused");
                     crate::sys::metrics::get().plugin_failed(
                         &self.name,
                         ddoc,

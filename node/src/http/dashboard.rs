@@ -128,7 +128,7 @@ async fn snapshot(state: &AppState) -> Value {
             json!({"id": t["replication_id"], "doc_id": t["doc_id"], "source": src,
                    "target": tgt, "transport": transport(if src.contains("://") { &src } else { &tgt }),
                    "state": t["state"], "docs_written": t["docs_written"],
-                   "pending": t["changes_pending"], "docs_per_s": t["docs_per_s"],
+                   "pending": t["changes_pending"],
                    "checkpointed_seq": t["checkpointed_source_seq"], "error": t["error"]})
         })
         .collect();
@@ -159,7 +159,11 @@ async fn snapshot(state: &AppState) -> Value {
             }
         }
     }
-    let paired = state.pairing.peers().await.unwrap_or(json!([]));
+    let mut paired = state.pairing.peers().await.unwrap_or(json!([]));
+    for p in paired.as_array_mut().into_iter().flatten() {
+        let seen = p["key"].as_str().and_then(|k| m.peer_last_seen(k));
+        p["last_seen"] = json!(seen);
+    }
     let paired_keys: Vec<&str> = paired
         .as_array()
         .into_iter()
@@ -173,9 +177,9 @@ async fn snapshot(state: &AppState) -> Value {
                 if paired_keys.contains(&key) {
                     continue;
                 }
-                let e = granted
-                    .entry(key.to_string())
-                    .or_insert_with(|| json!({"key": key, "dbs": {}}));
+                let e = granted.entry(key.to_string()).or_insert_with(
+                    || json!({"key": key, "dbs": {}, "last_seen": m.peer_last_seen(key)}),
+                );
                 e["dbs"][name.as_str()] = json!(level.name());
             }
         }

@@ -282,6 +282,9 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         let (parts, body) = req.into_parts();
         let principal = auth::principal(&parts.headers, &parts.extensions, &state.config);
+        if let Principal::Peer(key) = &principal {
+            crate::sys::metrics::get().peer_seen(key);
+        }
         let refresh = matches!(principal, Principal::Admin)
             && auth::session_cookie(&parts.headers)
                 .and_then(|c| auth::cookie::verify(&state.config, &c))

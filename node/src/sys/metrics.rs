@@ -57,7 +57,11 @@ pub struct Metrics {
     recent: Mutex<std::collections::VecDeque<f64>>,
     /// The last plugin failures with what they concern (for the dashboard).
     plugin_events: Mutex<std::collections::VecDeque<Value>>,
+    /// When each peer key last made a request (unix seconds; at most `MAX_PEERS_SEEN` keys).
+    peers_seen: Mutex<std::collections::HashMap<String, u64>>,
 }
+
+const MAX_PEERS_SEEN: usize = 4096;
 
 /// The node's metrics (created on first use).
 pub fn get() -> &'static Metrics {
@@ -100,6 +104,7 @@ impl Metrics {
             pairings: Counter::default(),
             recent: Mutex::default(),
             plugin_events: Mutex::default(),
+            peers_seen: Mutex::default(),
         };
         r.register(
             "couchdb_httpd_requests",
@@ -204,6 +209,23 @@ impl Metrics {
             .lock()
             .map(|q| q.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// A request from a peer key.
+    pub fn peer_seen(&self, key: &str) {
+        if let Ok(mut m) = self.peers_seen.lock() {
+            let now = crate::sys::clock::unix_now();
+            if let Some(t) = m.get_mut(key) {
+                *t = now;
+            } else if m.len() < MAX_PEERS_SEEN {
+                m.insert(key.to_string(), now);
+            }
+        }
+    }
+
+    /// When `key` last made a request, if since the node started.
+    pub fn peer_last_seen(&self, key: &str) -> Option<u64> {
+        self.peers_seen.lock().ok()?.get(key).copied()
     }
 
     pub fn uptime_seconds(&self) -> u64 {
