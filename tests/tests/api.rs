@@ -32,9 +32,9 @@ fn server_endpoints_and_auth() {
         "Basic YWRtaW46d3Jvbmc=".to_string(),
     )];
     request(n.addr, "GET", "/_all_dbs", &bad, None).assert_error(401, "unauthorized");
-    // _session: POST answers 404 so replicators use basic auth.
+    // _session: a wrong login is 401 (a right one sets a cookie: tests/session.rs).
     request(n.addr, "POST", "/_session", &[], Some(b"name=a&password=b"))
-        .assert_error(404, "not_found");
+        .assert_error(401, "unauthorized");
     assert_eq!(
         n.get("/_session").json()["userCtx"]["roles"],
         json!(["_admin"])

@@ -72,7 +72,7 @@ enum Judge {
     Status,
     /// `_bulk_docs`: success when no document failed, refusal when one is `forbidden`.
     Bulk,
-    /// Anything but 401/403 is success (`/_session` answers 404 to POST).
+    /// Anything but 401/403 is success (an admin route answering 400 or 404 to its input).
     NotRefused,
 }
 

@@ -79,11 +79,14 @@ pub async fn session(state: &AppState, r: &mut Req) -> ApiResult<Response> {
                     "Peers are their keys; log in on the node's local API.",
                 ));
             }
-            let form = r
+            // JSON when it says so; otherwise a form, as CouchDB's clients send it.
+            let json = r
                 .content_type()
-                .starts_with("application/x-www-form-urlencoded");
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json");
             let body = r.bytes().await?;
-            let (name, password) = if form {
+            let (name, password) = if !json {
                 let q = super::query::Query::parse(std::str::from_utf8(&body).ok());
                 (
                     q.get("name").unwrap_or("").to_string(),
