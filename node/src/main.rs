@@ -1,7 +1,6 @@
 //! The `thali` command line.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use thali_node::serve::{run, ServeConfig};
 
@@ -74,10 +73,8 @@ enum Command {
         /// The name the other device will know this one by.
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, global = true, default_value = "./thali-data")]
-        data: PathBuf,
-        #[arg(long, global = true, default_value = "127.0.0.1:5984")]
-        node: SocketAddr,
+        #[command(flatten)]
+        at: thali_node::cli::NodeArgs,
     },
     /// Accept an invite made by `thali invite` on another device: pair, grant it the same
     /// access here and replicate both ways.
@@ -92,10 +89,8 @@ enum Command {
         /// Pair without setting up replication.
         #[arg(long)]
         no_replicate: bool,
-        #[arg(long, default_value = "./thali-data")]
-        data: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:5984")]
-        node: SocketAddr,
+        #[command(flatten)]
+        at: thali_node::cli::NodeArgs,
     },
     /// Pair with a device face to face: both show a 6-digit code and each user confirms it.
     /// One side waits (`--wait`), the other asks (`--with KEY|URL --db NAME`).
@@ -122,21 +117,15 @@ enum Command {
         as_name: Option<String>,
         #[arg(long)]
         no_replicate: bool,
-        #[arg(long, default_value = "./thali-data")]
-        data: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:5984")]
-        node: SocketAddr,
+        #[command(flatten)]
+        at: thali_node::cli::NodeArgs,
     },
     /// Manage which peer keys may use a database (edits its `_security` on the running node).
     Peer {
         #[command(subcommand)]
         action: PeerAction,
-        /// Data directory of the node (for its admin password).
-        #[arg(long, global = true, default_value = "./thali-data")]
-        data: PathBuf,
-        /// The node's local HTTP API.
-        #[arg(long, global = true, default_value = "127.0.0.1:5984")]
-        node: SocketAddr,
+        #[command(flatten)]
+        at: thali_node::cli::NodeArgs,
     },
 }
 
@@ -284,7 +273,7 @@ fn main() -> std::process::ExitCode {
             println!("{}", thali_node::http::routes::table_json());
             Ok(())
         }
-        Command::Peer { action, data, node } => {
+        Command::Peer { action, at } => {
             let action = match action {
                 PeerAction::Allow { key, db, level } => {
                     thali_node::cli::PeerCommand::Allow { key, db, level }
@@ -294,7 +283,7 @@ fn main() -> std::process::ExitCode {
                 PeerAction::Remove { name } => thali_node::cli::PeerCommand::Remove { name },
                 PeerAction::Discover => thali_node::cli::PeerCommand::Discover,
             };
-            thali_node::cli::peer(&data, node, action)
+            thali_node::cli::peer(&at.data, at.node, action)
         }
         Command::Invite {
             action,
@@ -304,8 +293,7 @@ fn main() -> std::process::ExitCode {
             via,
             host,
             name,
-            data,
-            node,
+            at,
         } => {
             use thali_node::cli::{InviteArgs, InviteCommand};
             let cmd = match (action, db) {
@@ -321,18 +309,17 @@ fn main() -> std::process::ExitCode {
                 })),
                 (None, None) => Err("say which database to share: thali invite --db NAME".into()),
             };
-            cmd.and_then(|c| thali_node::cli::invite(&data, node, c))
+            cmd.and_then(|c| thali_node::cli::invite(&at.data, at.node, c))
         }
         Command::Join {
             invite,
             name,
             as_name,
             no_replicate,
-            data,
-            node,
+            at,
         } => thali_node::cli::join(
-            &data,
-            node,
+            &at.data,
+            at.node,
             thali_node::cli::JoinArgs {
                 invite,
                 name,
@@ -349,8 +336,7 @@ fn main() -> std::process::ExitCode {
             name,
             as_name,
             no_replicate,
-            data,
-            node,
+            at,
         } => {
             use thali_node::cli::PairCommand;
             let cmd = match (wait, with, db) {
@@ -365,7 +351,7 @@ fn main() -> std::process::ExitCode {
                 }),
                 _ => Err("give --wait, or --with and --db".into()),
             };
-            cmd.and_then(|c| thali_node::cli::pair(&data, node, c))
+            cmd.and_then(|c| thali_node::cli::pair(&at.data, at.node, c))
         }
         Command::Migrate { data, to } => thali_node::cli::migrate(&data, to),
         Command::Replicate(args) => rt.block_on(thali_node::cli::replicate(args)),

@@ -286,10 +286,11 @@ fn the_cli_invites_joins_lists_and_removes() {
     assert_eq!(level_of(&a, "photos", &b.key_id()), None);
 }
 
-fn pairing(n: &PeerNode, body: Value) -> thali_tests::Resp {
+/// `POST /_thali/pairing` as the admin of the node at `addr` (waits as long as pairing may).
+fn pairing_at(addr: std::net::SocketAddr, body: Value) -> thali_tests::Resp {
     let b = serde_json::to_vec(&body).unwrap();
     thali_tests::try_request_within(
-        n.node.addr,
+        addr,
         "POST",
         "/_thali/pairing",
         &[
@@ -302,6 +303,10 @@ fn pairing(n: &PeerNode, body: Value) -> thali_tests::Resp {
     .unwrap()
 }
 
+fn pairing(n: &PeerNode, body: Value) -> thali_tests::Resp {
+    pairing_at(n.node.addr, body)
+}
+
 /// The node's own URL without a database.
 fn base_url(n: &PeerNode) -> String {
     format!("httpkey://127.0.0.1:{}/{}/", n.port, n.key_id())
@@ -310,21 +315,7 @@ fn base_url(n: &PeerNode) -> String {
 /// `host` waits in a thread; the answer arrives once a guest's code is there.
 fn wait_in_thread(host: &PeerNode, timeout: u64) -> std::thread::JoinHandle<thali_tests::Resp> {
     let addr = host.node.addr;
-    std::thread::spawn(move || {
-        let b = serde_json::to_vec(&json!({"action": "wait", "timeout": timeout})).unwrap();
-        thali_tests::try_request_within(
-            addr,
-            "POST",
-            "/_thali/pairing",
-            &[
-                ("Authorization".into(), thali_tests::admin_auth()),
-                ("Content-Type".into(), "application/json".into()),
-            ],
-            Some(&b),
-            std::time::Duration::from_secs(240),
-        )
-        .unwrap()
-    })
+    std::thread::spawn(move || pairing_at(addr, json!({"action": "wait", "timeout": timeout})))
 }
 
 /// Until `host` is waiting (its window is open): a throwaway key starts a session there and
@@ -374,20 +365,10 @@ fn pairing_by_code_needs_both_users_and_the_right_keys() {
     let baddr = b.node.addr;
     let bs = sb["session"].clone();
     let decided = std::thread::spawn(move || {
-        let body = serde_json::to_vec(&json!({"action": "decide", "session": bs, "confirm": true}))
-            .unwrap();
-        thali_tests::try_request_within(
+        pairing_at(
             baddr,
-            "POST",
-            "/_thali/pairing",
-            &[
-                ("Authorization".into(), thali_tests::admin_auth()),
-                ("Content-Type".into(), "application/json".into()),
-            ],
-            Some(&body),
-            std::time::Duration::from_secs(240),
+            json!({"action": "decide", "session": bs, "confirm": true}),
         )
-        .unwrap()
     });
     let confirmed = pairing(
         &a,

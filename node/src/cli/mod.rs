@@ -17,6 +17,17 @@ use std::time::Duration;
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Where the running node is, for commands that go through its local API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NodeArgs {
+    /// Data directory of the node (for its admin password).
+    #[arg(long, global = true, default_value = "./thali-data")]
+    pub data: std::path::PathBuf,
+    /// The node's local HTTP API.
+    #[arg(long, global = true, default_value = "127.0.0.1:5984")]
+    pub node: SocketAddr,
+}
+
 pub fn print_id(data: &Path, peers: &[String]) -> CliResult {
     std::fs::create_dir_all(data)?;
     let id = Identity::load_or_create(data)?;

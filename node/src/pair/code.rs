@@ -534,42 +534,18 @@ impl Pairing {
         let theirs = parse_key_id(&key).map_err(PairError::bad)?;
         let mine = *self.identity.public_key();
         let role = pairing::role(&mine, &theirs).map_err(|e| PairError::bad(e.to_string()))?;
-        let db_url = format!("{url}{}", super::enc(&db));
-        let remote = crate::replicate::client::Remote::new(
-            &db_url,
-            &serde_json::Map::new(),
-            self.dialer.clone(),
-            Some(2),
-            db_url.clone(),
-        )
-        .map_err(|e| PairError::bad(e.to_string()))?;
+        let (remote, _) = super::remote_for(&self.dialer, &url, &db)?;
         let send = |body: Value| {
             let remote = &remote;
             async move {
-                let r = remote
-                    .request_path(
-                        axum::http::Method::POST,
-                        "/_thali/pair",
-                        Some(&body),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .map_err(|e| {
-                        PairError::new(502, "bad_gateway", format!("cannot reach the device: {e}"))
-                    })?;
-                if r.status != 200 {
-                    return Err(PairError::new(
-                        if r.status == 429 { 429 } else { 403 },
-                        if r.status == 429 {
-                            "too_many_requests"
-                        } else {
-                            "forbidden"
-                        },
-                        format!("the other device refused: {}", r.describe()),
-                    ));
-                }
-                r.json()
-                    .map_err(|e| PairError::new(502, "bad_gateway", e.to_string()))
+                super::ask(
+                    remote,
+                    "/_thali/pair",
+                    &body,
+                    Duration::from_secs(60),
+                    "the other device",
+                )
+                .await
             }
         };
         let (session, code) = match role {
@@ -632,27 +608,15 @@ impl Pairing {
     /// The guest's user said yes: the host's answer decides; then grant and replicate here.
     async fn guest_confirm(&self, a: Action) -> PairResult<Value> {
         let o = self.take_outgoing(&a)?;
-        let r = o
-            .remote
-            .request_path(
-                axum::http::Method::POST,
-                "/_thali/pair",
-                Some(&json!({"step": "confirm", "session": o.session, "name": a.as_name})),
-                SESSION_TTL + Duration::from_secs(10),
-            )
-            .await
-            .map_err(|e| {
-                PairError::new(502, "bad_gateway", format!("cannot reach the device: {e}"))
-            })?;
-        if r.status != 200 {
-            return Err(PairError::forbidden(format!(
-                "not paired: {}",
-                r.describe()
-            )));
-        }
-        let answer = r
-            .json()
-            .map_err(|e| PairError::new(502, "bad_gateway", e.to_string()))?;
+        let confirm = json!({"step": "confirm", "session": o.session, "name": a.as_name});
+        let answer = super::ask(
+            &o.remote,
+            "/_thali/pair",
+            &confirm,
+            SESSION_TTL + Duration::from_secs(10),
+            "the other device",
+        )
+        .await?;
         self.grant(&o.db, &o.key, o.level).await?;
         let replications = if a.replicate.unwrap_or(true) {
             let db_url = format!("{}{}", o.url, super::enc(&o.db));
@@ -689,15 +653,16 @@ impl Pairing {
 
     async fn guest_cancel(&self, a: Action) -> PairResult<Value> {
         let o = self.take_outgoing(&a)?;
-        let _ = o
-            .remote
-            .request_path(
-                axum::http::Method::POST,
-                "/_thali/pair",
-                Some(&json!({"step": "cancel", "session": o.session})),
-                Duration::from_secs(30),
-            )
-            .await;
+        let cancel = json!({"step": "cancel", "session": o.session});
+        // Best effort: the host's window times out by itself anyway.
+        let _ = super::ask(
+            &o.remote,
+            "/_thali/pair",
+            &cancel,
+            Duration::from_secs(30),
+            "",
+        )
+        .await;
         Ok(json!({"ok": true, "paired": false}))
     }
 }

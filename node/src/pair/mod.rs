@@ -564,46 +564,21 @@ impl Pairing {
             },
         ))
         .unwrap_or_else(|_| short(&their_key));
-        let db_url = format!("{}{}", inv.url, enc(&inv.db));
-        let remote = crate::replicate::client::Remote::new(
-            &db_url,
-            &serde_json::Map::new(),
-            self.dialer.clone(),
-            None,
-            db_url.clone(),
-        )
-        .map_err(|e| PairError::bad(e.to_string()))?;
+        let (remote, db_url) = remote_for(&self.dialer, &inv.url.to_string(), &inv.db)?;
         let msg = Accept {
             secret: inv.secret.clone(),
             name: req.as_name.clone(),
             urls: self.my_urls(None),
         };
         let started = Instant::now();
-        let resp = remote
-            .request_path(
-                axum::http::Method::POST,
-                "/_thali/accept",
-                Some(&msg),
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(|e| {
-                PairError::new(502, "bad_gateway", format!("cannot reach the inviter: {e}"))
-            })?;
-        if resp.status != 200 {
-            return Err(PairError::new(
-                if resp.status == 429 { 429 } else { 403 },
-                if resp.status == 429 {
-                    "too_many_requests"
-                } else {
-                    "forbidden"
-                },
-                format!("the inviting node refused: {}", resp.describe()),
-            ));
-        }
-        let answer = resp
-            .json()
-            .map_err(|e| PairError::new(502, "bad_gateway", e.to_string()))?;
+        let answer = ask(
+            &remote,
+            "/_thali/accept",
+            &msg,
+            Duration::from_secs(60),
+            "the inviting node",
+        )
+        .await?;
         let level = answer["level"]
             .as_str()
             .and_then(Level::parse)
@@ -772,6 +747,53 @@ impl Pairing {
                   "replications_removed": stopped}),
         )
     }
+}
+
+/// A client for another node's `/_thali/…` routes and its copy of `db`; the URL pins its key.
+fn remote_for(
+    dialer: &std::sync::Arc<Dialer>,
+    node_url: &str,
+    db: &str,
+) -> PairResult<(crate::replicate::client::Remote, String)> {
+    let db_url = format!("{node_url}{}", enc(db));
+    let remote = crate::replicate::client::Remote::new(
+        &db_url,
+        &serde_json::Map::new(),
+        dialer.clone(),
+        None,
+        db_url.clone(),
+    )
+    .map_err(|e| PairError::bad(e.to_string()))?;
+    Ok((remote, db_url))
+}
+
+/// POSTs `body` to `path` on the other node: its JSON answer, or its refusal (403, or 429 when
+/// it limits this node) naming `who` refused.
+async fn ask<B: Serialize + ?Sized>(
+    remote: &crate::replicate::client::Remote,
+    path: &str,
+    body: &B,
+    timeout: Duration,
+    who: &str,
+) -> PairResult<Value> {
+    let r = remote
+        .request_path(axum::http::Method::POST, path, Some(body), timeout)
+        .await
+        .map_err(|e| PairError::new(502, "bad_gateway", format!("cannot reach {who}: {e}")))?;
+    if r.status != 200 {
+        let limited = r.status == 429;
+        return Err(PairError::new(
+            if limited { 429 } else { 403 },
+            if limited {
+                "too_many_requests"
+            } else {
+                "forbidden"
+            },
+            format!("{who} refused: {}", r.describe()),
+        ));
+    }
+    r.json()
+        .map_err(|e| PairError::new(502, "bad_gateway", e.to_string()))
 }
 
 /// Records (or updates) a paired peer; a new peer whose name is taken gets `-2`, `-3`….
