@@ -23,7 +23,7 @@ struct Entry {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+    text.get(..offset).unwrap_or(text).matches('\n').count() + 1
 }
 
 /// The serve command's long flags (`--name`), by name, with whether they take a value and may

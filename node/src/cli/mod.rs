@@ -429,7 +429,7 @@ fn ask(question: &str) -> bool {
 }
 
 fn show_code(code: &str) -> String {
-    if code.len() == 6 {
+    if code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) {
         format!("{} {}", &code[..3], &code[3..])
     } else {
         code.to_string()

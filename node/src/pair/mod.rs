@@ -226,7 +226,7 @@ pub struct Pairing {
 
 fn short(key: &str) -> String {
     let k = key.strip_prefix("ed25519:").unwrap_or(key);
-    format!("peer-{}", &k[..k.len().min(8)])
+    format!("peer-{}", k.chars().take(8).collect::<String>())
 }
 
 fn valid_name(name: &str) -> PairResult<String> {
