@@ -1,6 +1,6 @@
 //! The permission matrix: every route the node serves, from the binary's own route table
-//! (`thali routes`), called by a read, a write and an admin peer over mutual TLS and by the local
-//! admin. Design documents are aimed at through every route that writes, spelled plain,
+//! (`thali routes`), called by a read, a write and an admin peer and a stranger's key over
+//! mutual TLS, and by the local admin and an anonymous client on the loopback API. Design documents are aimed at through every route that writes, spelled plain,
 //! percent-encoded (`%2F`, `%2f`, `%5F`) and through `COPY`; only admins may write them. A route
 //! the table lists and this test has no case for fails the test.
 
@@ -15,9 +15,34 @@ enum Who {
     Writer,
     DbAdmin,
     Local,
+    /// No credentials, on the loopback API.
+    Anonymous,
+    /// A key no `_security` names, on the peer listener.
+    Stranger,
 }
 
+const ALL: [Who; 6] = [
+    Who::Reader,
+    Who::Writer,
+    Who::DbAdmin,
+    Who::Local,
+    Who::Anonymous,
+    Who::Stranger,
+];
+/// Everyone with access to the database `m`.
 const EVERYONE: &[Who] = &[Who::Reader, Who::Writer, Who::DbAdmin, Who::Local];
+/// Anyone at all.
+const PUBLIC: &[Who] = &ALL;
+/// Anyone on the loopback API.
+const LOOPBACK: &[Who] = &[Who::Local, Who::Anonymous];
+/// Any key over mutual TLS (and the local admin, who is told to use TLS: not refused).
+const ANY_KEY: &[Who] = &[
+    Who::Reader,
+    Who::Writer,
+    Who::DbAdmin,
+    Who::Stranger,
+    Who::Local,
+];
 const WRITERS: &[Who] = &[Who::Writer, Who::DbAdmin, Who::Local];
 const ADMINS: &[Who] = &[Who::DbAdmin, Who::Local];
 const LOCAL: &[Who] = &[Who::Local];
@@ -27,6 +52,7 @@ struct World {
     reader: PeerClient,
     writer: PeerClient,
     admin: PeerClient,
+    stranger: PeerClient,
     n: Cell<u32>,
     /// Design documents the local admin created as setup.
     seeded: std::cell::RefCell<Vec<String>>,
@@ -111,6 +137,11 @@ impl World {
             Who::Reader => self.reader.raw(&c.method, &c.path, &h, body),
             Who::Writer => self.writer.raw(&c.method, &c.path, &h, body),
             Who::DbAdmin => self.admin.raw(&c.method, &c.path, &h, body),
+            Who::Stranger => self.stranger.raw(&c.method, &c.path, &h, body),
+            Who::Anonymous => {
+                let h: Vec<(String, String)> = c.headers.clone();
+                thali_tests::request(self.p.node.addr, &c.method, &c.path, &h, body)
+            }
         }
     }
 
@@ -161,18 +192,19 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         move |_: &World, _: Who, _: &str| mk(path)
     };
     match (kind, method) {
-        ("Root", _) => vec![case("root", EVERYONE, g("/"))],
-        ("Up", _) => vec![case("up", LOCAL, g("/_up"))],
+        ("Root", _) => vec![case("root", PUBLIC, g("/"))],
+        ("Up", _) => vec![case("up", LOOPBACK, g("/_up"))],
         ("AllDbs", _) => vec![case("all_dbs", LOCAL, g("/_all_dbs"))],
         ("Uuids", _) => vec![case("uuids", LOCAL, g("/_uuids"))],
         ("ActiveTasks", _) => vec![case("active_tasks", LOCAL, g("/_active_tasks"))],
         ("SchedulerJobs", _) => vec![case("scheduler", LOCAL, g("/_scheduler/jobs"))],
         // Peers may not test the admin's password; the local admin logs in.
-        ("Session", "POST") => vec![case("session login", LOCAL, |_, _, _| {
+        // Logging in is what an anonymous client does; peers may not test passwords.
+        ("Session", "POST") => vec![case("session login", LOOPBACK, |_, _, _| {
             Call::new("POST", "/_session".into())
                 .json(json!({"name": "admin", "password": thali_tests::PASSWORD}))
         })],
-        ("Dashboard", _) => vec![case("dashboard", LOCAL, g("/_thali"))],
+        ("Dashboard", _) => vec![case("dashboard", LOOPBACK, g("/_thali"))],
         ("Events", _) => vec![case("events", LOCAL, g("/_thali/events?once=true"))],
         ("Session", _) => vec![Case {
             judge: if read {
@@ -180,7 +212,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             } else {
                 Judge::NotRefused
             },
-            ..case("session", EVERYONE, g("/_session"))
+            ..case("session", PUBLIC, g("/_session"))
         }],
         ("Replicate", "POST") => vec![case("replicate", LOCAL, |_, _, t| {
             Call::new("POST", "/_replicate".into())
@@ -280,7 +312,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         // own space for readers.
         ("Local", "GET" | "HEAD") => vec![case("local read", EVERYONE, move |w, who, t| {
             let put = Call::new("PUT", format!("/m/_local/{t}")).json(json!({"s": 1}));
-            assert_eq!(w.send(who, &put).status, 201);
+            assert_eq!(w.send(setter(who), &put).status, 201);
             Call::new(ms, format!("/m/_local/{t}"))
         })],
         ("Local", "PUT") => vec![case("local put", EVERYONE, |_, _, t| {
@@ -288,7 +320,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         })],
         ("Local", "DELETE") => vec![case("local delete", EVERYONE, |w, who, t| {
             let put = Call::new("PUT", format!("/m/_local/{t}")).json(json!({"s": 1}));
-            assert_eq!(w.send(who, &put).status, 201);
+            assert_eq!(w.send(setter(who), &put).status, 201);
             Call::new("DELETE", format!("/m/_local/{t}?rev=0-1"))
         })],
         ("Doc", "GET" | "HEAD") => vec![case("doc read", EVERYONE, g("/m/seed"))],
@@ -449,7 +481,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         // Any peer key may show an invite's secret; the local admin is told to use TLS (400).
         ("PairAccept", "POST") => vec![Case {
             judge: Judge::NotRefused,
-            ..case("pair accept", EVERYONE, |w, _, t| {
+            ..case("pair accept", ANY_KEY, |w, _, t| {
                 let uri = w.invite(&format!("acc-{t}"))["uri"]
                     .as_str()
                     .unwrap()
@@ -473,7 +505,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
         }],
         ("PairStep", "POST") => vec![Case {
             judge: Judge::NotRefused,
-            ..case("pairing step", EVERYONE, |_, _, _| {
+            ..case("pairing step", ANY_KEY, |_, _, _| {
                 Call::new("POST", "/_thali/pair".into())
                     .json(json!({"step": "cancel", "session": "x"}))
             })
@@ -501,6 +533,14 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             Call::new("POST", "/_dbs_info".into()).json(json!({"keys": ["m"]}))
         })],
         _ => Vec::new(),
+    }
+}
+
+/// Who sets up a case's data: the caller itself, or the local admin for callers with no access.
+fn setter(who: Who) -> Who {
+    match who {
+        Who::Anonymous | Who::Stranger => Who::Local,
+        w => w,
     }
 }
 
@@ -579,6 +619,7 @@ fn every_route_as_every_principal() {
         reader: p.client(&r),
         writer: p.client(&wr),
         admin: p.client(&a),
+        stranger: p.client(&Identity::generate().unwrap()),
         p,
         n: Cell::new(0),
         seeded: Default::default(),
@@ -611,7 +652,7 @@ fn every_route_as_every_principal() {
                 route["path"]
             );
             for c in cs {
-                for who in [Who::Reader, Who::Writer, Who::DbAdmin, Who::Local] {
+                for who in ALL {
                     let tag = w.tag(who);
                     let call = (c.make)(&w, who, &tag);
                     let resp = w.send(who, &call);
@@ -655,7 +696,8 @@ fn every_route_as_every_principal() {
         );
     }
     eprintln!(
-        "permission matrix: {checked} calls over {} routes",
+        "permission matrix: {checked} calls ({} principals) over {} routes, 0 unexpected",
+        ALL.len(),
         table.len()
     );
 }
