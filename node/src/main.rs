@@ -79,16 +79,8 @@ enum Command {
     /// Accept an invite made by `thali invite` on another device: pair, grant it the same
     /// access here and replicate both ways.
     Join {
-        invite: String,
-        /// The name to know the inviting device by (default: the one in the invite).
-        #[arg(long)]
-        name: Option<String>,
-        /// The name the inviting device will know this one by.
-        #[arg(long = "as")]
-        as_name: Option<String>,
-        /// Pair without setting up replication.
-        #[arg(long)]
-        no_replicate: bool,
+        #[command(flatten)]
+        args: thali_node::cli::JoinArgs,
         #[command(flatten)]
         at: thali_node::cli::NodeArgs,
     },
@@ -311,22 +303,7 @@ fn main() -> std::process::ExitCode {
             };
             cmd.and_then(|c| thali_node::cli::invite(&at.data, at.node, c))
         }
-        Command::Join {
-            invite,
-            name,
-            as_name,
-            no_replicate,
-            at,
-        } => thali_node::cli::join(
-            &at.data,
-            at.node,
-            thali_node::cli::JoinArgs {
-                invite,
-                name,
-                as_name,
-                no_replicate,
-            },
-        ),
+        Command::Join { args, at } => thali_node::cli::join(&at.data, at.node, args),
         Command::Pair {
             wait,
             timeout,

@@ -364,10 +364,18 @@ pub fn invite(data: &Path, node: SocketAddr, cmd: InviteCommand) -> CliResult {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
 pub struct JoinArgs {
+    /// The `thali:join?…` URI `thali invite` printed.
     pub invite: String,
+    /// The name to know the inviting device by (default: the one in the invite).
+    #[arg(long)]
     pub name: Option<String>,
+    /// The name the inviting device will know this one by.
+    #[arg(long = "as")]
     pub as_name: Option<String>,
+    /// Pair without setting up replication.
+    #[arg(long)]
     pub no_replicate: bool,
 }
 

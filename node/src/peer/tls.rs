@@ -132,6 +132,12 @@ impl ClientCertVerifier for SelfSignedClients {
     tls13_signatures!();
 }
 
+/// The key of a server's certificate, which must be valid and correctly self-signed.
+fn server_key(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<[u8; 32], Error> {
+    self_signed_key(end_entity, now)
+        .map_err(|r| Error::General(format!("server certificate refused: {r}")))
+}
+
 /// Client side: the server must present a self-signed certificate for the pinned key.
 #[derive(Debug)]
 pub struct PinnedServer {
@@ -147,8 +153,7 @@ impl ServerCertVerifier for PinnedServer {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let key = self_signed_key(end_entity, now)
-            .map_err(|r| Error::General(format!("server certificate refused: {r}")))?;
+        let key = server_key(end_entity, now)?;
         if key != self.expected {
             return Err(Error::General(format!(
                 "server key {} does not match the pinned key {}",
@@ -175,8 +180,7 @@ impl ServerCertVerifier for AnyServer {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        self_signed_key(end_entity, now)
-            .map_err(|r| Error::General(format!("server certificate refused: {r}")))?;
+        server_key(end_entity, now)?;
         Ok(ServerCertVerified::assertion())
     }
     tls13_signatures!();

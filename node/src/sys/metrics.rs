@@ -53,6 +53,10 @@ pub struct Metrics {
     pub storage_bytes: Gauge,
     pub memory_bytes: Gauge,
     pub pairings: Counter,
+    /// The counters of `METHODS` and `CODES`, taken from the families once, so a request
+    /// in the dispatcher allocates no label.
+    method_counters: Vec<(&'static str, Counter)>,
+    code_counters: Vec<(u16, Counter)>,
     /// Request times kept for `_stats`' percentiles (the last 1000).
     recent: Mutex<std::collections::VecDeque<f64>>,
     /// The last plugin failures with what they concern (for the dashboard).
@@ -105,7 +109,10 @@ impl Metrics {
             recent: Mutex::default(),
             plugin_events: Mutex::default(),
             peers_seen: Mutex::default(),
+            method_counters: Vec::new(),
+            code_counters: Vec::new(),
         };
+
         r.register(
             "couchdb_httpd_requests",
             "HTTP requests",
@@ -187,7 +194,30 @@ impl Metrics {
             "Peers paired (invites and codes)",
             m.pairings.clone(),
         );
-        Metrics { registry: r, ..m }
+        let method_counters = METHODS
+            .iter()
+            .map(|&method| {
+                let label = MethodLabel {
+                    method: method.to_string(),
+                };
+                (method, m.methods.get_or_create(&label).clone())
+            })
+            .collect();
+        let code_counters = CODES
+            .iter()
+            .map(|&code| {
+                let label = CodeLabel {
+                    code: code.to_string(),
+                };
+                (code, m.codes.get_or_create(&label).clone())
+            })
+            .collect();
+        Metrics {
+            registry: r,
+            method_counters,
+            code_counters,
+            ..m
+        }
     }
 
     /// A plugin failure on a document (counted by the runtime already): kept, the last 50.
@@ -235,16 +265,28 @@ impl Metrics {
     /// One answered request.
     pub fn request(&self, method: &str, status: u16, secs: f64) {
         self.requests.inc();
-        self.methods
-            .get_or_create(&MethodLabel {
-                method: method.to_string(),
-            })
-            .inc();
-        self.codes
-            .get_or_create(&CodeLabel {
-                code: status.to_string(),
-            })
-            .inc();
+        match self.method_counters.iter().find(|(m, _)| *m == method) {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None => {
+                let label = MethodLabel {
+                    method: method.to_string(),
+                };
+                self.methods.get_or_create(&label).inc();
+            }
+        }
+        match self.code_counters.iter().find(|(c, _)| *c == status) {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None => {
+                let label = CodeLabel {
+                    code: status.to_string(),
+                };
+                self.codes.get_or_create(&label).inc();
+            }
+        }
         self.request_time.observe(secs);
         if let Ok(mut r) = self.recent.lock() {
             if r.len() >= 1000 {
@@ -281,25 +323,16 @@ impl Metrics {
         let c = |v: u64, desc: &str| json!({"value": v, "type": "counter", "desc": desc});
         let gauge = |v: i64, desc: &str| json!({"value": v, "type": "gauge", "desc": desc});
         let mut methods = Map::new();
-        for m in METHODS {
-            let n = self
-                .methods
-                .get_or_create(&MethodLabel { method: m.into() })
-                .get();
-            methods.insert(m.into(), c(n, &format!("number of HTTP {m} requests")));
+        for (m, n) in &self.method_counters {
+            methods.insert(
+                m.to_string(),
+                c(n.get(), &format!("number of HTTP {m} requests")),
+            );
         }
         let mut codes = Map::new();
-        for code in CODES {
-            let n = self
-                .codes
-                .get_or_create(&CodeLabel {
-                    code: code.to_string(),
-                })
-                .get();
-            codes.insert(
-                code.to_string(),
-                c(n, &format!("number of HTTP {code} responses")),
-            );
+        for (code, n) in &self.code_counters {
+            let desc = format!("number of HTTP {code} responses");
+            codes.insert(code.to_string(), c(n.get(), &desc));
         }
         json!({
             "couchdb": {
