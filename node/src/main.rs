@@ -175,6 +175,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::umask(0o077);
     }
+    thali_node::sys::files::raise_open_files_limit();
     use tracing_subscriber::prelude::*;
     // arti's crates log their routine work at info; the node's own lines stay at info.
     // lsm_tree warns when a dropped keyspace's table files are already gone (its folder went

@@ -55,6 +55,10 @@ pub struct ServeConfig {
     /// Most concurrent connections on the peer listener; more are closed at once.
     #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS")]
     pub max_peer_connections: usize,
+    /// Requests per second one peer key may send (twice that in a burst); past it, 429.
+    /// 0: unlimited.
+    #[arg(long, default_value_t = 1000, env = "THALI_PEER_RATE")]
+    pub peer_rate: u32,
     /// A design document language to store and replicate without running it (repeatable), for
     /// a relay that only replicates: its validators are NOT enforced here. Without it, a design
     /// document in a language thali does not run is refused.
@@ -82,6 +86,10 @@ pub struct ServeConfig {
     /// The node's block cache, in bytes, shared by every database and index.
     #[arg(long, default_value_t = crate::store::DEFAULT_CACHE, env = "THALI_CACHE_SIZE")]
     pub cache_size: u64,
+    /// Bytes that must stay free on the data directory's file system: below it writes answer
+    /// 507 `insufficient_storage` (reads go on) until space is freed.
+    #[arg(long, default_value_t = crate::store::space::DEFAULT_RESERVE, env = "THALI_MIN_FREE_SPACE")]
+    pub min_free_space: u64,
     /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
     #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN")]
     pub max_dbs_open: usize,
@@ -144,12 +152,14 @@ fn settings(cfg: &ServeConfig, uuid: &str) -> serde_json::Value {
             "max-document-size": cfg.max_doc_size.to_string(),
             "request-timeout": cfg.request_timeout.to_string(),
             "max-peer-connections": cfg.max_peer_connections.to_string(),
+            "peer-rate": cfg.peer_rate.to_string(),
             "store-only-language": join(&cfg.store_only_languages),
             "plugin-cpu": cfg.plugin_cpu.to_string(),
             "plugin-memory": cfg.plugin_memory.to_string(),
             "plugin-timeout-ms": cfg.plugin_timeout_ms.to_string(),
             "storage": cfg.storage.map(|k| k.name().to_string()).unwrap_or_default(),
             "cache-size": cfg.cache_size.to_string(),
+            "min-free-space": cfg.min_free_space.to_string(),
             "max-dbs-open": cfg.max_dbs_open.to_string(),
             "dev": path(&cfg.dev), "lan": cfg.lan.to_string(),
             "tor": cfg.tor.enabled.to_string(), "tor-network": path(&cfg.tor.network),
@@ -204,6 +214,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         &crate::store::Options {
             engine: cfg.storage,
             cache_bytes: cfg.cache_size,
+            min_free: cfg.min_free_space,
         },
         Limits {
             max_dbs_open: cfg.max_dbs_open.max(1),
@@ -276,6 +287,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             app.clone(),
             Duration::from_secs(cfg.request_timeout.max(1)),
             cfg.max_peer_connections,
+            cfg.peer_rate,
             {
                 let node = node.clone();
                 Arc::new(move |key: &str| node.peer_keys().contains(key))

@@ -662,3 +662,40 @@ fn builds_show_progress_while_stale_queries_answer_at_once() {
         .iter()
         .all(|t| t["type"] != "indexer"));
 }
+
+/// A map that never returns is stopped by the time limit on the first document, and the build
+/// stops there with the reason (CouchDB's os_process_error), instead of spending the limit on
+/// each of the database's documents on every query. A map that throws skips that document.
+#[test]
+fn a_looping_map_stops_the_build_at_its_first_limit() {
+    let dir = TempDir::new("views-loop");
+    let n = Node::start(&dir.0);
+    n.put("/db", &json!({}));
+    let docs: Vec<Value> = (0..40)
+        .map(|i| json!({"_id": format!("d{i:02}"), "i": i}))
+        .collect();
+    assert_eq!(
+        n.post("/db/_bulk_docs", &json!({ "docs": docs })).status,
+        201
+    );
+    let ddoc = json!({"language": "lua", "views": {
+        "spin": {"map": "function(doc) while true do end end"}}});
+    assert_eq!(n.put("/db/_design/l", &ddoc).status, 201);
+    let t = Instant::now();
+    let r = n.get("/db/_design/l/_view/spin");
+    let took = t.elapsed();
+    r.assert_error(500, "plugin_error");
+    let reason = r.json()["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("limit") && reason.contains("d00"),
+        "{reason}"
+    );
+    // One document's limit (500 ms), not forty.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    // Throwing is not a limit: that document is skipped and the build goes on.
+    let ddoc = json!({"language": "lua", "views": {
+        "odd": {"map": "function(doc) if doc.i % 2 == 0 then error('even') end emit(doc.i, nil) end"}}});
+    assert_eq!(n.put("/db/_design/o", &ddoc).status, 201);
+    let v = n.get("/db/_design/o/_view/odd").json();
+    assert_eq!(v["total_rows"], 20, "{v}");
+}

@@ -51,6 +51,9 @@ pub enum DbError {
     UnknownLanguage(String),
     #[error("internal: {0}")]
     Internal(String),
+    /// The disk is (nearly) full: nothing was written (507).
+    #[error("insufficient_storage: {0}")]
+    InsufficientStorage(String),
     /// A refused `_find` or `_index` request, with Mango's own status and names.
     #[error("{0}")]
     Mango(#[from] crate::mango::MangoError),
@@ -78,6 +81,7 @@ impl DbError {
             DbError::QueryParse(_) => "query_parse_error",
             DbError::ReduceOverflow(_) => "reduce_overflow_error",
             DbError::UnknownLanguage(_) => "unknown_query_language",
+            DbError::InsufficientStorage(_) => "insufficient_storage",
             DbError::Internal(_) => "internal_server_error",
             DbError::Mango(e) => e.error,
         }
@@ -106,6 +110,7 @@ impl DbError {
             | DbError::QueryParse(r)
             | DbError::ReduceOverflow(r)
             | DbError::UnknownLanguage(r)
+            | DbError::InsufficientStorage(r)
             | DbError::Internal(r) => r.clone(),
             DbError::Mango(e) => e.reason.clone(),
         }
@@ -127,6 +132,7 @@ impl DbError {
             DbError::Forbidden(_) => 403,
             DbError::Unauthorized(_) => 401,
             DbError::Plugin(_) | DbError::ReduceOverflow(_) | DbError::Internal(_) => 500,
+            DbError::InsufficientStorage(_) => 507,
             DbError::Mango(e) => e.status,
         }
     }
@@ -148,6 +154,10 @@ impl From<ParseError> for DbError {
 
 impl From<StoreError> for DbError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Full(reason) = e {
+            tracing::warn!(%reason, "write refused");
+            return DbError::InsufficientStorage(reason);
+        }
         tracing::error!(error = %e, "store error");
         DbError::Internal(e.to_string())
     }

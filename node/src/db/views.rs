@@ -389,38 +389,41 @@ impl Database {
         chunk: &[(u64, crate::store::SeqEntry)],
         timing: &Timing,
     ) -> DbResult<Vec<Vec<Row>>> {
-        let map = |part: &[(u64, crate::store::SeqEntry)]| -> Vec<Vec<Row>> {
+        let map = |part: &[(u64, crate::store::SeqEntry)]| -> DbResult<Vec<Vec<Row>>> {
             part.iter()
                 .map(|(_, e)| self.map_doc(idx, views, e, timing))
                 .collect()
         };
         if chunk.len() < 64 {
-            return Ok(map(chunk));
+            return map(chunk);
         }
         let (a, b) = chunk.split_at(chunk.len() / 2);
         std::thread::scope(|s| {
             let second = s.spawn(|| map(b));
-            let mut rows = map(a);
+            let mut rows = map(a)?;
             rows.extend(
                 second
                     .join()
-                    .map_err(|_| DbError::Internal("map thread panicked".into()))?,
+                    .map_err(|_| DbError::Internal("map thread panicked".into()))??,
             );
             Ok(rows)
         })
     }
 
-    /// Maps one changed document with every view: `(view, row key, JSON [key, value])`.
+    /// Maps one changed document with every view: `(view, row key, JSON [key, value])`. A
+    /// map that fails on a document skips it (as in CouchDB); one stopped by a sandbox limit
+    /// stops the build (CouchDB's `os_process_error`): otherwise a function that loops would
+    /// cost the time limit once per document of the database on every query.
     fn map_doc(
         &self,
         idx: &ViewIndex,
         views: &[(&String, &crate::plugins::design::ViewFns)],
         entry: &crate::store::SeqEntry,
         timing: &Timing,
-    ) -> Vec<Row> {
+    ) -> DbResult<Vec<Row>> {
         let mut rows_out = Vec::new();
         if entry.deleted || entry.id.starts_with("_design/") {
-            return rows_out;
+            return Ok(rows_out);
         }
         let opts = DocOptions {
             conflicts: true,
@@ -430,7 +433,7 @@ impl Database {
         let doc = self.get_doc(&entry.id, None, &opts);
         Timing::add(&timing.read, t0);
         let Ok(out) = doc else {
-            return rows_out;
+            return Ok(rows_out);
         };
         let args = [Value::Object(out.doc)];
         for (n, (name, view)) in views.iter().enumerate() {
@@ -448,6 +451,12 @@ impl Database {
                         &entry.id,
                         &e.to_string(),
                     );
+                    if e.is_limit() {
+                        return Err(DbError::Plugin(format!(
+                            "the map function of view {name} in {} stopped at a limit on document {}: {e}; the index is not built",
+                            idx.ddoc, entry.id
+                        )));
+                    }
                     continue;
                 }
             };
@@ -475,7 +484,7 @@ impl Database {
                 rows_out.push((n as u16, key, val));
             }
         }
-        rows_out
+        Ok(rows_out)
     }
 
     /// `GET/POST /db/_design/ddoc/_view/name`.

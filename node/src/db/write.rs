@@ -269,7 +269,15 @@ impl Database {
             bs.batch.put_meta("doc_count", &st.doc_count);
             bs.batch.put_meta("doc_del_count", &st.doc_del_count);
         }
-        let ticket = bs.data.apply(bs.batch)?;
+        let ticket = match bs.data.apply(bs.batch) {
+            Ok(t) => t,
+            Err(e) => {
+                // Refused (a full disk) or failed: nothing of the hold is written, so neither
+                // are its counters; every job in it gets the error.
+                *st = before;
+                return Err(e.into());
+            }
+        };
         if bs.ddoc_written {
             // Still under the write lock, so no write runs between a design document becoming
             // readable and its functions being in force (compiling hits the cache filled when

@@ -7,7 +7,7 @@ use super::identity::key_id;
 use super::tls::cert_key;
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::guard::{PerKey, Stall};
 use super::identity::PeerKeyId;
 
 /// Time to finish the TLS handshake.
@@ -79,12 +80,11 @@ pub struct PeerAcceptor {
     pending: Arc<Mutex<Pending>>,
     known_slots: Arc<Semaphore>,
     stranger_slots: Arc<Semaphore>,
-    per_stranger: Arc<Mutex<HashMap<String, usize>>>,
+    per_key: Arc<PerKey>,
+    /// How long a write may wait for the peer to read (`--request-timeout`).
+    stall: Duration,
     is_known: KnownKeys,
 }
-
-/// Connections one unknown key may hold.
-const PER_STRANGER: usize = 4;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,16 +94,19 @@ impl PeerAcceptor {
     pub fn new(
         config: Arc<rustls::ServerConfig>,
         app: Router,
-        header_timeout: Duration,
+        request_timeout: Duration,
         max_connections: usize,
+        peer_rate: u32,
         is_known: KnownKeys,
     ) -> PeerAcceptor {
         let max = max_connections.max(4);
         let strangers = (max / 8).max(1);
+        // A quarter of the known slots per key: one peer's feeds cannot take every slot.
+        let per_known = (max - strangers) / 4;
         PeerAcceptor {
             tls: TlsAcceptor::from(config),
             app,
-            header_timeout: header_timeout.min(HEADER_TIMEOUT),
+            header_timeout: request_timeout.min(HEADER_TIMEOUT),
             pending: Arc::new(Mutex::new(Pending {
                 next: 0,
                 order: VecDeque::new(),
@@ -111,7 +114,8 @@ impl PeerAcceptor {
             })),
             known_slots: Arc::new(Semaphore::new(max - strangers)),
             stranger_slots: Arc::new(Semaphore::new(strangers)),
-            per_stranger: Arc::new(Mutex::new(HashMap::new())),
+            per_key: PerKey::new(per_known, peer_rate),
+            stall: request_timeout,
             is_known,
         }
     }
@@ -180,32 +184,31 @@ impl PeerAcceptor {
             tracing::warn!(%from, %key, known, "peer connection refused: too many connections");
             return;
         };
-        let _stranger = if known {
-            None
-        } else {
-            let mut per = lock(&self.per_stranger);
-            let n = per.entry(key.clone()).or_insert(0);
-            if *n >= PER_STRANGER {
-                tracing::debug!(%from, %key, "peer connection refused: too many for this key");
-                return;
-            }
-            *n += 1;
-            Some(StrangerSlot(self.per_stranger.clone(), key.clone()))
+        let Some(_key_slot) = self.per_key.connect(&key, known) else {
+            tracing::debug!(%from, %key, known, "peer connection refused: too many for this key");
+            return;
         };
         let principal = PeerKeyId(key);
         tracing::debug!(%from, key = %principal.0, known, "peer connected");
         let app = self.app;
+        let per_key = self.per_key.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let allowed = per_key.request(&principal.0);
                 req.extensions_mut().insert(principal.clone());
                 let app = app.clone();
-                async move { tower::ServiceExt::oneshot(app, req).await }
+                async move {
+                    if !allowed {
+                        return Ok(too_many_requests());
+                    }
+                    tower::ServiceExt::oneshot(app, req).await
+                }
             });
         // A peer that stops sending headers (or idles between requests) is dropped.
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.header_timeout)
-            .serve_connection(TokioIo::new(tls), svc)
+            .serve_connection(TokioIo::new(Stall::new(tls, self.stall)), svc)
             .await
         {
             tracing::debug!(%from, error = %e, "peer connection ended with an error");
@@ -213,19 +216,21 @@ impl PeerAcceptor {
     }
 }
 
-/// A stranger key's connection count, given back when the connection ends.
-struct StrangerSlot(Arc<Mutex<HashMap<String, usize>>>, String);
-
-impl Drop for StrangerSlot {
-    fn drop(&mut self) {
-        let mut per = lock(&self.0);
-        if let Some(n) = per.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per.remove(&self.1);
-            }
-        }
-    }
+/// A key past its request rate (`--peer-rate`): CouchDB-shaped, with when to come back.
+fn too_many_requests() -> axum::response::Response {
+    let body = serde_json::json!({
+        "error": "too_many_requests",
+        "reason": "this key sends requests faster than the node serves one peer (--peer-rate)",
+    });
+    let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+    *r.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    h.insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    r
 }
 
 /// Accepts TCP connections on `listener` until shutdown.

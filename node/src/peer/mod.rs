@@ -4,6 +4,7 @@
 //! loopback, and the dialer the replicator uses to reach peers.
 
 pub mod dial;
+pub mod guard;
 pub mod httpkey;
 pub mod identity;
 pub mod listener;

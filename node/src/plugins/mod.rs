@@ -59,6 +59,15 @@ pub enum PluginError {
     Thrown(Value),
 }
 
+impl PluginError {
+    /// The call was stopped by a sandbox limit (time, CPU, memory): every runtime words those
+    /// "… limit exceeded". A function that hits one on a document will likely hit it on the
+    /// next, so a view build stops there instead of spending the limit on every document.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, PluginError::Call(m) if m.contains("limit exceeded"))
+    }
+}
+
 /// One callable plugin function. Arguments and result are JSON; the arguments are CouchDB's,
 /// in CouchDB's order (e.g. `newDoc, oldDoc, userCtx, secObj`).
 pub trait PluginFn: Send + Sync {

@@ -341,7 +341,7 @@ impl Remote {
     }
 
     /// `method` on the database path plus `rel` (`""`, `"/_changes?…"`), retried on transport
-    /// errors and 5xx answers. The body is serialised straight to bytes: a batch of documents
+    /// errors, 5xx and 429 answers. The body is serialised straight to bytes: a batch of documents
     /// is never copied into another `Value` on its way out.
     pub async fn request<B: serde::Serialize + ?Sized>(
         &self,
@@ -384,7 +384,8 @@ impl Remote {
         let mut attempt = 0;
         loop {
             let err = match self.send_once(&method, path, &body, timeout).await {
-                Ok(r) if r.status >= 500 => r.describe(),
+                // 429: the peer's rate limit; retried as a 5xx is, with the same backoff.
+                Ok(r) if r.status >= 500 || r.status == 429 => r.describe(),
                 Ok(r) => return Ok(r),
                 Err(e) => e,
             };
@@ -452,7 +453,7 @@ impl Remote {
         let mut attempt = 0;
         loop {
             let err = match self.download_once(&path, accept).await {
-                Ok(d) if d.status >= 500 => d.into_response().await.describe(),
+                Ok(d) if d.status >= 500 || d.status == 429 => d.into_response().await.describe(),
                 Ok(d) => return Ok(d),
                 Err(e) => e,
             };

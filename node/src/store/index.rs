@@ -130,7 +130,7 @@ impl IndexStore {
                 None => batch.del(&self.ks, k),
             }
         }
-        self.store.inner.engine.commit(batch)
+        self.store.commit(batch).map(|_ticket| ())
     }
 
     /// Makes the index's writes durable (the whole engine's, in fact).

@@ -40,6 +40,7 @@ pub mod gateway;
 pub mod index;
 mod layout;
 pub mod migrate;
+pub mod space;
 
 pub use engine::{Bytes, Kind};
 pub use layout::{AttMeta, DocInfo, RevBody, SeqEntry};
@@ -62,6 +63,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Config(String),
+    /// Less free space than the reserve (`space.rs`): the write was not made (507).
+    #[error("{0}")]
+    Full(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -73,6 +77,8 @@ pub struct Options {
     pub engine: Option<Kind>,
     /// The node's one block cache, in bytes.
     pub cache_bytes: u64,
+    /// Writes that add data are refused while less than this is free (`space.rs`).
+    pub min_free: u64,
 }
 
 impl Default for Options {
@@ -80,6 +86,7 @@ impl Default for Options {
         Options {
             engine: None,
             cache_bytes: DEFAULT_CACHE,
+            min_free: space::DEFAULT_RESERVE,
         }
     }
 }
@@ -95,6 +102,7 @@ pub struct Store {
 struct StoreInner {
     engine: Arc<dyn Engine>,
     node: Keyspace,
+    space: space::Space,
     /// Serialises catalog changes.
     catalog: Mutex<()>,
     /// Count of committed batches; a flush that starts after reading N makes 1..=N durable.
@@ -181,6 +189,7 @@ impl Store {
             inner: Arc::new(StoreInner {
                 engine,
                 node,
+                space: space::Space::new(dir, opts.min_free),
                 catalog: Mutex::new(()),
                 applied: AtomicU64::new(0),
                 flushed: Mutex::new(0),
@@ -342,8 +351,12 @@ impl Store {
         Ok(true)
     }
 
-    /// Commits a batch; durable after [`Store::durable`] with the ticket.
+    /// Commits a batch; durable after [`Store::durable`] with the ticket. Every batch that
+    /// adds data to a database or an index comes here, so here the free space is checked.
     fn commit(&self, batch: Batch) -> Result<Ticket> {
+        if !batch.is_empty() {
+            self.inner.space.check()?;
+        }
         self.inner.engine.commit(batch)?;
         Ok(Ticket(
             self.inner.applied.fetch_add(1, Ordering::SeqCst) + 1,

@@ -30,6 +30,7 @@ fn open(dir: &Dir, kind: Kind) -> Store {
         &Options {
             engine: Some(kind),
             cache_bytes: 8 << 20,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -271,6 +272,7 @@ async fn migrate_there_and_back(kind: Kind) {
         &Options {
             engine: Some(kind),
             cache_bytes: 8 << 20,
+            ..Default::default()
         },
     );
     assert!(matches!(e, Err(StoreError::Config(_))));
@@ -330,6 +332,7 @@ fn a_data_directory_keeps_its_engine() {
         &Options {
             engine: Some(Kind::Fjall),
             cache_bytes: 8 << 20,
+            ..Default::default()
         },
     ) {
         Err(StoreError::Config(m)) => assert!(m.contains("thali migrate"), "{m}"),

@@ -1,4 +1,5 @@
-//! Files the node writes whole: secrets (owner-only) and records replaced atomically.
+//! Files the node writes whole: secrets (owner-only) and records replaced atomically; and how
+//! many files it may have open.
 
 use std::path::Path;
 
@@ -29,4 +30,32 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one (at most 65536): every connection, live
+/// feed and table file is a descriptor, and a default soft limit of 1024 would make a node
+/// with many peers refuse connections long before its own limits (`--max-peer-connections`)
+/// apply. Returns the limit in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct passed; no other memory is touched.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 0;
+        }
+        let want = l.rlim_max.min(65536);
+        if want > l.rlim_cur {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return want;
+            }
+        }
+    }
+    l.rlim_cur
 }
