@@ -441,6 +441,8 @@ impl PeerClient {
             .map_err(std::io::Error::other)?;
         let tcp = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // Without it the request's last TLS record waits for the server's delayed ACK (40 ms).
+        tcp.set_nodelay(true)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n");
         for (k, v) in headers {

@@ -133,7 +133,9 @@ fn hostile_peers_are_bounded_while_a_known_peer_is_served() {
     let (a, good, bad) = setup();
     let pid = a.node.child.id();
     let idle_rss = rss_bytes(pid);
-    Probe::start(a.client(&good)).finish("no attack (baseline)");
+    let probe = Probe::start(a.client(&good));
+    std::thread::sleep(Duration::from_secs(3));
+    probe.finish("no attack (baseline)");
 
     // 1. A peer that never reads its answers: 20 connections, each with 30 pipelined requests
     //    for a 1 MiB document. The node's writes stall; after --request-timeout (5 s) it

@@ -5,13 +5,17 @@
 
 #[test]
 fn a_short_soak_has_no_errors_and_converges() {
+    // stderr is inherited: the nodes' logs go there, and a pipe they hold would keep
+    // `wait_with_output` waiting if one outlived the soak.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_thali-soak"))
         .args(["--seconds", "60", "--sample-secs", "10"])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .and_then(|c| c.wait_with_output())
         .expect("run thali-soak");
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "thali-soak failed:\n{text}");
     assert!(text.contains("identical"), "{text}");
     assert!(text.contains(" 0 unexpected answers"), "{text}");

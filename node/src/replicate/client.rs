@@ -31,8 +31,12 @@ pub type ReqBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 fn whole(b: Bytes) -> ReqBody {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
-/// Largest answer read from a remote endpoint (a `_bulk_get` batch with inline attachments).
-const MAX_RESPONSE_BYTES: usize = 512 << 20;
+/// Largest answer read whole from a remote endpoint: what a hostile source can make the
+/// replicator hold per request. A `_bulk_get` batch past it is asked for again in halves
+/// (`endpoint.rs`); attachments above 64 KiB never travel inline (they stream).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// How an answer past `MAX_RESPONSE_BYTES` is reported (not retried: it would be as large).
+pub const ANSWER_TOO_LARGE: &str = "the answer is larger than the replicator reads at once";
 
 enum Transport {
     Http,
@@ -331,7 +335,13 @@ impl Remote {
             let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the answer: {e}"))?
+                .map_err(|e| {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        format!("{ANSWER_TOO_LARGE} ({} MiB)", MAX_RESPONSE_BYTES >> 20)
+                    } else {
+                        format!("reading the answer: {e}")
+                    }
+                })?
                 .to_bytes();
             Ok(Response { status, body })
         };
@@ -390,7 +400,7 @@ impl Remote {
                 Err(e) => e,
             };
             let msg = format!("{method} {}{shown}: {err}", self.display);
-            if attempt >= self.retries {
+            if attempt >= self.retries || err.starts_with(ANSWER_TOO_LARGE) {
                 return Err(ReplError::Transient(msg));
             }
             tracing::debug!(attempt, error = %msg, "request failed, retrying");

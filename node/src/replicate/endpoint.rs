@@ -2,7 +2,7 @@
 //! spoken to over HTTP. Both offer the same protocol steps, so the job never cares which.
 
 use super::attachments::{self, Bodies, Needed};
-use super::client::{encode_id, encode_query, Remote, Response, REQUEST_TIMEOUT};
+use super::client::{encode_id, encode_query, Remote, Response, ANSWER_TOO_LARGE, REQUEST_TIMEOUT};
 use super::error::{ReplError, ReplResult};
 use crate::db::{
     AttMode, BulkGetItem, ChangesQuery, Database, DbError, DocOptions, FilterFn, Node, Style,
@@ -441,9 +441,22 @@ impl Endpoint {
                     } else {
                         "/_bulk_get?revs=true&latest=true"
                     };
-                    let r = remote
+                    let r = match remote
                         .request(Method::POST, rel, Some(&body), REQUEST_TIMEOUT)
-                        .await?;
+                        .await
+                    {
+                        Err(ReplError::Transient(m))
+                            if m.contains(ANSWER_TOO_LARGE) && items.len() > 1 =>
+                        {
+                            // Too much for one answer: each half on its own.
+                            let mut items = items;
+                            let second = items.split_off(items.len() / 2);
+                            let mut out = Box::pin(self.fetch(items, inline)).await?;
+                            out.extend(Box::pin(self.fetch(second, inline)).await?);
+                            return Ok(out);
+                        }
+                        r => r?,
+                    };
                     match r.status {
                         200 => return Ok(bulk_get_results(r.json()?)),
                         401 | 403 => return Err(refused(&r, "_bulk_get", remote.display())),

@@ -352,9 +352,10 @@ impl Store {
     }
 
     /// Commits a batch; durable after [`Store::durable`] with the ticket. Every batch that
-    /// adds data to a database or an index comes here, so here the free space is checked.
+    /// adds data to a database or an index comes here, so here the free space is checked
+    /// (deletions alone pass: they are how space comes back).
     fn commit(&self, batch: Batch) -> Result<Ticket> {
-        if !batch.is_empty() {
+        if batch.adds_data() {
             self.inner.space.check()?;
         }
         self.inner.engine.commit(batch)?;

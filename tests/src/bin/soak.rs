@@ -161,7 +161,10 @@ fn main() {
         PeerNode::start("soak-c"),
     );
     a.allow(DB, &b);
-    c.allow(DB, &a);
+    // A pushes its design document too, which takes admin on C.
+    let _ = c.node.put(&format!("/{DB}"), &json!({}));
+    let sec = json!({"admins": {"names": [a.key_id()], "roles": []}});
+    assert_eq!(c.node.put(&format!("/{DB}/_security"), &sec).status, 200);
     let _ = b.node.put(&format!("/{DB}"), &json!({}));
     let ddoc = json!({
         "views": {"by_n": {"map": "function(doc){ if (doc.n !== undefined) emit(doc.n, null); }", "reduce": "_count"}},
@@ -409,7 +412,17 @@ fn main() {
     for e in stats.first_errors.lock().unwrap().iter() {
         println!("  error: {e}");
     }
-    if errors > 0 || !identical || samples.is_empty() {
+    if !identical {
+        let only_a: Vec<_> = ra.iter().filter(|(k, v)| rc.get(*k) != Some(v)).take(5).collect();
+        let only_c: Vec<_> = rc.iter().filter(|(k, v)| ra.get(*k) != Some(v)).take(5).collect();
+        println!("  A, not C: {only_a:?}\n  C, not A: {only_c:?}");
+    }
+    let failed = errors > 0 || !identical || samples.is_empty();
+    // The nodes stop with their handles (process::exit would leave them running).
+    drop(c);
+    drop(a);
+    drop(b);
+    if failed {
         std::process::exit(1);
     }
 }

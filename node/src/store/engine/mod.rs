@@ -176,6 +176,10 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// Holds a put: a batch of deletions only (a few bytes of tombstones each) frees space.
+    pub fn adds_data(&self) -> bool {
+        self.ops.iter().any(|(_, op)| matches!(op, Op::Put(..)))
+    }
 }
 
 #[cfg(test)]
