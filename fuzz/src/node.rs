@@ -52,6 +52,14 @@ pub fn harness() -> &'static Harness {
     HARNESS.get_or_init(Harness::start)
 }
 
+/// Removes the node's directory, if one was made; for the end of the process (the store is
+/// still open, which Linux allows).
+pub fn cleanup() {
+    if let Some(h) = HARNESS.get() {
+        let _ = std::fs::remove_dir_all(&h.dir);
+    }
+}
+
 /// What a request answered.
 pub struct Answer {
     pub status: StatusCode,
@@ -89,8 +97,9 @@ impl Harness {
             let replicator = thali_node::replicate::Replicator::new(node.clone(), dialer.clone());
             let pairing =
                 thali_node::pair::Pairing::new(node.clone(), identity.clone(), dialer, None);
-            let (_tx, shutdown) = tokio::sync::watch::channel(false);
-            std::mem::forget(_tx);
+            // This node never shuts down; a dropped sender would read as shutdown to feeds.
+            let (tx, shutdown) = tokio::sync::watch::channel(false);
+            std::mem::forget(tx);
             thali_node::http::router(AppState {
                 node,
                 config: Arc::new(HttpConfig {
@@ -169,7 +178,7 @@ impl Harness {
     /// starts over so it stays small however long the run.
     pub fn next_input(&self) -> u64 {
         let n = self.inputs.fetch_add(1, Ordering::Relaxed);
-        if n > 0 && n % RECYCLE_EVERY == 0 {
+        if n > 0 && n.is_multiple_of(RECYCLE_EVERY) {
             self.fill();
         }
         n
@@ -282,9 +291,5 @@ impl Harness {
         let out = f();
         COUNTING.with(|c| c.set(true));
         out
-    }
-
-    pub fn dir(&self) -> &std::path::Path {
-        &self.dir
     }
 }

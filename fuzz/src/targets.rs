@@ -284,7 +284,11 @@ fn post_json(path: &str, data: &[u8]) -> crate::node::Answer {
 fn put(data: &[u8]) {
     let h = harness();
     let n = h.next_input();
-    let q = if n % 2 == 0 { "" } else { "?new_edits=false" };
+    let q = if n.is_multiple_of(2) {
+        ""
+    } else {
+        "?new_edits=false"
+    };
     let a = h.request(
         Method::PUT,
         &format!("/{DB}/d{n}{q}"),
@@ -467,7 +471,11 @@ fn multipart_put(data: &[u8]) {
     };
     let h = harness();
     let n = h.next_input();
-    let q = if n % 2 == 0 { "" } else { "?new_edits=false" };
+    let q = if n.is_multiple_of(2) {
+        ""
+    } else {
+        "?new_edits=false"
+    };
     let a = h.request(
         Method::PUT,
         &format!("/{DB}/m{n}{q}"),

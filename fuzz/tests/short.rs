@@ -49,6 +49,7 @@ fn every_target_survives_its_short_run() {
             ));
         }
     }
+    thali_fuzz::node::cleanup();
     assert!(failed.is_empty(), "findings:\n{}", failed.join("\n"));
 }
 

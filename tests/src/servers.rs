@@ -49,7 +49,9 @@ pub fn start_thali(root: &std::path::Path) -> Target {
     cmd.args(["serve", "--data"])
         .arg(&dir.0)
         .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(["--peer", &format!("127.0.0.1:{peer_port}")]);
+        .args(["--peer", &format!("127.0.0.1:{peer_port}")])
+        // The benchmarks measure throughput over the peer listener, not its per-key limit.
+        .args(["--peer-rate", "0"]);
     // Every benchmark takes `--storage fjall|sled` (the node's default otherwise).
     if let Some(engine) = arg_str("--storage") {
         cmd.args(["--storage", &engine]);

@@ -132,7 +132,10 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_when_space_is_fr
     let mut acked = Vec::new();
     let mut refused = None;
     for i in 0..2000 {
-        let r = node.put(&format!("/d/doc{i}"), &json!({"i": i, "pad": noise(i, 64 << 10)}));
+        let r = node.put(
+            &format!("/d/doc{i}"),
+            &json!({"i": i, "pad": noise(i, 64 << 10)}),
+        );
         if r.status == 201 {
             acked.push(i);
             continue;

@@ -17,17 +17,22 @@ use thali_tests::{read_response, Client, PeerClient, PeerNode};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-fn connect(id: &Identity, node: &PeerNode) -> Option<Tls> {
-    let cfg = thali_node::peer::tls::client_config(id, node.key).ok()?;
+/// A finished mutual-TLS connection to the node at `port` with key `key`, as `id`.
+fn connect_to(id: &Identity, key: [u8; 32], port: u16) -> Option<Tls> {
+    let cfg = thali_node::peer::tls::client_config(id, key).ok()?;
     let name = rustls::pki_types::ServerName::try_from("thali.peer").ok()?;
     let conn = rustls::ClientConnection::new(cfg, name).ok()?;
-    let tcp = TcpStream::connect(("127.0.0.1", node.port)).ok()?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock).ok()?;
     }
     Some(tls)
+}
+
+fn connect(id: &Identity, node: &PeerNode) -> Option<Tls> {
+    connect_to(id, node.key, node.port)
 }
 
 /// The good peer reading `/h/d` every 25 ms until stopped: latencies (ms) and failures.
@@ -57,7 +62,7 @@ impl Probe {
     }
 
     /// Stops and prints the figures; the good peer must not have failed once.
-    fn finish(self, attack: &str) -> f64 {
+    fn finish(self, attack: &str) {
         self.stop.store(true, Ordering::Relaxed);
         let (mut lat, errors) = self.handle.join().unwrap();
         lat.sort_by(|a, b| a.total_cmp(b));
@@ -79,7 +84,6 @@ impl Probe {
             "{attack}: the good peer failed: {errors:?}"
         );
         assert!(!lat.is_empty(), "{attack}: the good peer made no request");
-        pct(0.99)
     }
 }
 
@@ -190,11 +194,9 @@ fn hostile_peers_are_bounded_while_a_known_peer_is_served() {
     let flooders: Vec<_> = (0..8)
         .map(|_| {
             let (bad, stop) = (bad.clone(), stop.clone());
-            let a_key = a.key;
-            let port = a.port;
+            let (key, port) = (a.key, a.port);
             std::thread::spawn(move || {
-                let node = PeerNodeAddr { key: a_key, port };
-                let mut c = node.connect(&bad).expect("flood connection");
+                let mut c = connect_to(&bad, key, port).expect("flood connection");
                 let (mut ok, mut limited, mut other) = (0u64, 0u64, 0u64);
                 let batch = "GET /h/d HTTP/1.1\r\nHost: p\r\n\r\n".repeat(100);
                 while !stop.load(Ordering::Relaxed) {
@@ -265,7 +267,7 @@ fn hostile_peers_are_bounded_while_a_known_peer_is_served() {
             live += 1;
         }
     }
-    let p99 = probe.finish("1000 live feeds from one key");
+    probe.finish("1000 live feeds from one key");
     println!(
         "  {live} of {} feeds served ({:?}), RSS {:.0} MB above idle",
         feeds.len(),
@@ -273,7 +275,6 @@ fn hostile_peers_are_bounded_while_a_known_peer_is_served() {
         rss_bytes(pid).saturating_sub(idle_rss) as f64 / 1e6
     );
     assert!(live > 0 && live <= 112, "{live} feeds served");
-    let _ = p99;
     drop(feeds);
 
     // 4. Replication sources that answer slowly, with garbage, or without end. Each job
@@ -310,27 +311,6 @@ fn hostile_peers_are_bounded_while_a_known_peer_is_served() {
         assert_eq!(a.node.get(&format!("/t-{name}")).json()["doc_count"], 0);
     }
     assert!(rss_bytes(pid).saturating_sub(idle_rss) < 400 << 20);
-}
-
-/// Enough of a `PeerNode` to connect from another thread.
-struct PeerNodeAddr {
-    key: [u8; 32],
-    port: u16,
-}
-
-impl PeerNodeAddr {
-    fn connect(&self, id: &Identity) -> Option<Tls> {
-        let cfg = thali_node::peer::tls::client_config(id, self.key).ok()?;
-        let name = rustls::pki_types::ServerName::try_from("thali.peer").ok()?;
-        let conn = rustls::ClientConnection::new(cfg, name).ok()?;
-        let tcp = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).ok()?;
-        }
-        Some(tls)
-    }
 }
 
 #[derive(Clone, Copy)]

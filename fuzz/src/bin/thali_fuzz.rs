@@ -83,5 +83,6 @@ fn main() {
         }
         findings += r.findings.len();
     }
+    thali_fuzz::node::cleanup();
     std::process::exit(if findings == 0 { 0 } else { 1 });
 }

@@ -336,7 +336,9 @@ impl Remote {
                 .collect()
                 .await
                 .map_err(|e| {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
                         format!("{ANSWER_TOO_LARGE} ({} MiB)", MAX_RESPONSE_BYTES >> 20)
                     } else {
                         format!("reading the answer: {e}")

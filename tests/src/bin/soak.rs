@@ -413,8 +413,16 @@ fn main() {
         println!("  error: {e}");
     }
     if !identical {
-        let only_a: Vec<_> = ra.iter().filter(|(k, v)| rc.get(*k) != Some(v)).take(5).collect();
-        let only_c: Vec<_> = rc.iter().filter(|(k, v)| ra.get(*k) != Some(v)).take(5).collect();
+        let only_a: Vec<_> = ra
+            .iter()
+            .filter(|(k, v)| rc.get(*k) != Some(v))
+            .take(5)
+            .collect();
+        let only_c: Vec<_> = rc
+            .iter()
+            .filter(|(k, v)| ra.get(*k) != Some(v))
+            .take(5)
+            .collect();
         println!("  A, not C: {only_a:?}\n  C, not A: {only_c:?}");
     }
     let failed = errors > 0 || !identical || samples.is_empty();
