@@ -193,7 +193,7 @@ mod tests {
         assert!(p.connect("s", false).is_none());
         drop(known);
         drop(strangers);
-        assert!(p.connect("k", true).is_some());
+        let _again = p.connect("k", true).expect("slots given back");
         assert_eq!(
             lock(&p.keys).len(),
             1,
