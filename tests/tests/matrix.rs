@@ -1,6 +1,8 @@
 //! The permission matrix: every route the node serves, from the binary's own route table
 //! (`thali routes`), called by a read, a write and an admin peer and a stranger's key over
-//! mutual TLS, and by the local admin and an anonymous client on the loopback API. Design documents are aimed at through every route that writes, spelled plain,
+//! mutual TLS (the reader also once more with the admin's password in its headers, which
+//! must change nothing), and by the local admin and an anonymous client on the loopback API.
+//! Design documents are aimed at through every route that writes, spelled plain,
 //! percent-encoded (`%2F`, `%2f`, `%5F`) and through `COPY`; only admins may write them. A route
 //! the table lists and this test has no case for fails the test.
 
@@ -19,16 +21,28 @@ enum Who {
     Anonymous,
     /// A key no `_security` names, on the peer listener.
     Stranger,
+    /// The read key sending the admin's Basic credentials too, on the peer listener: a peer
+    /// is its key, whatever its headers say, so it must get exactly what `Reader` gets.
+    ReaderWithAdminPassword,
 }
 
-const ALL: [Who; 6] = [
+const ALL: [Who; 7] = [
     Who::Reader,
     Who::Writer,
     Who::DbAdmin,
     Who::Local,
     Who::Anonymous,
     Who::Stranger,
+    Who::ReaderWithAdminPassword,
 ];
+
+/// Whose answers `who` must get.
+fn judged_as(who: Who) -> Who {
+    match who {
+        Who::ReaderWithAdminPassword => Who::Reader,
+        w => w,
+    }
+}
 /// Everyone with access to the database `m`.
 const EVERYONE: &[Who] = &[Who::Reader, Who::Writer, Who::DbAdmin, Who::Local];
 /// Anyone at all.
@@ -138,6 +152,13 @@ impl World {
             Who::Writer => self.writer.raw(&c.method, &c.path, &h, body),
             Who::DbAdmin => self.admin.raw(&c.method, &c.path, &h, body),
             Who::Stranger => self.stranger.raw(&c.method, &c.path, &h, body),
+            Who::ReaderWithAdminPassword => {
+                let admin = thali_tests::admin_auth();
+                let mut h = h.clone();
+                h.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+                h.push(("Authorization", admin.as_str()));
+                self.reader.raw(&c.method, &c.path, &h, body)
+            }
             Who::Anonymous => {
                 let h: Vec<(String, String)> = c.headers.clone();
                 thali_tests::request(self.p.node.addr, &c.method, &c.path, &h, body)
@@ -654,9 +675,9 @@ fn every_route_as_every_principal() {
             for c in cs {
                 for who in ALL {
                     let tag = w.tag(who);
-                    let call = (c.make)(&w, who, &tag);
+                    let call = (c.make)(&w, judged_as(who), &tag);
                     let resp = w.send(who, &call);
-                    let want = c.allowed.contains(&who);
+                    let want = c.allowed.contains(&judged_as(who));
                     checked += 1;
                     if outcome(c.judge, &resp) != Some(want) {
                         failures.push(
