@@ -23,7 +23,8 @@ struct KeyUse {
 }
 
 /// Per-key connection counts and request buckets; a key's entry lives while it has a
-/// connection, so the map holds at most one entry per open connection.
+/// connection or its bucket is refilling (at most two seconds after its last request), so the
+/// map holds the keys connected now or moments ago.
 pub struct PerKey {
     keys: Mutex<HashMap<String, KeyUse>>,
     per_known: usize,
@@ -47,17 +48,34 @@ impl PerKey {
     /// A connection slot for `key`, or `None` when the key holds its share already.
     pub fn connect(self: &Arc<Self>, key: &str, known: bool) -> Option<KeySlot> {
         let cap = if known { self.per_known } else { PER_STRANGER };
+        let now = Instant::now();
         let mut keys = lock(&self.keys);
+        // A key's bucket outlives its connections until it has refilled: reconnecting does
+        // not buy a fresh burst. Entries without connections and with a full bucket go.
+        keys.retain(|_, u| {
+            self.refill(u, now);
+            u.connections > 0 || u.tokens < self.burst()
+        });
         let u = keys.entry(key.to_string()).or_insert_with(|| KeyUse {
             connections: 0,
-            tokens: self.rate * 2.0,
-            refilled: Instant::now(),
+            tokens: self.burst(),
+            refilled: now,
         });
         if u.connections >= cap {
             return None;
         }
         u.connections += 1;
         Some(KeySlot(self.clone(), key.to_string()))
+    }
+
+    fn burst(&self) -> f64 {
+        self.rate * 2.0
+    }
+
+    fn refill(&self, u: &mut KeyUse, now: Instant) {
+        let gained = now.duration_since(u.refilled).as_secs_f64() * self.rate;
+        u.tokens = (u.tokens + gained).min(self.burst());
+        u.refilled = now;
     }
 
     /// Takes one request from `key`'s bucket; `false` when it is empty.
@@ -69,10 +87,7 @@ impl PerKey {
         let Some(u) = keys.get_mut(key) else {
             return true;
         };
-        let now = Instant::now();
-        let burst = self.rate * 2.0;
-        u.tokens = (u.tokens + now.duration_since(u.refilled).as_secs_f64() * self.rate).min(burst);
-        u.refilled = now;
+        self.refill(u, Instant::now());
         if u.tokens >= 1.0 {
             u.tokens -= 1.0;
             true
@@ -87,12 +102,8 @@ pub struct KeySlot(Arc<PerKey>, String);
 
 impl Drop for KeySlot {
     fn drop(&mut self) {
-        let mut keys = lock(&self.0.keys);
-        if let Some(u) = keys.get_mut(&self.1) {
+        if let Some(u) = lock(&self.0.keys).get_mut(&self.1) {
             u.connections = u.connections.saturating_sub(1);
-            if u.connections == 0 {
-                keys.remove(&self.1);
-            }
         }
     }
 }
@@ -209,6 +220,16 @@ mod tests {
         assert!((100..=101).contains(&allowed), "{allowed}");
         std::thread::sleep(Duration::from_millis(100));
         assert!(p.request("k"), "refilled at 50/s");
+    }
+
+    #[test]
+    fn reconnecting_does_not_refill_the_bucket() {
+        let p = PerKey::new(8, 50);
+        let slot = p.connect("k", true).unwrap();
+        while p.request("k") {}
+        drop(slot);
+        let _slot = p.connect("k", true).unwrap();
+        assert!(!p.request("k"), "a new connection got a fresh burst");
     }
 
     #[tokio::test]
