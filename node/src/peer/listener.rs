@@ -195,6 +195,10 @@ impl PeerAcceptor {
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let allowed = per_key.request(&principal.0);
+                if !allowed {
+                    // Refused before the router, so counted here.
+                    crate::sys::metrics::get().request(req.method().as_str(), 429, 0.0);
+                }
                 req.extensions_mut().insert(principal.clone());
                 let app = app.clone();
                 async move {
