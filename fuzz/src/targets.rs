@@ -280,8 +280,9 @@ fn post_json(path: &str, data: &[u8]) -> crate::node::Answer {
     harness().request(Method::POST, path, Some("application/json"), data.to_vec())
 }
 
-/// A document `PUT`, as an app (`new_edits` default) or a replicator (`new_edits=false`) sends it.
-fn put(data: &[u8]) {
+/// `PUT /fuzz/<prefix><n>` of `body`, alternately as an app (`new_edits` default) and as a
+/// replicator (`new_edits=false`) sends it.
+fn put_doc(prefix: &str, content_type: &str, body: &[u8], what: &str) {
     let h = harness();
     let n = h.next_input();
     let q = if n.is_multiple_of(2) {
@@ -291,11 +292,15 @@ fn put(data: &[u8]) {
     };
     let a = h.request(
         Method::PUT,
-        &format!("/{DB}/d{n}{q}"),
-        Some("application/json"),
-        data.to_vec(),
+        &format!("/{DB}/{prefix}{n}{q}"),
+        Some(content_type),
+        body.to_vec(),
     );
-    h.check("PUT doc", &a);
+    h.check(what, &a);
+}
+
+fn put(data: &[u8]) {
+    put_doc("d", "application/json", data, "PUT doc");
 }
 
 fn bulk_docs(data: &[u8]) {
@@ -466,23 +471,14 @@ fn since_seeds() -> Vec<Vec<u8>> {
 
 /// A document `PUT` as `multipart/related`, as CouchDB's replicator sends attachments.
 fn multipart_put(data: &[u8]) {
-    let Some((_, body)) = data.split_first() else {
-        return;
-    };
-    let h = harness();
-    let n = h.next_input();
-    let q = if n.is_multiple_of(2) {
-        ""
-    } else {
-        "?new_edits=false"
-    };
-    let a = h.request(
-        Method::PUT,
-        &format!("/{DB}/m{n}{q}"),
-        Some("multipart/related; boundary=\"abc\""),
-        body.to_vec(),
-    );
-    h.check("multipart PUT", &a);
+    if let Some((_, body)) = data.split_first() {
+        put_doc(
+            "m",
+            "multipart/related; boundary=\"abc\"",
+            body,
+            "multipart PUT",
+        );
+    }
 }
 
 /// A design document as it arrives by replication (`new_edits=false`): stored, compiled,

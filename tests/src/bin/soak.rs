@@ -375,24 +375,17 @@ fn main() {
     let per_hour =
         |f: &dyn Fn(&Sample) -> f64| slope(&x, &samples.iter().map(f).collect::<Vec<_>>());
     if let (Some(f), Some(l)) = (samples.first(), samples.last()) {
-        println!(
-            "first: RSS {:.1} MB, {} fds, {} threads, disk {:.1} MB, p50 {:.2} ms, p99 {:.2} ms",
-            f.rss as f64 / 1e6,
-            f.fds,
-            f.threads,
-            f.disk as f64 / 1e6,
-            f.p50 as f64 / 1e3,
-            f.p99 as f64 / 1e3
-        );
-        println!(
-            "last:  RSS {:.1} MB, {} fds, {} threads, disk {:.1} MB, p50 {:.2} ms, p99 {:.2} ms",
-            l.rss as f64 / 1e6,
-            l.fds,
-            l.threads,
-            l.disk as f64 / 1e6,
-            l.p50 as f64 / 1e3,
-            l.p99 as f64 / 1e3
-        );
+        for (name, s) in [("first:", f), ("last: ", l)] {
+            println!(
+                "{name} RSS {:.1} MB, {} fds, {} threads, disk {:.1} MB, p50 {:.2} ms, p99 {:.2} ms",
+                s.rss as f64 / 1e6,
+                s.fds,
+                s.threads,
+                s.disk as f64 / 1e6,
+                s.p50 as f64 / 1e3,
+                s.p99 as f64 / 1e3
+            );
+        }
         println!(
             "slope per hour: RSS {:+.1} MB, fds {:+.1}, threads {:+.1}, disk {:+.1} MB, p99 {:+.2} ms",
             per_hour(&|s| s.rss as f64 / 1e6),
