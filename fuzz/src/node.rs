@@ -44,6 +44,8 @@ pub struct Harness {
     auth: String,
     dir: PathBuf,
     inputs: AtomicU64,
+    /// Keys the pairing target sends as (strangers to the node), one per input in turn.
+    strangers: Vec<String>,
 }
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();
@@ -97,6 +99,18 @@ impl Harness {
             let replicator = thali_node::replicate::Replicator::new(node.clone(), dialer.clone());
             let pairing =
                 thali_node::pair::Pairing::new(node.clone(), identity.clone(), dialer, None);
+            // A code-pairing window that stays open, so pairing messages reach its sessions.
+            let host = pairing.clone();
+            tokio::spawn(async move {
+                loop {
+                    let wait = thali_node::pair::code::Action {
+                        action: "wait".into(),
+                        timeout: Some(600),
+                        ..Default::default()
+                    };
+                    let _ = host.action(wait).await;
+                }
+            });
             // This node never shuts down; a dropped sender would read as shutdown to feeds.
             let (tx, shutdown) = tokio::sync::watch::channel(false);
             std::mem::forget(tx);
@@ -108,7 +122,10 @@ impl Harness {
                     max_request_size: 4 << 20,
                     body_timeout: Duration::from_secs(10),
                     cookie_secret: [7; 32],
+                    allowed_hosts: Vec::new(),
                 }),
+                lockout: Default::default(),
+                logged_out: Default::default(),
                 shutdown,
                 replicator,
                 key_id: identity.key_id().into(),
@@ -126,6 +143,13 @@ impl Harness {
             ),
             dir,
             inputs: AtomicU64::new(0),
+            strangers: (0..256)
+                .map(|_| {
+                    thali_node::peer::Identity::generate()
+                        .expect("a key")
+                        .key_id()
+                })
+                .collect(),
         };
         h.fill();
         h
@@ -200,6 +224,18 @@ impl Harness {
         self.send(method, uri, headers, body)
     }
 
+    /// A JSON `POST` from a key no `_security` names, as the peer listener hands it on.
+    pub fn post_as_stranger(&self, n: u64, uri: &str, body: Vec<u8>) -> Answer {
+        let key = self.strangers[(n as usize) % self.strangers.len()].clone();
+        self.send_as(
+            Method::POST,
+            uri,
+            &[("content-type", "application/json")],
+            body,
+            Some(key),
+        )
+    }
+
     /// As `request`, with any headers.
     pub fn send(
         &self,
@@ -208,10 +244,27 @@ impl Harness {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Answer {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", &self.auth);
+        self.send_as(method, uri, headers, body, None)
+    }
+
+    /// As `send`; with `peer`, the request comes from that key over the peer listener.
+    fn send_as(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        peer: Option<String>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        match peer {
+            Some(k) => {
+                req = req
+                    .extension(thali_node::peer::PeerKeyId(k))
+                    .extension(thali_node::peer::Stranger);
+            }
+            None => req = req.header("authorization", &self.auth),
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

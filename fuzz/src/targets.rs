@@ -99,6 +99,12 @@ pub static ALL: &[Target] = &[
         seeds: design_seeds,
         json: true,
     },
+    Target {
+        name: "pair",
+        run: pair,
+        seeds: pair_seeds,
+        json: true,
+    },
 ];
 
 fn strs(v: &[&str]) -> Vec<Vec<u8>> {
@@ -112,6 +118,10 @@ fn doc(data: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(data) else {
         return;
     };
+    // Every number prints and parses back as the same number (correctly rounded parsing,
+    // shortest round-trip printing).
+    let again: Value = serde_json::from_str(&v.to_string()).expect("printed JSON parses");
+    assert_eq!(again, v, "a value changed in a print and parse round trip");
     if let Ok(mut d) = parse_doc(v) {
         d.prepare(true);
         d.prepare(false);
@@ -301,6 +311,32 @@ fn put_doc(prefix: &str, content_type: &str, body: &[u8], what: &str) {
 
 fn put(data: &[u8]) {
     put_doc("d", "application/json", data, "PUT doc");
+}
+
+/// Pairing messages from strangers' keys (`/_thali/accept`, `/_thali/pair`) to a node whose
+/// code-pairing window is open: refused, limited or answered, never more.
+fn pair(data: &[u8]) {
+    let h = harness();
+    let n = h.next_input();
+    let path = if n.is_multiple_of(3) {
+        "/_thali/accept"
+    } else {
+        "/_thali/pair"
+    };
+    let a = h.post_as_stranger(n, path, data.to_vec());
+    h.check(path, &a);
+}
+
+fn pair_seeds() -> Vec<Vec<u8>> {
+    strs(&[
+        r#"{"secret":"00112233445566778899aabbccddeeff","name":"desk","urls":["httpkey://127.0.0.1:1/ed25519:aaaa/"]}"#,
+        r#"{"step":"start","db":"shared","level":"write","name":"laptop","commitment":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+        r#"{"step":"start","db":"shared","level":"read"}"#,
+        r#"{"step":"start","db":"_replicator","level":"admin"}"#,
+        r#"{"step":"reveal","session":"0011223344556677","nonce":"00112233445566778899aabbccddeeff"}"#,
+        r#"{"step":"cancel","session":"0011223344556677"}"#,
+        r#"{"step":"confirm","session":"x","name":"a"}"#,
+    ])
 }
 
 fn bulk_docs(data: &[u8]) {

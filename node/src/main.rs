@@ -333,8 +333,18 @@ fn main() -> std::process::ExitCode {
         }
         Command::Migrate { data, to } => thali_node::cli::migrate(&data, to),
         Command::Replicate(args) => rt.block_on(thali_node::cli::replicate(args)),
-        Command::Serve(cfg) => rt.block_on(run(cfg)).map_err(Into::into),
+        Command::Serve(cfg) => {
+            let r = rt.block_on(run(cfg)).map_err(Into::into);
+            // The store is flushed; work still running on blocking threads (a client's long
+            // query whose client left) must not keep the process, and the store's lock, alive.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            return exit_code(r);
+        }
     };
+    exit_code(res)
+}
+
+fn exit_code(res: Result<(), Box<dyn std::error::Error>>) -> std::process::ExitCode {
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -29,31 +29,51 @@ pub struct ServeConfig {
     /// Address of the mutual-TLS peer listener (repeatable; none by default).
     #[arg(long, env = "THALI_PEER", value_delimiter = ',')]
     pub peer: Vec<SocketAddr>,
-    /// Password of the `admin` user; otherwise read from or generated into DIR/admin.password.
+    /// Password of the `admin` user; otherwise read from --admin-password-file, or from or
+    /// generated into DIR/admin.password. On the command line it shows in `ps`: prefer the
+    /// environment (THALI_ADMIN_PASSWORD) or a file.
     #[arg(long, env = "THALI_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+    /// A file holding the `admin` user's password (its first line).
+    #[arg(long, value_name = "FILE", env = "THALI_ADMIN_PASSWORD_FILE")]
+    pub admin_password_file: Option<PathBuf>,
+    /// Serve the local API (plain HTTP, the admin's password and cookies in clear) on an
+    /// address other than loopback: anyone on that network can watch and replay them.
+    /// Without this flag, a non-loopback --http address is refused.
+    #[arg(long, env = "THALI_INSECURE_HTTP_ON_NETWORK")]
+    pub insecure_http_on_network: bool,
+    /// A host name the local API answers to besides loopback names and IP addresses
+    /// (repeatable). Requests naming any other `Host` are refused, so a web page that rebinds
+    /// its own name to 127.0.0.1 cannot reach the API.
+    #[arg(long = "allowed-host", env = "THALI_ALLOWED_HOST", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Origins allowed by CORS (repeatable; `*` for any).
     #[arg(long = "cors-origin", env = "THALI_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, default_value_t = 256 * 1024 * 1024, env = "THALI_MAX_REQUEST_SIZE")]
+    #[arg(long, default_value_t = 256 * 1024 * 1024, env = "THALI_MAX_REQUEST_SIZE",
+          value_parser = crate::config::limit::<usize>(1024, 1 << 40))]
     pub max_request_size: usize,
     /// Largest attachment in bytes (413 beyond). Standalone attachment uploads stream to disk,
     /// so this bounds disk use, not memory; inline (base64) ones also obey --max-request-size.
-    #[arg(long, default_value_t = 4 << 30, env = "THALI_MAX_ATTACHMENT_SIZE")]
+    #[arg(long, default_value_t = 4 << 30, env = "THALI_MAX_ATTACHMENT_SIZE",
+          value_parser = crate::config::limit::<u64>(1, 1 << 50))]
     pub max_attachment_size: u64,
     /// Largest JSON document in bytes (413 beyond).
     #[arg(
         long = "max-document-size",
         default_value_t = 8_000_000,
-        env = "THALI_MAX_DOCUMENT_SIZE"
+        env = "THALI_MAX_DOCUMENT_SIZE",
+        value_parser = crate::config::limit::<usize>(64, 1 << 32)
     )]
     pub max_doc_size: usize,
     /// Seconds a client may take to send request headers or a request body (408 beyond).
-    #[arg(long, default_value_t = 300, env = "THALI_REQUEST_TIMEOUT")]
+    #[arg(long, default_value_t = 300, env = "THALI_REQUEST_TIMEOUT",
+          value_parser = crate::config::limit::<u64>(1, 86_400))]
     pub request_timeout: u64,
     /// Most concurrent connections on the peer listener; more are closed at once.
-    #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS")]
+    #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS",
+          value_parser = crate::config::limit::<usize>(4, 1 << 20))]
     pub max_peer_connections: usize,
     /// Requests per second one peer key may send (twice that in a burst); past it, 429.
     /// 0: unlimited.
@@ -71,13 +91,16 @@ pub struct ServeConfig {
     pub store_only_languages: Vec<String>,
     /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions / JavaScript
     /// operations.
-    #[arg(long, default_value_t = 50_000_000, env = "THALI_PLUGIN_CPU")]
+    #[arg(long, default_value_t = 50_000_000, env = "THALI_PLUGIN_CPU",
+          value_parser = crate::config::limit::<u64>(1_000, 1 << 50))]
     pub plugin_cpu: u64,
     /// Memory of one plugin instance (WASM store or Lua state), in bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "THALI_PLUGIN_MEMORY")]
+    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "THALI_PLUGIN_MEMORY",
+          value_parser = crate::config::limit::<usize>(1 << 20, 1 << 40))]
     pub plugin_memory: usize,
     /// Wall-clock limit of one plugin call, in milliseconds.
-    #[arg(long, default_value_t = 500, env = "THALI_PLUGIN_TIMEOUT_MS")]
+    #[arg(long, default_value_t = 500, env = "THALI_PLUGIN_TIMEOUT_MS",
+          value_parser = crate::config::limit::<u64>(1, 3_600_000))]
     pub plugin_timeout_ms: u64,
     /// Storage engine of a new data directory (`fjall` or `sled`); an existing one keeps the
     /// engine it records (`thali migrate` converts it).
@@ -91,7 +114,8 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = crate::store::space::DEFAULT_RESERVE, env = "THALI_MIN_FREE_SPACE")]
     pub min_free_space: u64,
     /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
-    #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN")]
+    #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN",
+          value_parser = crate::config::limit::<usize>(1, 1 << 20))]
     pub max_dbs_open: usize,
     /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
     /// every save.
@@ -120,6 +144,10 @@ pub enum ServeError {
     Identity(String),
     #[error("--lan announces the peer listener: give one with --peer ADDR")]
     Lan,
+    #[error("--http {0} is not a loopback address: the local API is plain HTTP (the admin's password and cookies would cross the network in clear). Use 127.0.0.1 or [::1], or add --insecure-http-on-network if that is really meant")]
+    NotLoopback(SocketAddr),
+    #[error("--admin-password-file {0}: {1}")]
+    PasswordFile(PathBuf, String),
 }
 
 /// The settings in force as `GET /_node/_local/_config` shows them: CouchDB's sections for
@@ -187,6 +215,17 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
     Ok((pw, true))
 }
 
+/// The first line of an `--admin-password-file`.
+fn password_file(f: &Path) -> Result<String, ServeError> {
+    let text =
+        std::fs::read_to_string(f).map_err(|e| ServeError::PasswordFile(f.into(), e.to_string()))?;
+    let pw = text.lines().next().unwrap_or("").trim().to_string();
+    if pw.is_empty() {
+        return Err(ServeError::PasswordFile(f.into(), "the file is empty".into()));
+    }
+    Ok(pw)
+}
+
 async fn bind(addr: &SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -201,8 +240,20 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     if cfg.lan && cfg.peer.is_empty() {
         return Err(ServeError::Lan);
     }
+    if let Some(a) = cfg
+        .http
+        .iter()
+        .find(|a| !a.ip().is_loopback() && !cfg.insecure_http_on_network)
+    {
+        return Err(ServeError::NotLoopback(*a));
+    }
     std::fs::create_dir_all(&cfg.data).map_err(|e| ServeError::DataDir(cfg.data.clone(), e))?;
-    let (password, generated) = admin_password(&cfg.data, cfg.admin_password.clone())?;
+    let given = match (&cfg.admin_password, &cfg.admin_password_file) {
+        (Some(p), _) if !p.is_empty() => Some(p.clone()),
+        (_, Some(f)) => Some(password_file(f)?),
+        _ => None,
+    };
+    let (password, generated) = admin_password(&cfg.data, given)?;
     if generated {
         println!(
             "Generated the admin password (user `admin`), saved in {}: {password}",
@@ -267,7 +318,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             max_request_size: cfg.max_request_size,
             body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
             cookie_secret: rand::random(),
+            allowed_hosts: cfg.allowed_hosts.clone(),
         }),
+        lockout: Arc::default(),
+        logged_out: Arc::default(),
         shutdown: shutdown_rx,
         key_id: identity.key_id().into(),
         tor: tor.clone(),
@@ -330,6 +384,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let res = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|v| *v).await;
@@ -373,9 +428,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     // Jobs stop after a last checkpoint, before the stores close.
     replicator.shutdown().await;
-    // Give open requests a moment; feeds end on the shutdown signal.
+    // Give open requests a moment; feeds end on the shutdown signal. Short enough that the
+    // whole stop stays well within 10 s, whatever a request still does.
     let _ = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         futures_util::future::join_all(servers),
     )
     .await;

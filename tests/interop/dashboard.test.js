@@ -116,6 +116,45 @@ test('a document with a conflict shows it', async () => {
   await shot('conflict');
 });
 
+test('hostile values show as text', async () => {
+  const evil = '<img src=x onerror="window.__xss=1">';
+  let dialogs = 0;
+  page.on('dialog', (d) => { dialogs += 1; d.dismiss(); });
+  // A replication whose source and planted state fields are markup (the state is stripped).
+  const r = await api('PUT', '/_replicator/evil', {
+    source: evil, target: 'nowhere', _replication_stats: { docs_written: evil },
+  });
+  assert.equal(r.status, 201, JSON.stringify(r.json));
+  // A validator error carrying markup, on a document whose id is markup.
+  assert.equal((await api('PUT', '/xss')).status, 201);
+  const ddoc = { validate_doc_update: `function (d) { throw({forbidden: ${JSON.stringify(evil)}}); }` };
+  assert.equal((await api('PUT', '/xss/_design/v', ddoc)).status, 201);
+  const lua = { language: 'lua', validate_doc_update: `function(doc) error(${JSON.stringify(evil)}) end` };
+  assert.equal((await api('PUT', '/xss/_design/w', lua)).status, 201);
+  const w = await api('PUT', `/xss/${encodeURIComponent(evil)}`, { v: 1 });
+  assert.ok(w.status >= 400, JSON.stringify(w));
+  assert.equal((await api('POST', '/xss/_bulk_docs', { docs: [{ _id: evil, v: 1 }], new_edits: false }))
+    .status, 201);
+  await page.waitForFunction((e) => document.getElementById('replications').textContent.includes(e), evil,
+    { timeout: 15000 });
+  await page.waitForSelector('tr[data-db="xss"] a');
+  await page.click('tr[data-db="xss"] a');
+  await page.waitForFunction((e) => document.getElementById('b-docs').textContent.includes(e), evil);
+  await page.click(`#b-docs a`);
+  await page.waitForFunction((e) => document.getElementById('b-doc').textContent.includes(e), evil);
+  await shot('hostile-values');
+  const result = await page.evaluate(() => ({
+    xss: window.__xss, imgs: document.querySelectorAll('img[src="x"]').length,
+  }));
+  assert.deepEqual(result, { xss: undefined, imgs: 0 });
+  assert.equal(dialogs, 0);
+  // The page runs under a policy with no inline script or handler.
+  const resp = await fetch(`http://127.0.0.1:${node.port}/_thali/`);
+  const csp = resp.headers.get('content-security-policy');
+  assert.doesNotMatch(csp, /script-src[^;]*unsafe-inline/);
+  assert.match(csp, /script-src 'sha256-/);
+});
+
 test('log out ends the session', async () => {
   await page.click('#logout');
   await page.waitForSelector('#login-form', { state: 'visible' });

@@ -203,6 +203,17 @@ fn multipart_ddoc() -> (String, Vec<u8>) {
 }
 
 /// The cases of one route and method. Empty means the matrix does not know the route.
+/// A pairing message past its size: refused (413) to every key before it is read, and to
+/// everyone else as any pairing message is.
+fn oversized(path: &'static str) -> Case {
+    Case {
+        judge: Judge::NotRefused,
+        ..case(&format!("{path} oversized"), ANY_KEY, move |_, _, _| {
+            Call::new("POST", path.into()).json(json!({ "secret": "x".repeat(64 << 10) }))
+        })
+    }
+}
+
 fn cases(kind: &str, method: &str) -> Vec<Case> {
     let m = method.to_string();
     let ms = method_static(method);
@@ -510,7 +521,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
                 let secret = uri.split("secret=").nth(1).unwrap()[..32].to_string();
                 Call::new("POST", "/_thali/accept".into()).json(json!({ "secret": secret }))
             })
-        }],
+        }, oversized("/_thali/accept")],
         ("Paired", _) if read => vec![case("paired", LOCAL, g("/_thali/paired"))],
         ("PairedPeer", "DELETE") => vec![Case {
             judge: Judge::NotRefused,
@@ -530,7 +541,7 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
                 Call::new("POST", "/_thali/pair".into())
                     .json(json!({"step": "cancel", "session": "x"}))
             })
-        }],
+        }, oversized("/_thali/pair")],
         // Discovery is off on this node (400 to the admin).
         ("Nearby", _) => vec![Case {
             judge: Judge::NotRefused,

@@ -468,24 +468,32 @@ pub fn pair(data: &Path, node: SocketAddr, cmd: PairCommand) -> CliResult {
     match cmd {
         PairCommand::Wait { timeout, as_name } => {
             println!("waiting up to {timeout} s for a device to pair (thali pair --with on the other one)…");
-            let v = post(
-                serde_json::json!({"action": "wait", "timeout": timeout, "as_name": as_name}),
-            )?;
-            let session = v["session"].clone();
-            println!(
-                "{} asks to pair: {} access to {}.\nCode: {}",
-                v["key"].as_str().unwrap_or("?"),
-                v["level"].as_str().unwrap_or("?"),
-                v["db"].as_str().unwrap_or("?"),
-                show_code(v["code"].as_str().unwrap_or("?"))
-            );
-            let yes = ask("Does the other device show the same code?");
-            let v =
-                post(serde_json::json!({"action": "decide", "session": session, "confirm": yes}))?;
-            if v["paired"] == true {
-                println!("paired with {}", v["key"].as_str().unwrap_or("?"));
-            } else {
-                println!("not paired");
+            // Several devices may ask; the user says yes only to the one showing the same code,
+            // and a declined one leaves the window open for the next.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now()).as_secs();
+                let v = post(
+                    serde_json::json!({"action": "wait", "timeout": left.max(1), "as_name": as_name}),
+                )?;
+                let session = v["session"].clone();
+                println!(
+                    "{} ({}) asks to pair: {} access to {}.\nCode: {}",
+                    v["name"].as_str().unwrap_or("no name given"),
+                    v["key"].as_str().unwrap_or("?"),
+                    v["level"].as_str().unwrap_or("?"),
+                    v["db"].as_str().unwrap_or("?"),
+                    show_code(v["code"].as_str().unwrap_or("?"))
+                );
+                let yes = ask("Does the other device show the same code?");
+                let v = post(
+                    serde_json::json!({"action": "decide", "session": session, "confirm": yes}),
+                )?;
+                if v["paired"] == true {
+                    println!("paired with {}", v["key"].as_str().unwrap_or("?"));
+                    break;
+                }
+                println!("not paired with that device; still waiting for another");
             }
         }
         PairCommand::With {

@@ -25,6 +25,9 @@ pub struct Caller {
     pub level: Level,
     /// The peer's key id when the caller is a peer (its `_local` namespace at the read level).
     pub peer: Option<String>,
+    /// The node itself (its replicator, pairing, resolvers), not a client: only it writes the
+    /// replicator's `_replication_*` state into `_replicator` documents.
+    pub internal: bool,
 }
 
 /// Largest `_local` document a read-level peer may keep (a CouchDB checkpoint with its 50
@@ -44,6 +47,7 @@ impl Caller {
             user_ctx: admin_ctx(db),
             level: Level::Admin,
             peer: None,
+            internal: true,
         }
     }
 
@@ -112,6 +116,7 @@ mod tests {
             user_ctx: Value::Null,
             level,
             peer: Some("ed25519:abc".into()),
+            internal: false,
         }
     }
 

@@ -61,7 +61,7 @@ impl Database {
                 indexes.extend(defs);
                 continue;
             }
-            match self.host.compile(id, &out.doc, &fetch) {
+            match self.host.compile(&self.name, id, &out.doc, &fetch) {
                 Ok(Some(fns)) => ddocs.push(fns),
                 Ok(None) => {}
                 Err(e) => {
@@ -99,7 +99,7 @@ impl Database {
                 .cloned()
                 .or_else(|| self.attachment_bytes(digest).ok())
         };
-        match self.host.compile(id, body, &fetch) {
+        match self.host.compile(&self.name, id, body, &fetch) {
             Ok(_) => Ok(()),
             Err(e) => Err(DbError::Compilation(e.to_string())),
         }

@@ -3,7 +3,8 @@
 //! queued request, applies them in one hold of the write lock as one batch, waits for one
 //! flush and answers them all, and repeats until the queue is empty. Thirty-two concurrent
 //! PUTs thus cost a few batches and flushes instead of thirty-two of each, and a request costs
-//! one thread hand-off (its answer) instead of four.
+//! one thread hand-off (its answer) instead of four. A request cut short by the hold's time
+//! slice (`write.rs`) rejoins the queue at the back, so other writers get in between slices.
 
 use super::write::{DocInput, DocResult, WriteCtx};
 use super::{Database, DbError, DbResult};
@@ -140,13 +141,26 @@ impl Database {
                     Ok(()) => unfinished.push(job),
                 }
             }
-            let mut q = self.queue();
-            for job in unfinished.into_iter().rev() {
-                q.jobs.push_front(job);
-            }
+            requeue(&mut self.queue(), unfinished);
         }
         self.start_writer();
     }
+}
+
+/// Puts back the requests a hold left unfinished. The first one is the request the hold's time
+/// slice ran out in: it goes behind everyone waiting, while those after it (not begun) keep
+/// their place at the front. One client's batch through a slow validator thus delays
+/// another's write by at most one slice.
+fn requeue(q: &mut WriteQueue, unfinished: Vec<Job>) {
+    let mut unfinished = unfinished.into_iter();
+    let Some(cut) = unfinished.next() else {
+        return;
+    };
+    let untouched: Vec<Job> = unfinished.collect();
+    for job in untouched.into_iter().rev() {
+        q.jobs.push_front(job);
+    }
+    q.jobs.push_back(cut);
 }
 
 /// If the writer panics, the requests still queued are answered (their senders dropped) and
@@ -200,6 +214,15 @@ mod tests {
         assert_eq!(sizes(q.take()), [4]);
         assert_eq!(sizes(q.take()), [5]);
         assert!(q.take().is_empty());
+    }
+
+    #[test]
+    fn a_request_cut_by_the_slice_goes_behind_the_waiting_ones() {
+        // A hold took [40 (slow), 1]; the 40 was cut, the 1 never begun; 2 arrived meanwhile.
+        let mut q = queue(&[(2, false)]);
+        requeue(&mut q, vec![job(30, false), job(1, false)]);
+        let order: Vec<usize> = q.jobs.iter().map(|j| j.docs.len()).collect();
+        assert_eq!(order, [1, 2, 30]);
     }
 
     #[test]

@@ -146,7 +146,13 @@ impl Database {
     ) -> DbResult<Vec<DocResult>> {
         let ctx = self.write_ctx(caller)?;
         let mut docs = docs;
+        // The replicator's state members are the node's alone (CouchDB's replicator database
+        // keeps them so too): from anyone else, by any route or replication, they are dropped.
+        let strip_state = self.name == "_replicator" && !caller.internal;
         for doc in docs.iter_mut().flatten() {
+            if strip_state {
+                doc.body.retain(|k, _| !k.starts_with("_replication_"));
+            }
             doc.prepare(new_edits);
         }
         let results = self.enqueue(docs, new_edits, ctx).await?;

@@ -256,6 +256,7 @@ impl Selector {
                 reason: format!("Selector must be a JSON object, not: {v}"),
             });
         }
+        within_limits(v)?;
         let root = push_not(norm(v, &[])?);
         if matches!(&root, Node::Field(p, _) if p.is_empty()) {
             return Err(SelectorError {
@@ -303,38 +304,14 @@ impl Selector {
 
     /// CouchDB's `has_required_fields`: every field in `fields` must exist in any document
     /// this selector matches (seen through `$and`, and `$or` when every branch requires it).
+    /// Linear in the selector's size plus `fields`: the fields the selector guarantees are
+    /// gathered once (a union over `$and`, an intersection over `$or`'s branches).
     pub fn requires(&self, fields: &[Vec<String>]) -> bool {
-        fn remaining(n: &Node, mut need: Vec<Vec<String>>) -> Vec<Vec<String>> {
-            match n {
-                Node::And(v) => {
-                    for c in v {
-                        need = remaining(c, need);
-                    }
-                    need
-                }
-                Node::Or(v) if !v.is_empty() => {
-                    let mut left: Vec<Vec<String>> = Vec::new();
-                    for c in v {
-                        for f in remaining(c, need.clone()) {
-                            if !left.contains(&f) {
-                                left.push(f);
-                            }
-                        }
-                    }
-                    left
-                }
-                Node::Field(_, Op::Exists(false)) => need,
-                Node::Field(p, _) => {
-                    need.retain(|f| f != p);
-                    need
-                }
-                _ => need,
-            }
-        }
         if self.is_empty() {
             return fields.is_empty();
         }
-        remaining(&self.root, fields.to_vec()).is_empty()
+        let sure = guaranteed(&self.root);
+        fields.iter().all(|f| sure.contains(f.as_slice()))
     }
 
     /// CouchDB's `is_constant_field`: a top-level conjunct fixes `field` with `$eq`.
@@ -342,6 +319,68 @@ impl Selector {
         self.conjuncts()
             .iter()
             .any(|c| matches!(c, Node::Field(p, Op::Eq(_)) if p == field))
+    }
+}
+
+/// Deepest nesting of a selector's JSON, and most values in it (operators, fields, operands
+/// together): a selector is a query, not a data set, and planning and matching cost grows with it.
+pub const MAX_DEPTH: usize = 64;
+pub const MAX_NODES: usize = 20_000;
+
+fn within_limits(v: &Value) -> Result<(), SelectorError> {
+    let too = |reason: String| SelectorError {
+        error: "invalid_selector",
+        reason,
+    };
+    let mut nodes = 0usize;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        nodes += 1;
+        if nodes > MAX_NODES {
+            return Err(too(format!(
+                "the selector holds more than {MAX_NODES} values"
+            )));
+        }
+        if depth > MAX_DEPTH {
+            return Err(too(format!(
+                "the selector nests deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        match v {
+            Value::Object(m) => stack.extend(m.values().map(|c| (c, depth + 1))),
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The fields that exist in every document `n` matches.
+fn guaranteed(n: &Node) -> std::collections::HashSet<&[String]> {
+    use std::collections::HashSet;
+    match n {
+        Node::And(v) => {
+            let mut out = HashSet::new();
+            for c in v {
+                out.extend(guaranteed(c));
+            }
+            out
+        }
+        Node::Or(v) if !v.is_empty() => {
+            let mut branches = v.iter();
+            let mut out = branches.next().map(guaranteed).unwrap_or_default();
+            for c in branches {
+                if out.is_empty() {
+                    break;
+                }
+                let other = guaranteed(c);
+                out.retain(|f| other.contains(f));
+            }
+            out
+        }
+        Node::Field(_, Op::Exists(false)) => HashSet::new(),
+        Node::Field(p, _) => HashSet::from([p.as_slice()]),
+        _ => HashSet::new(),
     }
 }
 

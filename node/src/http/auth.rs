@@ -50,38 +50,84 @@ impl Principal {
     }
 }
 
-pub fn principal(headers: &HeaderMap, ext: &Extensions, cfg: &HttpConfig) -> Principal {
+/// Who is asking. A wrong Basic password counts against the source in `lockout`; a name
+/// locked from the source is refused before its password is checked.
+pub fn principal(
+    headers: &HeaderMap,
+    ext: &Extensions,
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+) -> ApiResult<Principal> {
+    let cfg = &state.config;
     if let Some(PeerKeyId(k)) = ext.get::<PeerKeyId>() {
-        return Principal::Peer(k.clone());
+        return Ok(Principal::Peer(k.clone()));
     }
     let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     else {
-        return match session_cookie(headers).and_then(|t| cookie::verify(cfg, &t)) {
-            Some(_) => Principal::Admin,
-            None => Principal::Anonymous,
-        };
+        return Ok(match session_cookie(headers) {
+            Some(t) if session_valid(state, &t) => Principal::Admin,
+            _ => Principal::Anonymous,
+        });
     };
     // The scheme name is case-insensitive (RFC 9110).
     let Some((scheme, b64)) = v.trim_start().split_once(' ') else {
-        return Principal::Anonymous;
+        return Ok(Principal::Anonymous);
     };
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Principal::Anonymous;
+        return Ok(Principal::Anonymous);
     }
     let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
-        return Principal::Anonymous;
+        return Ok(Principal::Anonymous);
     };
     let Ok(s) = String::from_utf8(raw) else {
-        return Principal::Anonymous;
+        return Ok(Principal::Anonymous);
     };
-    match s.split_once(':') {
-        Some(("admin", pw)) if constant_time_eq(pw.as_bytes(), cfg.admin_password.as_bytes()) => {
-            Principal::Admin
-        }
-        _ => Principal::Anonymous,
+    let Some((name, pw)) = s.split_once(':') else {
+        return Ok(Principal::Anonymous);
+    };
+    state.lockout.check(source, name)?;
+    if name == "admin" && constant_time_eq(pw.as_bytes(), cfg.admin_password.as_bytes()) {
+        return Ok(Principal::Admin);
     }
+    state.lockout.failed(source, name);
+    Ok(Principal::Anonymous)
+}
+
+/// Is this `AuthSession` cookie valid now: well signed, unexpired, and not logged out?
+pub fn session_valid(state: &AppState, token: &str) -> bool {
+    cookie::verify(&state.config, token).is_some() && !state.logged_out.contains(token)
+}
+
+/// Is `Host` one the loopback API answers to: absent, an IP address (a rebinding page's origin
+/// is a name, never an address), `localhost` or a name under it, or one the operator listed
+/// (`--allowed-host`)? Syncthing's GUI defends against DNS rebinding the same way.
+pub fn host_allowed(headers: &HeaderMap, cfg: &HttpConfig) -> bool {
+    let Some(h) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(h) = h.to_str() else {
+        return false;
+    };
+    let h = h.trim().to_ascii_lowercase();
+    let name = if let Some(v6) = h.strip_prefix('[') {
+        return v6
+            .split_once(']')
+            .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        h.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(h.as_str(), |(n, _)| n)
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || cfg
+            .allowed_hosts
+            .iter()
+            .any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(name))
 }
 
 /// The `AuthSession` cookie's value, if the request carries one.
@@ -141,6 +187,30 @@ pub mod cookie {
         let ok = super::constant_time_eq(&given, &mac(cfg, msg));
         (ok && name == "admin" && expires > crate::sys::clock::unix_now())
             .then(|| (name.to_string(), expires))
+    }
+
+    /// Cookies ended by `DELETE /_session` before they expired: refused until then, so a
+    /// logout ends the session on the node, not only in the browser.
+    #[derive(Default)]
+    pub struct LoggedOut(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+    impl LoggedOut {
+        fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        pub fn add(&self, token: &str, expires: u64) {
+            let now = crate::sys::clock::unix_now();
+            let mut m = self.map();
+            m.retain(|_, e| *e > now);
+            // Every entry is a cookie this node signed and that is still valid: bounded by
+            // the logins of one session timeout.
+            m.insert(token.to_string(), expires);
+        }
+
+        pub fn contains(&self, token: &str) -> bool {
+            self.map().contains_key(token)
+        }
     }
 
     /// `Set-Cookie` for a new session, or (with `None`) one that ends it.

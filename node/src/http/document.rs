@@ -506,6 +506,17 @@ pub async fn attachment(
                 h.insert(header::CONTENT_TYPE, v);
             }
             h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            // Attachments are data, whoever wrote them: a `text/html` one opened in a browser
+            // runs in a sandbox (no script, an opaque origin), never as the admin's origin
+            // (CouchDB 3.2's `[csp] attachments`); and its type is never sniffed.
+            h.insert(
+                "content-security-policy",
+                HeaderValue::from_static("sandbox"),
+            );
+            h.insert(
+                "x-content-type-options",
+                HeaderValue::from_static("nosniff"),
+            );
             if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", meta.digest)) {
                 h.insert(header::ETAG, v);
             }

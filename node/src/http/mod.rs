@@ -8,6 +8,7 @@ mod database;
 mod document;
 mod error;
 mod find;
+pub mod lockout;
 mod node;
 mod pair;
 mod query;
@@ -43,6 +44,8 @@ pub struct HttpConfig {
     pub body_timeout: std::time::Duration,
     /// Signs `AuthSession` cookies (random per start: a restart logs everyone out).
     pub cookie_secret: [u8; 32],
+    /// Host names the loopback API answers to besides loopback names and IP addresses.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -58,6 +61,10 @@ pub struct AppState {
     pub pairing: Arc<crate::pair::Pairing>,
     /// The settings in force, for `/_node/_local/_config` (the `log` section is live).
     pub settings: Arc<serde_json::Value>,
+    /// Failed logins per source and name (`lockout.rs`).
+    pub lockout: Arc<lockout::Lockout>,
+    /// Session cookies ended by a logout.
+    pub logged_out: Arc<auth::cookie::LoggedOut>,
 }
 
 /// Seconds an `AuthSession` cookie lasts.
@@ -66,6 +73,9 @@ pub const SESSION_TIMEOUT: u64 = auth::cookie::TIMEOUT;
 pub fn router(state: AppState) -> Router {
     Router::new().fallback(dispatch).with_state(state)
 }
+
+/// How long a small message's body (a stranger's, a pairing message) may take to arrive.
+pub const MESSAGE_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A parsed request as the handlers see it.
 pub struct Req {
@@ -78,6 +88,8 @@ pub struct Req {
     pub principal: Principal,
     /// The principal's level on the route's database, set by the authorization point.
     pub db_level: Option<Level>,
+    /// The client's IP address (none for onion streams), for budgets kept per address.
+    source: Option<std::net::IpAddr>,
     max_body: usize,
     body_timeout: std::time::Duration,
 }
@@ -170,6 +182,16 @@ impl Req {
     }
 
     /// The largest request body read whole.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.source
+    }
+
+    /// Lowers this request's body limits (a route whose messages are small).
+    pub fn cap_body(&mut self, max: usize, timeout: std::time::Duration) {
+        self.max_body = self.max_body.min(max);
+        self.body_timeout = self.body_timeout.min(timeout);
+    }
+
     pub fn max_body(&self) -> usize {
         self.max_body
     }
@@ -196,6 +218,7 @@ impl Req {
                 Principal::Peer(k) => Some(k.clone()),
                 _ => None,
             },
+            internal: false,
         }
     }
 
@@ -281,12 +304,36 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             return StatusCode::NO_CONTENT.into_response();
         }
         let (parts, body) = req.into_parts();
-        let principal = auth::principal(&parts.headers, &parts.extensions, &state.config);
+        let source = parts
+            .extensions
+            .get::<crate::peer::PeerAddr>()
+            .map(|a| a.0)
+            .or_else(|| {
+                parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0.ip())
+            });
+        let from_peer = parts.extensions.get::<crate::peer::PeerKeyId>().is_some();
+        if !from_peer && !auth::host_allowed(&parts.headers, &state.config) {
+            return ApiError::new(
+                403,
+                "forbidden",
+                "this Host is not one the node answers to: use a loopback name or address, or list the name with --allowed-host",
+            )
+            .into_response();
+        }
+        let principal = match auth::principal(&parts.headers, &parts.extensions, &state, source) {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
         if let Principal::Peer(key) = &principal {
             crate::sys::metrics::get().peer_seen(key);
         }
         let refresh = matches!(principal, Principal::Admin)
+            && !parts.headers.contains_key(header::AUTHORIZATION)
             && auth::session_cookie(&parts.headers)
+                .filter(|c| !state.logged_out.contains(c))
                 .and_then(|c| auth::cookie::verify(&state.config, &c))
                 .is_some_and(|(_, exp)| {
                     exp < crate::sys::clock::unix_now() + auth::cookie::TIMEOUT / 2
@@ -295,16 +342,28 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             Ok(s) => s,
             Err(e) => return e.into_response(),
         };
+        // A stranger's body is read only in pairing-message sizes and briefly, whatever the
+        // route: strangers together never make the node hold more than their slots times this.
+        let stranger = parts.extensions.get::<crate::peer::Stranger>().is_some();
+        let (max_body, body_timeout) = if stranger {
+            (
+                crate::pair::MAX_MESSAGE,
+                state.config.body_timeout.min(MESSAGE_BODY_TIMEOUT),
+            )
+        } else {
+            (state.config.max_request_size, state.config.body_timeout)
+        };
         let r = Req {
             method: parts.method,
+            source,
             segments,
             query: Query::parse(parts.uri.query()),
             headers: parts.headers,
             body: std::sync::Mutex::new(Some(body)),
             principal,
             db_level: None,
-            max_body: state.config.max_request_size,
-            body_timeout: state.config.body_timeout,
+            max_body,
+            body_timeout,
         };
         let head = r.method == Method::HEAD;
         let mut resp = match route(&state, r).await {

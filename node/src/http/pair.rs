@@ -65,17 +65,24 @@ fn peer_key(r: &Req) -> ApiResult<String> {
     }
 }
 
-pub async fn accept(state: &AppState, r: &mut Req) -> ApiResult<Response> {
+/// A peer's pairing message: its key's failure budget is checked before a byte of the body is
+/// read, and the body is read only up to a pairing message's size, briefly.
+async fn message<T: DeserializeOwned>(state: &AppState, r: &mut Req) -> ApiResult<(String, T)> {
     only(r, Method::POST)?;
     let key = peer_key(r)?;
+    state.pairing.admit(&key, r.source())?;
+    r.cap_body(crate::pair::MAX_MESSAGE, super::MESSAGE_BODY_TIMEOUT);
     let msg = body(r).await?;
+    Ok((key, msg))
+}
+
+pub async fn accept(state: &AppState, r: &mut Req) -> ApiResult<Response> {
+    let (key, msg) = message(state, r).await?;
     Ok(ok(state.pairing.accept(&key, msg).await?))
 }
 
 pub async fn step(state: &AppState, r: &mut Req) -> ApiResult<Response> {
-    only(r, Method::POST)?;
-    let key = peer_key(r)?;
-    let msg = body(r).await?;
+    let (key, msg) = message(state, r).await?;
     Ok(ok(state.pairing.peer_step(&key, msg).await?))
 }
 

@@ -100,7 +100,9 @@ pub async fn session(state: &AppState, r: &mut Req) -> ApiResult<Response> {
                     v["password"].as_str().unwrap_or("").to_string(),
                 )
             };
+            state.lockout.check(r.source(), &name)?;
             if name != "admin" || !super::auth::admin_password_ok(&state.config, &password) {
+                state.lockout.failed(r.source(), &name);
                 return Err(ApiError::unauthorized());
             }
             let mut resp = ok(json!({"ok": true, "name": "admin", "roles": ["_admin"]}));
@@ -111,6 +113,13 @@ pub async fn session(state: &AppState, r: &mut Req) -> ApiResult<Response> {
             Ok(resp)
         }
         Method::DELETE => {
+            // The cookie ends here too, not only in the browser: requests and event streams
+            // that carry it are refused from now on.
+            if let Some(t) = super::auth::session_cookie(&r.headers) {
+                if let Some((_, expires)) = cookie::verify(&state.config, &t) {
+                    state.logged_out.add(&t, expires);
+                }
+            }
             let mut resp = ok(json!({"ok": true}));
             if let Ok(v) = axum::http::HeaderValue::from_str(&cookie::header(None)) {
                 resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);

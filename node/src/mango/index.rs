@@ -139,6 +139,9 @@ pub struct NewIndex {
     pub def: IndexDef,
 }
 
+/// Most fields one index names (planning cost grows with them; CouchDB's real indexes name a few).
+pub const MAX_FIELDS: usize = 64;
+
 /// Parses `{"index": {"fields": […], "partial_filter_selector": …}, "ddoc", "name", "type"}`.
 pub fn parse_create(body: &Value) -> Result<NewIndex, MangoError> {
     let Value::Object(b) = body else {
@@ -203,6 +206,12 @@ pub fn parse_create(body: &Value) -> Result<NewIndex, MangoError> {
         return Err(MangoError::bad(
             "invalid_index",
             "Index fields must name at least one field.",
+        ));
+    }
+    if columns.len() > MAX_FIELDS {
+        return Err(MangoError::bad(
+            "invalid_index",
+            format!("An index may name at most {MAX_FIELDS} fields."),
         ));
     }
     if columns.iter().any(|c| c.desc != columns[0].desc) {

@@ -26,6 +26,9 @@ const DEFAULT_WINDOW: u64 = 120;
 const MAX_WINDOW: u64 = 600;
 /// How long a session may take from start to both decisions.
 const SESSION_TTL: Duration = Duration::from_secs(180);
+/// Guests one window holds at once (one session per key). A further guest replaces the oldest,
+/// so guests that start and stall never keep a real one out.
+const MAX_SESSIONS: usize = 8;
 
 #[derive(Default)]
 pub(super) struct Codes {
@@ -34,11 +37,20 @@ pub(super) struct Codes {
     outgoing: HashMap<String, Outgoing>,
 }
 
+/// The host's open window. Any number of guests may ask (the newest `MAX_SESSIONS`); the host's
+/// user is shown each whose code is up, with its key and name, and says yes to the one whose
+/// code matches the other device's. Declining one leaves the window open for the others.
 struct HostWindow {
     until: Instant,
     /// The name the guest will know this node by.
     name: Option<String>,
-    session: Option<HostSession>,
+    sessions: Vec<HostSession>,
+}
+
+impl HostWindow {
+    fn session(&mut self, id: Option<&str>) -> Option<&mut HostSession> {
+        self.sessions.iter_mut().find(|s| Some(s.id.as_str()) == id)
+    }
 }
 
 enum Exchange {
@@ -52,6 +64,8 @@ enum Exchange {
 struct HostSession {
     id: String,
     peer: String,
+    /// The name the guest gave itself (shown to the host's user beside its key).
+    name: Option<String>,
     db: String,
     level: Level,
     exchange: Exchange,
@@ -134,6 +148,14 @@ fn hex_array<const N: usize>(s: Option<&str>, what: &str) -> PairResult<[u8; N]>
         .ok_or_else(|| PairError::bad(format!("{what} must be {N} bytes in hex")))
 }
 
+fn too_many() -> PairError {
+    PairError::new(
+        429,
+        "too_many_requests",
+        "too many failed pairing attempts from this key or address; try again later",
+    )
+}
+
 fn not_found() -> PairError {
     PairError::new(404, "not_found", "no such pairing session")
 }
@@ -143,20 +165,31 @@ impl Pairing {
         self.codes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn limited(&self, key: &str) -> PairResult<()> {
+    /// A peer's pairing message may be read: its key and address are within their failure
+    /// budgets (checked before the body is read).
+    pub fn admit(&self, key: &str, addr: Option<std::net::IpAddr>) -> PairResult<()> {
         let ok = self
             .failures
             .lock()
-            .map(|mut f| f.allowed(key))
+            .map(|mut f| f.allowed(key, addr))
             .unwrap_or(false);
         if ok {
             Ok(())
         } else {
-            Err(PairError::new(
-                429,
-                "too_many_requests",
-                "too many failed pairing attempts; try again later",
-            ))
+            Err(too_many())
+        }
+    }
+
+    pub(super) fn limited(&self, key: &str) -> PairResult<()> {
+        let ok = self
+            .failures
+            .lock()
+            .map(|f| f.within(key))
+            .unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            Err(too_many())
         }
     }
 
@@ -181,8 +214,8 @@ impl Pairing {
                 let s = c
                     .host
                     .as_mut()
-                    .and_then(|w| w.session.as_mut())
-                    .filter(|s| Some(&s.id) == msg.session.as_ref() && s.peer == key)
+                    .and_then(|w| w.session(msg.session.as_deref()))
+                    .filter(|s| s.peer == key)
                     .ok_or_else(not_found)?;
                 s.exchange = Exchange::Failed("the other device cancelled".into());
                 drop(c);
@@ -195,7 +228,7 @@ impl Pairing {
 
     fn host_start(&self, key: &str, msg: Step) -> PairResult<Value> {
         let db = msg.db.clone().unwrap_or_default();
-        crate::db::validate_db_name(&db)?;
+        super::pairable_db(&db)?;
         let level = Level::parse(msg.level.as_deref().unwrap_or("write"))
             .ok_or_else(|| PairError::bad("level must be read, write or admin"))?;
         let theirs = parse_key_id(key).map_err(PairError::bad)?;
@@ -209,16 +242,22 @@ impl Pairing {
             .as_mut()
             .filter(|w| w.until > now)
             .ok_or_else(|| PairError::forbidden("this device is not waiting to pair"))?;
-        if let Some(s) = &w.session {
-            let live = !matches!(s.exchange, Exchange::Failed(_) | Exchange::Done)
-                && now.duration_since(s.created) < SESSION_TTL;
-            if live {
-                return Err(PairError::new(
-                    409,
-                    "conflict",
-                    "this device is already pairing with another",
-                ));
-            }
+        // Finished sessions and this key's earlier one go; at the cap, the oldest goes.
+        w.sessions.retain(|s| {
+            !matches!(s.exchange, Exchange::Failed(_) | Exchange::Done)
+                && now.duration_since(s.created) < SESSION_TTL
+                && s.peer != key
+        });
+        if w.sessions.len() >= MAX_SESSIONS {
+            // A real guest's exchange finishes in milliseconds and its code is then shown:
+            // those stay; the oldest session still short of a code goes first.
+            let i = w
+                .sessions
+                .iter()
+                .position(|s| !matches!(s.exchange, Exchange::Shown(_)))
+                .unwrap_or(0);
+            let old = w.sessions.remove(i);
+            tracing::info!(peer = %old.peer, "pairing session dropped for a newer guest");
         }
         let id = crate::db::random_hex(8);
         let rn = nonce();
@@ -239,9 +278,10 @@ impl Pairing {
                 )
             }
         };
-        w.session = Some(HostSession {
+        w.sessions.push(HostSession {
             id,
             peer: key.to_string(),
+            name: msg.name.as_deref().and_then(|n| valid_name(n).ok()),
             db,
             level,
             exchange,
@@ -249,6 +289,8 @@ impl Pairing {
             remote: false,
             created: now,
         });
+        drop(c);
+        self.changed.notify_waiters();
         Ok(reply)
     }
 
@@ -258,8 +300,7 @@ impl Pairing {
         let Some(s) = c
             .host
             .as_mut()
-            .and_then(|w| w.session.as_mut())
-            .filter(|s| Some(&s.id) == msg.session.as_ref())
+            .and_then(|w| w.session(msg.session.as_deref()))
         else {
             return Err(not_found());
         };
@@ -331,8 +372,8 @@ impl Pairing {
             let s = c
                 .host
                 .as_mut()
-                .and_then(|w| w.session.as_mut())
-                .filter(|s| s.id == sid && s.peer == key)
+                .and_then(|w| w.session(Some(&sid)))
+                .filter(|s| s.peer == key)
                 .ok_or_else(not_found)?;
             match &s.exchange {
                 Exchange::Shown(_) => {}
@@ -352,7 +393,7 @@ impl Pairing {
         // The host's user decides; the guest waits for it.
         let decided = self
             .wait_for(created + SESSION_TTL, |c| {
-                let s = c.host.as_ref()?.session.as_ref().filter(|s| s.id == sid)?;
+                let s = c.host.as_mut()?.session(Some(&sid))?;
                 match (&s.exchange, s.local) {
                     (Exchange::Failed(r), _) => Some(Err(r.clone())),
                     (_, Some(d)) => Some(Ok((d, s.db.clone(), s.level))),
@@ -386,7 +427,7 @@ impl Pairing {
             let mut c = self.codes();
             let w = c.host.as_mut();
             let n = w.as_ref().and_then(|w| w.name.clone());
-            if let Some(s) = w.and_then(|w| w.session.as_mut()) {
+            if let Some(s) = w.and_then(|w| w.session(Some(&sid))) {
                 s.exchange = Exchange::Done;
             }
             n
@@ -433,19 +474,33 @@ impl Pairing {
         }
         let name = a.as_name.as_deref().map(valid_name).transpose()?;
         let until = Instant::now() + Duration::from_secs(secs);
-        self.codes().host = Some(HostWindow {
-            until,
-            name,
-            session: None,
-        });
+        {
+            // Waiting again (after declining a code) keeps the guests already asking.
+            let mut c = self.codes();
+            match c.host.as_mut().filter(|w| w.until > Instant::now()) {
+                Some(w) => {
+                    w.until = until;
+                    w.name = name;
+                }
+                None => {
+                    c.host = Some(HostWindow {
+                        until,
+                        name,
+                        sessions: Vec::new(),
+                    })
+                }
+            }
+        }
         tracing::info!(seconds = secs, "waiting for a device to pair");
         let shown = self
             .wait_for(until, |c| {
-                let s = c.host.as_ref()?.session.as_ref()?;
+                let s = c.host.as_ref()?.sessions.iter().find(|s| {
+                    matches!(s.exchange, Exchange::Shown(_)) && s.local.is_none()
+                })?;
                 match s.exchange {
                     Exchange::Shown(code) => Some(json!({
-                        "session": s.id, "key": s.peer, "db": s.db, "level": s.level.name(),
-                        "code": pairing::show(code)})),
+                        "session": s.id, "key": s.peer, "name": s.name, "db": s.db,
+                        "level": s.level.name(), "code": pairing::show(code)})),
                     _ => None,
                 }
             })
@@ -467,11 +522,7 @@ impl Pairing {
             let Some(w) = c.host.as_mut() else {
                 return Err(not_found());
             };
-            let s = w
-                .session
-                .as_mut()
-                .filter(|s| s.id == sid)
-                .ok_or_else(not_found)?;
+            let s = w.session(Some(&sid)).ok_or_else(not_found)?;
             if !matches!(s.exchange, Exchange::Shown(_)) {
                 return Err(PairError::new(
                     409,
@@ -481,9 +532,9 @@ impl Pairing {
             }
             s.local = Some(yes);
             if !yes {
-                // The guest's confirmation (now or later) learns why; no new guest may start.
+                // The guest's confirmation (now or later) learns why. The window stays open:
+                // the real guest may be the next one shown.
                 s.exchange = Exchange::Failed("the other device's user declined the code".into());
-                w.until = Instant::now();
             }
             (s.created, s.peer.clone())
         };
@@ -496,7 +547,7 @@ impl Pairing {
         }
         let done = self
             .wait_for(created + SESSION_TTL, |c| {
-                let s = c.host.as_ref()?.session.as_ref().filter(|s| s.id == sid)?;
+                let s = c.host.as_mut()?.session(Some(&sid))?;
                 match &s.exchange {
                     Exchange::Done => Some(Ok(())),
                     Exchange::Failed(r) => Some(Err(r.clone())),
@@ -521,7 +572,7 @@ impl Pairing {
         let db =
             a.db.clone()
                 .ok_or_else(|| PairError::bad("say which database to share (db)"))?;
-        crate::db::validate_db_name(&db)?;
+        super::pairable_db(&db)?;
         let level = Level::parse(a.level.as_deref().unwrap_or("write"))
             .ok_or_else(|| PairError::bad("level must be read, write or admin"))?;
         let with = a
@@ -551,7 +602,7 @@ impl Pairing {
         let (session, code) = match role {
             Role::Smaller => {
                 let (sm, c) = Smaller::start(&mine, &theirs, nonce());
-                let r = send(json!({"step": "start", "db": db, "level": level.name(),
+                let r = send(json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name,
                                     "commitment": hex::encode(c)}))
                 .await?;
                 let session = r["session"].as_str().unwrap_or_default().to_string();
@@ -562,7 +613,7 @@ impl Pairing {
                 (session, code)
             }
             Role::Larger => {
-                let r = send(json!({"step": "start", "db": db, "level": level.name()})).await?;
+                let r = send(json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name})).await?;
                 let session = r["session"].as_str().unwrap_or_default().to_string();
                 let c: Commitment = hex_array(r["commitment"].as_str(), "the host's commitment")?;
                 let (l, rn) = Larger::on_commitment(&mine, &theirs, c, nonce());

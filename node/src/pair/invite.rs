@@ -75,7 +75,7 @@ impl InviteUri {
             return Err("the invite's url must carry an ed25519 key".into());
         }
         let db = db.ok_or("the invite names no database")?;
-        crate::db::validate_db_name(&db).map_err(|e| e.reason())?;
+        super::pairable_db(&db).map_err(|e| e.reason)?;
         let level = level.ok_or("the invite has no level")?;
         let level = Level::parse(&level).ok_or_else(|| format!("unknown level {level:?}"))?;
         let secret = secret.ok_or("the invite has no secret")?;

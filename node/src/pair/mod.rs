@@ -22,7 +22,7 @@ use invite::InviteUri;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -59,9 +59,10 @@ impl From<DbError> for PairError {
 
 pub type PairResult<T> = Result<T, PairError>;
 
-/// Failed invite attempts allowed per key, and from all keys together, per window.
+/// Failed pairing attempts allowed per key, and per address, per window. There is no budget
+/// shared by everyone: throw-away keys from elsewhere can never spend a real guest's.
 const FAILS_PER_KEY: usize = 5;
-const FAILS_TOTAL: usize = 100;
+const FAILS_PER_ADDRESS: usize = 30;
 const FAIL_WINDOW: Duration = Duration::from_secs(600);
 /// Invites expire after an hour unless the admin says otherwise, and after 30 days at most.
 const DEFAULT_EXPIRY: u64 = 3600;
@@ -69,6 +70,21 @@ const MAX_EXPIRY: u64 = 30 * 86400;
 /// Invites kept after they were used, revoked or expired (for `thali invite list`).
 const KEEP_SPENT: usize = 50;
 const META_KEY: &str = "pairing";
+/// The most read of the other node's answer to a pairing message (they are a few hundred bytes).
+pub const MAX_MESSAGE: usize = 16 << 10;
+
+/// A database pairing may grant on: a valid name that is not a system database. `_replicator`,
+/// `_users` and every other `_`-prefixed database are the node's own: a peer granted one could
+/// run replications as this node or read its credentials.
+pub fn pairable_db(db: &str) -> PairResult<()> {
+    crate::db::validate_db_name(db)?;
+    if db.starts_with('_') {
+        return Err(PairError::forbidden(format!(
+            "pairing never shares a system database ({db})"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -125,37 +141,65 @@ struct Peer {
     via: String,
 }
 
-/// Recent failures, to slow down guessing.
+/// Recent failures, to slow down guessing: per key, and per IP address (a key's failures count
+/// against the address its last message came from; onion streams have none).
 #[derive(Default)]
 struct Failures {
     by_key: HashMap<String, VecDeque<Instant>>,
-    all: VecDeque<Instant>,
+    by_addr: HashMap<IpAddr, VecDeque<Instant>>,
+    /// The address each key was last seen from (entries go with the key's failures or at 4096).
+    addr_of: HashMap<String, IpAddr>,
+}
+
+fn prune_map<K: Eq + std::hash::Hash>(m: &mut HashMap<K, VecDeque<Instant>>, now: Instant) {
+    m.retain(|_, q| {
+        while q.front().is_some_and(|t| now.duration_since(*t) > FAIL_WINDOW) {
+            q.pop_front();
+        }
+        !q.is_empty()
+    });
 }
 
 impl Failures {
     fn prune(&mut self, now: Instant) {
-        let old = |t: &Instant| now.duration_since(*t) > FAIL_WINDOW;
-        while self.all.front().is_some_and(old) {
-            self.all.pop_front();
-        }
-        self.by_key.retain(|_, q| {
-            while q.front().is_some_and(old) {
-                q.pop_front();
-            }
-            !q.is_empty()
-        });
+        prune_map(&mut self.by_key, now);
+        prune_map(&mut self.by_addr, now);
     }
-    fn allowed(&mut self, key: &str) -> bool {
+
+    /// May `key` (from `addr`) try now? Remembers the address for `record`.
+    fn allowed(&mut self, key: &str, addr: Option<IpAddr>) -> bool {
         self.prune(Instant::now());
-        self.all.len() < FAILS_TOTAL && self.by_key.get(key).is_none_or(|q| q.len() < FAILS_PER_KEY)
+        if let Some(a) = addr {
+            if self.addr_of.len() >= 4096 {
+                let by_key = &self.by_key;
+                self.addr_of.retain(|k, _| by_key.contains_key(k));
+            }
+            self.addr_of.insert(key.to_string(), a);
+        }
+        let under = |q: Option<&VecDeque<Instant>>, cap| q.is_none_or(|q| q.len() < cap);
+        under(self.by_key.get(key), FAILS_PER_KEY)
+            && addr.is_none_or(|a| under(self.by_addr.get(&a), FAILS_PER_ADDRESS))
     }
+
+    /// Is `key` within its budgets as of its last `allowed` (no address learnt here)?
+    fn within(&self, key: &str) -> bool {
+        let under = |q: Option<&VecDeque<Instant>>, cap| q.is_none_or(|q| q.len() < cap);
+        under(self.by_key.get(key), FAILS_PER_KEY)
+            && self
+                .addr_of
+                .get(key)
+                .is_none_or(|a| under(self.by_addr.get(a), FAILS_PER_ADDRESS))
+    }
+
     fn record(&mut self, key: &str) {
         let now = Instant::now();
-        self.all.push_back(now);
         self.by_key
             .entry(key.to_string())
             .or_default()
             .push_back(now);
+        if let Some(a) = self.addr_of.get(key) {
+            self.by_addr.entry(*a).or_default().push_back(now);
+        }
     }
 }
 
@@ -326,7 +370,7 @@ impl Pairing {
     }
 
     pub async fn create_invite(&self, req: InviteRequest) -> PairResult<Value> {
-        crate::db::validate_db_name(&req.db)?;
+        pairable_db(&req.db)?;
         let level = match req.level.as_deref() {
             None => Level::Write,
             Some(l) => Level::parse(l).ok_or_else(|| {
@@ -464,18 +508,7 @@ impl Pairing {
 
     /// The inviter's side: `key` (from the TLS session) shows a secret.
     pub async fn accept(&self, key: &str, msg: Accept) -> PairResult<Value> {
-        if !self
-            .failures
-            .lock()
-            .map(|mut f| f.allowed(key))
-            .unwrap_or(false)
-        {
-            return Err(PairError::new(
-                429,
-                "too_many_requests",
-                "too many failed pairing attempts; try again later",
-            ));
-        }
+        self.limited(key)?;
         let fail = |e: PairError| {
             if let Ok(mut f) = self.failures.lock() {
                 f.record(key);
@@ -530,8 +563,10 @@ impl Pairing {
         )
     }
 
-    /// Gives `key` exactly `level` on `db` (created if missing).
+    /// Gives `key` exactly `level` on `db` (created if missing). Every grant pairing makes
+    /// passes here, so no path can grant on a system database.
     async fn grant(&self, db: &str, key: &str, level: Level) -> PairResult<()> {
+        pairable_db(db)?;
         let d = match self.node.db(db) {
             Ok(d) => d,
             Err(DbError::NotFound(_)) => match self.node.create_db(db) {
@@ -579,10 +614,13 @@ impl Pairing {
             "the inviting node",
         )
         .await?;
-        let level = answer["level"]
-            .as_str()
-            .and_then(Level::parse)
-            .unwrap_or(inv.level);
+        check_accepted(&answer, &their_key, &inv.db)?;
+        // The invite this node holds names the level; the answer never raises (or lowers) it.
+        let level = inv.level;
+        if answer.get("level").and_then(Value::as_str) != Some(level.name()) {
+            tracing::warn!(peer = %their_key, answered = %answer["level"], invited = level.name(),
+                           "the inviter answered another level; granting the invite's");
+        }
         self.grant(&inv.db, &their_key, level).await?;
         let mut replications = Vec::new();
         if req.replicate.unwrap_or(true) {
@@ -609,12 +647,13 @@ impl Pairing {
         Ok(
             json!({"ok": true, "name": name, "key": their_key, "db": inv.db,
                   "level": level.name(), "replications": replications,
-                  "known_here_as": answer["name"]}),
+                  "known_here_as": answer["name"].as_str().and_then(|n| valid_name(n).ok())}),
         )
     }
 
     /// Continuous push and pull between local `db` and the peer's copy.
     async fn write_replications(&self, db: &str, url: &str, key: &str) -> PairResult<Vec<String>> {
+        pairable_db(db)?;
         let rdb = match self.node.db("_replicator") {
             Ok(d) => d,
             Err(DbError::NotFound(_)) => match self.node.create_db("_replicator") {
@@ -763,7 +802,8 @@ fn remote_for(
         None,
         db_url.clone(),
     )
-    .map_err(|e| PairError::bad(e.to_string()))?;
+    .map_err(|e| PairError::bad(e.to_string()))?
+    .with_answer_limit(MAX_MESSAGE);
     Ok((remote, db_url))
 }
 
@@ -792,8 +832,37 @@ async fn ask<B: Serialize + ?Sized>(
             format!("{who} refused: {}", r.describe()),
         ));
     }
-    r.json()
-        .map_err(|e| PairError::new(502, "bad_gateway", e.to_string()))
+    match r.json() {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(PairError::new(
+            502,
+            "bad_gateway",
+            format!("{who} answered something other than a JSON object"),
+        )),
+        Err(e) => Err(PairError::new(502, "bad_gateway", e.to_string())),
+    }
+}
+
+/// An inviter's answer to `/_thali/accept` is taken as acceptance only when it says so for
+/// this invite: `ok: true`, its own key, the invite's database.
+fn check_accepted(answer: &Value, their_key: &str, db: &str) -> PairResult<()> {
+    let bad = |what: &str| {
+        PairError::new(
+            502,
+            "bad_gateway",
+            format!("the inviting node's answer is not an acceptance: {what}"),
+        )
+    };
+    if answer.get("ok") != Some(&Value::Bool(true)) {
+        return Err(bad("no \"ok\": true"));
+    }
+    if answer.get("key").and_then(Value::as_str) != Some(their_key) {
+        return Err(bad("it names another key"));
+    }
+    if answer.get("db").and_then(Value::as_str) != Some(db) {
+        return Err(bad("it names another database"));
+    }
+    Ok(())
 }
 
 /// Records (or updates) a paired peer; a new peer whose name is taken gets `-2`, `-3`….

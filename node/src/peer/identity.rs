@@ -211,3 +211,13 @@ mod tests {
 /// Attached to requests that arrived over the peer listener: the client's key id.
 #[derive(Clone, Debug)]
 pub struct PeerKeyId(pub String);
+
+/// Attached beside `PeerKeyId` when no `_security` names the key: the router reads at most a
+/// pairing message's worth of such a request's body, and briefly.
+#[derive(Clone, Copy, Debug)]
+pub struct Stranger;
+
+/// Attached beside `PeerKeyId` when the peer came over TCP: its IP address (onion streams have
+/// none), for budgets kept per address.
+#[derive(Clone, Debug)]
+pub struct PeerAddr(pub std::net::IpAddr);

@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
+
+use super::identity::{PeerAddr, Stranger};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -26,24 +28,37 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections of one address that may be in their handshake at once; a further one from that
 /// address replaces the oldest.
 const PENDING_PER_ADDRESS: usize = 32;
+/// Stranger connections of one address at once; a further one replaces that address's oldest.
+const STRANGERS_PER_ADDRESS: usize = 16;
 
 /// Is this key named by some database's `_security`?
 pub type KnownKeys = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// Connections still in their TLS handshake, oldest first. When the cap (overall or for one
-/// address) is reached, the oldest is dropped to make room: a flood of connections that never
-/// finish TLS costs the flooder its own older connections, while a real peer's handshake, which
-/// takes milliseconds, completes.
+/// Connections that may be dropped to make room, oldest first: those still in their TLS
+/// handshake, and strangers' connections. When the cap (overall or for one address) is
+/// reached, the oldest is dropped: a flood of connections that never finish TLS, or of
+/// strangers that stall, costs the flooder its own older connections, while a real peer's
+/// handshake or pairing message, which takes milliseconds, completes.
 struct Pending {
     next: u64,
     order: VecDeque<(u64, String, oneshot::Sender<()>)>,
     cap: usize,
+    per_address: usize,
 }
 
 impl Pending {
+    fn new(cap: usize, per_address: usize) -> Pending {
+        Pending {
+            next: 0,
+            order: VecDeque::new(),
+            cap: cap.max(1),
+            per_address,
+        }
+    }
+
     fn admit(&mut self, addr: &str) -> (u64, oneshot::Receiver<()>) {
         let same = self.order.iter().filter(|(_, a, _)| a == addr).count();
-        let victim = if same >= PENDING_PER_ADDRESS {
+        let victim = if same >= self.per_address {
             self.order.iter().position(|(_, a, _)| a == addr)
         } else if self.order.len() >= self.cap {
             Some(0)
@@ -52,7 +67,7 @@ impl Pending {
         };
         if let Some(i) = victim {
             if let Some((_, a, cancel)) = self.order.remove(i) {
-                tracing::debug!(addr = %a, "dropping the oldest pending handshake to make room");
+                tracing::debug!(addr = %a, "dropping the oldest connection to make room");
                 let _ = cancel.send(());
             }
         }
@@ -79,7 +94,9 @@ pub struct PeerAcceptor {
     header_timeout: Duration,
     pending: Arc<Mutex<Pending>>,
     known_slots: Arc<Semaphore>,
-    stranger_slots: Arc<Semaphore>,
+    /// Strangers' connections: a new one replaces the oldest when full, so stalled strangers
+    /// never keep a real guest out.
+    strangers: Arc<Mutex<Pending>>,
     per_key: Arc<PerKey>,
     /// How long a write may wait for the peer to read (`--request-timeout`).
     stall: Duration,
@@ -107,13 +124,9 @@ impl PeerAcceptor {
             tls: TlsAcceptor::from(config),
             app,
             header_timeout: request_timeout.min(HEADER_TIMEOUT),
-            pending: Arc::new(Mutex::new(Pending {
-                next: 0,
-                order: VecDeque::new(),
-                cap: (max / 2).max(1),
-            })),
+            pending: Arc::new(Mutex::new(Pending::new(max / 2, PENDING_PER_ADDRESS))),
             known_slots: Arc::new(Semaphore::new(max - strangers)),
-            stranger_slots: Arc::new(Semaphore::new(strangers)),
+            strangers: Arc::new(Mutex::new(Pending::new(strangers, STRANGERS_PER_ADDRESS))),
             per_key: PerKey::new(per_known, peer_rate),
             stall: request_timeout,
             is_known,
@@ -154,13 +167,13 @@ impl PeerAcceptor {
                         return;
                     }
                 };
-                this.serve_tls(tls, &from).await;
+                this.serve_tls(tls, &from, &addr).await;
             }
             .instrument(span),
         );
     }
 
-    async fn serve_tls<S>(self, tls: tokio_rustls::server::TlsStream<S>, from: &str)
+    async fn serve_tls<S>(self, tls: tokio_rustls::server::TlsStream<S>, from: &str, addr: &str)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -175,20 +188,22 @@ impl PeerAcceptor {
         };
         let key = key_id(&key);
         let known = tokio::task::block_in_place(|| (self.is_known)(&key));
-        let slots = if known {
-            &self.known_slots
-        } else {
-            &self.stranger_slots
-        };
-        let Ok(_permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%from, %key, known, "peer connection refused: too many connections");
-            return;
-        };
         let Some(_key_slot) = self.per_key.connect(&key, known) else {
             tracing::debug!(%from, %key, known, "peer connection refused: too many for this key");
             return;
         };
+        let (_permit, evicted) = if known {
+            let Ok(p) = self.known_slots.clone().try_acquire_owned() else {
+                tracing::warn!(%from, %key, "peer connection refused: too many connections");
+                return;
+            };
+            (Some(p), None)
+        } else {
+            let (id, evicted) = lock(&self.strangers).admit(addr);
+            (None, Some(StrangerSlot(self.strangers.clone(), id, evicted)))
+        };
         let principal = PeerKeyId(key);
+        let ip = addr.parse::<std::net::IpAddr>().ok().map(PeerAddr);
         tracing::debug!(%from, key = %principal.0, known, "peer connected");
         let app = self.app;
         let per_key = self.per_key.clone();
@@ -200,6 +215,12 @@ impl PeerAcceptor {
                     crate::sys::metrics::get().request(req.method().as_str(), 429, 0.0);
                 }
                 req.extensions_mut().insert(principal.clone());
+                if !known {
+                    req.extensions_mut().insert(Stranger);
+                }
+                if let Some(ip) = &ip {
+                    req.extensions_mut().insert(ip.clone());
+                }
                 let app = app.clone();
                 async move {
                     if !allowed {
@@ -209,14 +230,32 @@ impl PeerAcceptor {
                 }
             });
         // A peer that stops sending headers (or idles between requests) is dropped.
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.header_timeout)
-            .serve_connection(TokioIo::new(Stall::new(tls, self.stall)), svc)
-            .await
-        {
+            .serve_connection(TokioIo::new(Stall::new(tls, self.stall)), svc);
+        let result = match evicted {
+            None => conn.await,
+            Some(mut slot) => tokio::select! {
+                r = conn => r,
+                _ = &mut slot.2 => {
+                    tracing::debug!(%from, "stranger connection dropped for a newer one");
+                    Ok(())
+                }
+            },
+        };
+        if let Err(e) = result {
             tracing::debug!(%from, error = %e, "peer connection ended with an error");
         }
+    }
+}
+
+/// A stranger's place in `PeerAcceptor::strangers`, given back when its connection ends.
+struct StrangerSlot(Arc<Mutex<Pending>>, u64, oneshot::Receiver<()>);
+
+impl Drop for StrangerSlot {
+    fn drop(&mut self) {
+        lock(&self.0).done(self.1);
     }
 }
 

@@ -13,4 +13,4 @@ pub mod tls;
 
 pub use dial::Dialer;
 pub use httpkey::{HttpKeyUrl, PeerKey};
-pub use identity::{key_id, parse_key_id, Identity, PeerKeyId};
+pub use identity::{key_id, parse_key_id, Identity, PeerAddr, PeerKeyId, Stranger};

@@ -76,6 +76,19 @@ pub trait PluginFn: Send + Sync {
 
 pub type Func = Arc<dyn PluginFn>;
 
+/// What a compilation is cached by: the database, the parsed code, and the whole design
+/// document but its revision (members a function can reach at run time, such as modules).
+fn cache_key(db: &str, src: &design::Source, doc: &serde_json::Map<String, Value>) -> String {
+    use md5::{Digest, Md5};
+    let mut whole = doc.clone();
+    whole.remove("_rev");
+    whole.remove("_revisions");
+    let material = serde_json::json!([db, src.hash(), Value::Object(whole)]);
+    hex::encode(Md5::digest(
+        crate::doc::canonical::to_string(&material).as_bytes(),
+    ))
+}
+
 /// Compiles design documents and caches them by code hash.
 pub struct Host {
     pub limits: Limits,
@@ -95,10 +108,16 @@ impl Host {
         }))
     }
 
-    /// Compiles a design document (`attachment` gives the bytes of an attachment by name), or
-    /// returns the cached compilation of identical code. `Ok(None)`: it holds no functions.
+    /// Compiles a design document of database `db` (`attachment` gives the bytes of an
+    /// attachment by name), or returns this database's cached compilation of the same document.
+    /// `Ok(None)`: it holds no functions.
+    ///
+    /// The cache key is the database and the whole design document (every member, so every
+    /// CommonJS module `require` can reach, and the WASM module's bytes): a runtime and its
+    /// globals belong to one database's design document and are never shared across databases.
     pub fn compile(
         &self,
+        db: &str,
         id: &str,
         doc: &serde_json::Map<String, Value>,
         attachment: &dyn Fn(&str) -> Option<Vec<u8>>,
@@ -110,7 +129,7 @@ impl Host {
         let Some(src) = design::Source::parse(id, doc, attachment)? else {
             return Ok(None);
         };
-        let key = src.hash();
+        let key = cache_key(db, &src, doc);
         if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(Some(hit));
         }

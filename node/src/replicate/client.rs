@@ -64,6 +64,8 @@ pub struct Remote {
     pool: Mutex<Vec<SendRequest<ReqBody>>>,
     retries: u32,
     display: String,
+    /// The most this client reads of one answer (`MAX_RESPONSE_BYTES` unless set lower).
+    answer_limit: usize,
 }
 
 pub struct Response {
@@ -233,7 +235,15 @@ impl Remote {
             pool: Mutex::new(Vec::new()),
             retries,
             display,
+            answer_limit: MAX_RESPONSE_BYTES,
         })
+    }
+
+    /// Reads at most `bytes` of any answer (pairing's messages are small: an answer larger
+    /// than that is refused before it is buffered whole).
+    pub fn with_answer_limit(mut self, bytes: usize) -> Remote {
+        self.answer_limit = bytes.min(MAX_RESPONSE_BYTES);
+        self
     }
 
     pub fn display(&self) -> &str {
@@ -332,14 +342,14 @@ impl Remote {
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status().as_u16();
             // A peer cannot make the replicator hold more than this for one answer.
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            let body = http_body_util::Limited::new(resp.into_body(), self.answer_limit)
                 .collect()
                 .await
                 .map_err(|e| {
                     if e.downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some()
                     {
-                        format!("{ANSWER_TOO_LARGE} ({} MiB)", MAX_RESPONSE_BYTES >> 20)
+                        format!("{ANSWER_TOO_LARGE} ({} KiB)", self.answer_limit >> 10)
                     } else {
                         format!("reading the answer: {e}")
                     }

@@ -260,8 +260,62 @@ impl Drop for BlobWriter {
         for i in 0..self.written {
             b.del(chunk_key(&self.blob, i));
         }
-        if let Err(e) = self.store.apply(b).map(|_ticket| ()) {
-            tracing::warn!(error = %e, "could not remove the chunks of an unfinished upload");
+        match self.store.apply(b) {
+            Ok(_ticket) => self.store.discarded(u64::from(self.written) * CHUNK as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove the chunks of an unfinished upload")
+            }
+        }
+    }
+}
+
+/// Bytes of uploads thrown away (cut, or refused with their document) since the database's
+/// space was last given back. Deleting chunks only writes tombstones: the engine frees their
+/// space when it next compacts them, which for a database that is not written to may be never.
+/// From `RECLAIM_AFTER` bytes on, a background compaction of the database gives it back, at
+/// most once per `RECLAIM_EVERY` (so cutting uploads on purpose cannot keep the disk busy).
+#[derive(Default)]
+pub(super) struct Reclaim {
+    pending: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+const RECLAIM_AFTER: u64 = 8 << 20;
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl DbStore {
+    /// Counts `bytes` of thrown-away chunks, and starts giving the space back once enough.
+    fn discarded(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let r = &self.inner.reclaim;
+        let pending = r.pending.fetch_add(bytes, SeqCst) + bytes;
+        if pending < RECLAIM_AFTER || r.running.swap(true, SeqCst) {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("thali-reclaim".into())
+            .spawn(move || {
+                let r = &store.inner.reclaim;
+                let last = *r.last.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(wait) = last.and_then(|t| RECLAIM_EVERY.checked_sub(t.elapsed())) {
+                    std::thread::sleep(wait);
+                }
+                let bytes = r.pending.swap(0, SeqCst);
+                let started = std::time::Instant::now();
+                match store.inner.ks.reclaim() {
+                    Ok(()) => tracing::info!(db = %store.inner.name, mib = bytes >> 20,
+                        ms = started.elapsed().as_millis() as u64,
+                        "gave back the space of thrown-away uploads"),
+                    Err(e) => tracing::warn!(db = %store.inner.name, error = %e,
+                        "could not give back the space of thrown-away uploads"),
+                }
+                *r.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+                r.running.store(false, SeqCst);
+            });
+        if spawned.is_err() {
+            r.running.store(false, SeqCst);
         }
     }
 }
@@ -287,8 +341,8 @@ impl WriteBatch {
 }
 
 impl Staged {
-    /// Removes the chunks again (the document was refused). Orphaned chunks would only cost
-    /// disk until the next compaction, so this is best effort.
+    /// Removes the chunks again (the document was refused) and counts their space to give
+    /// back. Best effort: orphaned chunks are dropped by the next `_compact` anyway.
     pub fn discard(&self) {
         let Blob::Chunked(m) = &self.blob else {
             return;
@@ -297,8 +351,9 @@ impl Staged {
         for i in 0..m.chunks() {
             b.del(chunk_key(&m.blob, i as u32));
         }
-        if let Err(e) = self.store.apply(b).map(|_ticket| ()) {
-            tracing::debug!(error = %e, "could not remove a refused upload's chunks");
+        match self.store.apply(b) {
+            Ok(_ticket) => self.store.discarded(m.len),
+            Err(e) => tracing::debug!(error = %e, "could not remove a refused upload's chunks"),
         }
     }
 

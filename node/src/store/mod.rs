@@ -318,6 +318,7 @@ impl Store {
                 entry,
                 ks,
                 retired: AtomicBool::new(false),
+                reclaim: blob::Reclaim::default(),
             }),
         })
     }
@@ -411,6 +412,8 @@ struct DbInner {
     /// Set when compaction replaced this generation: its keyspace goes once the last reader
     /// holding it is done.
     retired: AtomicBool,
+    /// Bytes of thrown-away uploads not yet given back (`blob.rs`).
+    reclaim: blob::Reclaim,
 }
 
 impl Drop for DbInner {

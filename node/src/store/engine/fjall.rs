@@ -150,6 +150,14 @@ impl KeyspaceOps for FjallKeyspace {
         self.ks.disk_space() + self.ks.tree.active_memtable().size()
     }
 
+    /// A major compaction: the deleted chunks' tombstones meet their values, and blob files
+    /// left without live values are removed (fjall's blob garbage collection runs in it).
+    fn reclaim(&self) -> Result<()> {
+        self.ks.rotate_memtable_and_wait()?;
+        self.ks.major_compact()?;
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -74,6 +74,11 @@ pub trait KeyspaceOps: Send + Sync + 'static {
     fn range(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, descending: bool) -> Iter;
     /// Bytes on disk for this keyspace (an estimate where the engine shares files).
     fn disk_size(&self) -> u64;
+    /// Gives back the disk space of deleted entries now, rather than whenever the engine
+    /// next compacts by itself (blocking; called after uploads were thrown away).
+    fn reclaim(&self) -> Result<()> {
+        Ok(())
+    }
     fn as_any(&self) -> &dyn Any;
 }
 
