@@ -45,7 +45,11 @@ pub struct ServeConfig {
     /// A host name the local API answers to besides loopback names and IP addresses
     /// (repeatable). Requests naming any other `Host` are refused, so a web page that rebinds
     /// its own name to 127.0.0.1 cannot reach the API.
-    #[arg(long = "allowed-host", env = "THALI_ALLOWED_HOST", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-host",
+        env = "THALI_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
     pub allowed_hosts: Vec<String>,
     /// Origins allowed by CORS (repeatable; `*` for any).
     #[arg(long = "cors-origin", env = "THALI_CORS_ORIGIN", value_delimiter = ',')]
@@ -217,11 +221,14 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
 
 /// The first line of an `--admin-password-file`.
 fn password_file(f: &Path) -> Result<String, ServeError> {
-    let text =
-        std::fs::read_to_string(f).map_err(|e| ServeError::PasswordFile(f.into(), e.to_string()))?;
+    let text = std::fs::read_to_string(f)
+        .map_err(|e| ServeError::PasswordFile(f.into(), e.to_string()))?;
     let pw = text.lines().next().unwrap_or("").trim().to_string();
     if pw.is_empty() {
-        return Err(ServeError::PasswordFile(f.into(), "the file is empty".into()));
+        return Err(ServeError::PasswordFile(
+            f.into(),
+            "the file is empty".into(),
+        ));
     }
     Ok(pw)
 }

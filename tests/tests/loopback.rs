@@ -64,7 +64,13 @@ fn failed_logins_lock_the_name_from_that_source() {
     let dir = TempDir::new("lockout");
     let n = Node::start(&dir.0);
     let get = |auth: String| {
-        request(n.addr, "GET", "/_all_dbs", &[("Authorization".into(), auth)], None)
+        request(
+            n.addr,
+            "GET",
+            "/_all_dbs",
+            &[("Authorization".into(), auth)],
+            None,
+        )
     };
     // Five wrong passwords are answered 401, then the name is locked: even the right one is
     // refused without being checked, for the lockout period.
@@ -118,7 +124,9 @@ fn snapshots_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> (usize, b
         match r.read_line(&mut line) {
             Ok(0) => return (n, true),
             Ok(_) => n += usize::from(line.starts_with("event: snapshot")),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return (n, true),
         }
     }
@@ -127,7 +135,8 @@ fn snapshots_until(r: &mut BufReader<TcpStream>, deadline: Instant) -> (usize, b
 
 fn open_events(n: &Node, cookie: &str) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(n.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     write!(
         s,
         "GET /_thali/events HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n",
@@ -159,7 +168,10 @@ fn logout_ends_the_session_and_its_event_stream() {
         .to_string();
     let mut events = open_events(&n, &cookie);
     let (seen, ended) = snapshots_until(&mut events, Instant::now() + Duration::from_millis(2500));
-    assert!(seen >= 1 && !ended, "the stream runs while logged in ({seen}, {ended})");
+    assert!(
+        seen >= 1 && !ended,
+        "the stream runs while logged in ({seen}, {ended})"
+    );
 
     let r = request(
         n.addr,
@@ -291,7 +303,10 @@ fn config_check_refuses_zero_and_absurd_limits() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for line in 1..=5 {
-        assert!(err.contains(&format!("line {line}:")), "line {line} not in {err}");
+        assert!(
+            err.contains(&format!("line {line}:")),
+            "line {line} not in {err}"
+        );
     }
     assert!(err.contains("outside"), "{err}");
     std::fs::write(&file, "max-request-size = 1048576\nplugin-cpu = 1000000\n").unwrap();
@@ -300,5 +315,9 @@ fn config_check_refuses_zero_and_absurd_limits() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -511,17 +511,20 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
             })
         }],
         // Any peer key may show an invite's secret; the local admin is told to use TLS (400).
-        ("PairAccept", "POST") => vec![Case {
-            judge: Judge::NotRefused,
-            ..case("pair accept", ANY_KEY, |w, _, t| {
-                let uri = w.invite(&format!("acc-{t}"))["uri"]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                let secret = uri.split("secret=").nth(1).unwrap()[..32].to_string();
-                Call::new("POST", "/_thali/accept".into()).json(json!({ "secret": secret }))
-            })
-        }, oversized("/_thali/accept")],
+        ("PairAccept", "POST") => vec![
+            Case {
+                judge: Judge::NotRefused,
+                ..case("pair accept", ANY_KEY, |w, _, t| {
+                    let uri = w.invite(&format!("acc-{t}"))["uri"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    let secret = uri.split("secret=").nth(1).unwrap()[..32].to_string();
+                    Call::new("POST", "/_thali/accept".into()).json(json!({ "secret": secret }))
+                })
+            },
+            oversized("/_thali/accept"),
+        ],
         ("Paired", _) if read => vec![case("paired", LOCAL, g("/_thali/paired"))],
         ("PairedPeer", "DELETE") => vec![Case {
             judge: Judge::NotRefused,
@@ -535,13 +538,16 @@ fn cases(kind: &str, method: &str) -> Vec<Case> {
                     .json(json!({"action": "cancel", "session": "x"}))
             })
         }],
-        ("PairStep", "POST") => vec![Case {
-            judge: Judge::NotRefused,
-            ..case("pairing step", ANY_KEY, |_, _, _| {
-                Call::new("POST", "/_thali/pair".into())
-                    .json(json!({"step": "cancel", "session": "x"}))
-            })
-        }, oversized("/_thali/pair")],
+        ("PairStep", "POST") => vec![
+            Case {
+                judge: Judge::NotRefused,
+                ..case("pairing step", ANY_KEY, |_, _, _| {
+                    Call::new("POST", "/_thali/pair".into())
+                        .json(json!({"step": "cancel", "session": "x"}))
+                })
+            },
+            oversized("/_thali/pair"),
+        ],
         // Discovery is off on this node (400 to the admin).
         ("Nearby", _) => vec![Case {
             judge: Judge::NotRefused,

@@ -19,14 +19,18 @@ type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn level_of(n: &PeerNode, db: &str, key: &str) -> Option<&'static str> {
     let sec = n.node.get(&format!("/{db}/_security")).json();
-    [("admins", "admin"), ("members", "write"), ("readers", "read")]
-        .into_iter()
-        .find(|(section, _)| {
-            sec[*section]["names"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|k| k == key))
-        })
-        .map(|(_, l)| l)
+    [
+        ("admins", "admin"),
+        ("members", "write"),
+        ("readers", "read"),
+    ]
+    .into_iter()
+    .find(|(section, _)| {
+        sec[*section]["names"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|k| k == key))
+    })
+    .map(|(_, l)| l)
 }
 
 /// A TCP connection to `127.0.0.1:port` from the loopback address `src`.
@@ -101,8 +105,14 @@ fn pairing_never_touches_system_databases() {
         assert!(r.json()["reason"].is_string());
     }
     // A joiner refuses an invite that names one, before dialing (the invite stays unused).
-    let inv = a.node.post("/_thali/invites", &json!({"db": "notes"})).json();
-    let uri = inv["uri"].as_str().unwrap().replace("db=notes", "db=_replicator");
+    let inv = a
+        .node
+        .post("/_thali/invites", &json!({"db": "notes"}))
+        .json();
+    let uri = inv["uri"]
+        .as_str()
+        .unwrap()
+        .replace("db=notes", "db=_replicator");
     let r = b.node.post("/_thali/join", &json!({ "invite": uri }));
     r.assert_error(400, "bad_request");
     assert!(r.text().contains("system database"), "{}", r.text());
@@ -246,7 +256,15 @@ fn the_joiner_grants_the_invites_level_whatever_the_inviter_answers() {
         let _ = b.node.put("/other", &json!({}));
         assert_eq!(level_of(&b, "other", &key), None, "{answer}");
     }
-    assert_eq!(b.node.get("/_thali/paired").json().as_array().unwrap().len(), 1);
+    assert_eq!(
+        b.node
+            .get("/_thali/paired")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 /// Four other loopback addresses: what a hundred throw-away keys would come from.
@@ -325,7 +343,11 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
                     continue;
                 };
                 for _ in 0..3 {
-                    let st = post(&mut s, "/_thali/accept", &json!({"secret": "00".repeat(16)}));
+                    let st = post(
+                        &mut s,
+                        "/_thali/accept",
+                        &json!({"secret": "00".repeat(16)}),
+                    );
                     refused += usize::from(st == 429);
                 }
                 post(
@@ -342,7 +364,10 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
     };
 
     // The host opens its window while the squatters come; a real invite is made too.
-    let inv = a.node.post("/_thali/invites", &json!({"db": "notes"})).json();
+    let inv = a
+        .node
+        .post("/_thali/invites", &json!({"db": "notes"}))
+        .json();
     let waiting = {
         let addr = a.node.addr;
         std::thread::spawn(move || {
@@ -366,10 +391,16 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
     };
     let refused = misbehaving.join().unwrap();
     println!("throw-away keys refused with 429: {refused} of 300 guesses");
-    assert!(refused > 0, "the per-address budget never refused a guesser");
+    assert!(
+        refused > 0,
+        "the per-address budget never refused a guesser"
+    );
 
     // A real join goes through.
-    let r = b.node.post("/_thali/join", &json!({"invite": inv["uri"], "replicate": false}));
+    let r = b.node.post(
+        "/_thali/join",
+        &json!({"invite": inv["uri"], "replicate": false}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(level_of(&a, "notes", &b.key_id()), Some("write"));
 

@@ -9,6 +9,20 @@ use std::time::{Duration, Instant};
 use thali_tests::servers::dir_bytes;
 use thali_tests::{admin_auth, Client, Node, TempDir};
 
+/// Bytes that do not compress (the store compresses each 256 KiB chunk on its own, so a
+/// repeated MiB of them does not compress either).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[test]
 fn cut_and_refused_uploads_give_their_space_back() {
     let dir = TempDir::new("upload-space");
@@ -28,14 +42,14 @@ fn cut_and_refused_uploads_give_their_space_back() {
         64u64 << 20
     )
     .unwrap();
-    let mb = vec![7u8; 1 << 20];
+    let mib = noise(7, 1 << 20);
     for _ in 0..48 {
-        s.write_all(&mb).unwrap();
+        s.write_all(&mib).unwrap();
     }
     drop(s);
 
     // Refused: 48 MiB that arrive whole for a revision that is not the document's.
-    let body = vec![9u8; 48 << 20];
+    let body = mib.repeat(48);
     let r = n.raw(
         "PUT",
         "/u/doc/late.bin?rev=1-00000000000000000000000000000000",
@@ -50,11 +64,16 @@ fn cut_and_refused_uploads_give_their_space_back() {
         before >> 20,
         peak >> 20
     );
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let waited = Instant::now();
+    let deadline = waited + Duration::from_secs(90);
     loop {
         let now = dir_bytes(&dir.0);
         if now < before + (16 << 20) {
-            println!("back to {} MiB", now >> 20);
+            println!(
+                "back to {} MiB after {:.1} s",
+                now >> 20,
+                waited.elapsed().as_secs_f64()
+            );
             break;
         }
         assert!(

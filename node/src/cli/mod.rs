@@ -472,7 +472,9 @@ pub fn pair(data: &Path, node: SocketAddr, cmd: PairCommand) -> CliResult {
             // and a declined one leaves the window open for the next.
             let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
             loop {
-                let left = until.saturating_duration_since(std::time::Instant::now()).as_secs();
+                let left = until
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs();
                 let v = post(
                     serde_json::json!({"action": "wait", "timeout": left.max(1), "as_name": as_name}),
                 )?;

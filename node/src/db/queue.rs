@@ -49,7 +49,9 @@ impl WriteQueue {
         let mut taken: Vec<Job> = Vec::new();
         let mut docs = 0;
         while let Some(job) = self.jobs.front() {
-            let alone = job.exclusive();
+            // A request cut short before (it used a slice) goes alone too: others in its hold
+            // would wait for its next slice.
+            let alone = job.exclusive() || !job.results.is_empty();
             if !taken.is_empty() && (alone || docs >= HOLD_DOCS) {
                 break;
             }
@@ -214,6 +216,19 @@ mod tests {
         assert_eq!(sizes(q.take()), [4]);
         assert_eq!(sizes(q.take()), [5]);
         assert!(q.take().is_empty());
+    }
+
+    #[test]
+    fn a_request_cut_before_is_not_joined_by_others() {
+        let mut q = queue(&[(1, false)]);
+        let mut cut = job(30, false);
+        cut.results
+            .push(Err((None, None, DbError::BadRequest("x".into()))));
+        q.jobs.push_back(cut);
+        q.jobs.push_back(job(2, false));
+        assert_eq!(sizes(q.take()), [1]);
+        assert_eq!(sizes(q.take()), [30]);
+        assert_eq!(sizes(q.take()), [2]);
     }
 
     #[test]

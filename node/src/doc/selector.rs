@@ -325,7 +325,7 @@ impl Selector {
 /// Deepest nesting of a selector's JSON, and most values in it (operators, fields, operands
 /// together): a selector is a query, not a data set, and planning and matching cost grows with it.
 pub const MAX_DEPTH: usize = 64;
-pub const MAX_NODES: usize = 20_000;
+pub const MAX_NODES: usize = 50_000;
 
 fn within_limits(v: &Value) -> Result<(), SelectorError> {
     let too = |reason: String| SelectorError {

@@ -54,7 +54,10 @@ pub fn page(r: &Req) -> ApiResult<Response> {
     if let Ok(v) = HeaderValue::from_str(csp()) {
         h.insert("content-security-policy", v);
     }
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     Ok(resp)
 }
@@ -74,24 +77,24 @@ pub fn events(state: &AppState, r: &Req) -> ApiResult<Response> {
     let stream = futures_util::stream::unfold((state, true), move |(state, first)| {
         let cookie = cookie.clone();
         async move {
-        if !first {
-            if once {
-                return None;
+            if !first {
+                if once {
+                    return None;
+                }
+                let mut shutdown = state.shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(EVERY) => {}
+                    _ = shutdown.wait_for(|v| *v) => return None,
+                }
             }
-            let mut shutdown = state.shutdown.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(EVERY) => {}
-                _ = shutdown.wait_for(|v| *v) => return None,
+            if let Some(c) = &cookie {
+                if !super::auth::session_valid(&state, c) {
+                    return None;
+                }
             }
-        }
-        if let Some(c) = &cookie {
-            if !super::auth::session_valid(&state, c) {
-                return None;
-            }
-        }
-        let snap = snapshot(&state).await;
-        let ev = Event::default().event("snapshot").data(snap.to_string());
-        Some((Ok::<Event, std::convert::Infallible>(ev), (state, false)))
+            let snap = snapshot(&state).await;
+            let ev = Event::default().event("snapshot").data(snap.to_string());
+            Some((Ok::<Event, std::convert::Infallible>(ev), (state, false)))
         }
     });
     Ok(Sse::new(stream)

@@ -65,7 +65,10 @@ impl Lockout {
         if m.len() >= MAX_ENTRIES && !m.contains_key(&key) {
             m.retain(|_, e| e.first.elapsed() < PERIOD);
             if m.len() >= MAX_ENTRIES {
-                if let Some(oldest) = m.iter().min_by_key(|(_, e)| e.first).map(|(k, _)| k.clone())
+                if let Some(oldest) = m
+                    .iter()
+                    .min_by_key(|(_, e)| e.first)
+                    .map(|(k, _)| k.clone())
                 {
                     m.remove(&oldest);
                 }

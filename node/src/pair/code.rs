@@ -181,11 +181,7 @@ impl Pairing {
     }
 
     pub(super) fn limited(&self, key: &str) -> PairResult<()> {
-        let ok = self
-            .failures
-            .lock()
-            .map(|f| f.within(key))
-            .unwrap_or(false);
+        let ok = self.failures.lock().map(|f| f.within(key)).unwrap_or(false);
         if ok {
             Ok(())
         } else {
@@ -494,9 +490,12 @@ impl Pairing {
         tracing::info!(seconds = secs, "waiting for a device to pair");
         let shown = self
             .wait_for(until, |c| {
-                let s = c.host.as_ref()?.sessions.iter().find(|s| {
-                    matches!(s.exchange, Exchange::Shown(_)) && s.local.is_none()
-                })?;
+                let s = c
+                    .host
+                    .as_ref()?
+                    .sessions
+                    .iter()
+                    .find(|s| matches!(s.exchange, Exchange::Shown(_)) && s.local.is_none())?;
                 match s.exchange {
                     Exchange::Shown(code) => Some(json!({
                         "session": s.id, "key": s.peer, "name": s.name, "db": s.db,
@@ -602,8 +601,10 @@ impl Pairing {
         let (session, code) = match role {
             Role::Smaller => {
                 let (sm, c) = Smaller::start(&mine, &theirs, nonce());
-                let r = send(json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name,
-                                    "commitment": hex::encode(c)}))
+                let r = send(
+                    json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name,
+                                    "commitment": hex::encode(c)}),
+                )
                 .await?;
                 let session = r["session"].as_str().unwrap_or_default().to_string();
                 let rn_large: Nonce = hex_array(r["nonce"].as_str(), "the host's nonce")?;
@@ -613,7 +614,10 @@ impl Pairing {
                 (session, code)
             }
             Role::Larger => {
-                let r = send(json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name})).await?;
+                let r = send(
+                    json!({"step": "start", "db": db, "level": level.name(), "name": a.as_name}),
+                )
+                .await?;
                 let session = r["session"].as_str().unwrap_or_default().to_string();
                 let c: Commitment = hex_array(r["commitment"].as_str(), "the host's commitment")?;
                 let (l, rn) = Larger::on_commitment(&mine, &theirs, c, nonce());

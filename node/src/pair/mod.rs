@@ -153,7 +153,10 @@ struct Failures {
 
 fn prune_map<K: Eq + std::hash::Hash>(m: &mut HashMap<K, VecDeque<Instant>>, now: Instant) {
     m.retain(|_, q| {
-        while q.front().is_some_and(|t| now.duration_since(*t) > FAIL_WINDOW) {
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FAIL_WINDOW)
+        {
             q.pop_front();
         }
         !q.is_empty()

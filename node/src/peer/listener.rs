@@ -200,7 +200,10 @@ impl PeerAcceptor {
             (Some(p), None)
         } else {
             let (id, evicted) = lock(&self.strangers).admit(addr);
-            (None, Some(StrangerSlot(self.strangers.clone(), id, evicted)))
+            (
+                None,
+                Some(StrangerSlot(self.strangers.clone(), id, evicted)),
+            )
         };
         let principal = PeerKeyId(key);
         let ip = addr.parse::<std::net::IpAddr>().ok().map(PeerAddr);
