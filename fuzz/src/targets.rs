@@ -318,13 +318,37 @@ fn put(data: &[u8]) {
 fn pair(data: &[u8]) {
     let h = harness();
     let n = h.next_input();
-    let path = if n.is_multiple_of(3) {
+    let path = if n.is_multiple_of(4) {
         "/_thali/accept"
     } else {
         "/_thali/pair"
     };
-    let a = h.post_as_stranger(n, path, data.to_vec());
+    // Every other message to `/_thali/pair` is a well-formed `start` whose values come from
+    // the input, so the session paths are reached as often as the parsers' refusals.
+    let body = if path == "/_thali/pair" && n.is_multiple_of(2) {
+        start_from(data)
+    } else {
+        data.to_vec()
+    };
+    let a = h.post_as_stranger(n, path, body);
     h.check(path, &a);
+}
+
+fn start_from(data: &[u8]) -> Vec<u8> {
+    let db: String = data
+        .iter()
+        .take(24)
+        .map(|b| char::from(b'a' + b % 26))
+        .collect();
+    let level = ["read", "write", "admin", "owner"][data.len() % 4];
+    let commitment: String = (0..32)
+        .map(|i| format!("{:02x}", data.get(i % data.len().max(1)).copied().unwrap_or(0)))
+        .collect();
+    json!({"step": "start", "db": if db.is_empty() { "d".into() } else { db },
+           "level": level, "name": String::from_utf8_lossy(&data[..data.len().min(80)]),
+           "commitment": commitment})
+    .to_string()
+    .into_bytes()
 }
 
 fn pair_seeds() -> Vec<Vec<u8>> {
@@ -332,6 +356,10 @@ fn pair_seeds() -> Vec<Vec<u8>> {
         r#"{"secret":"00112233445566778899aabbccddeeff","name":"desk","urls":["httpkey://127.0.0.1:1/ed25519:aaaa/"]}"#,
         r#"{"step":"start","db":"shared","level":"write","name":"laptop","commitment":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
         r#"{"step":"start","db":"shared","level":"read"}"#,
+        r#"{"step":"start","db":"notes","commitment":"1111111111111111111111111111111111111111111111111111111111111111"}"#,
+        r#"{"step":"start","db":"a-b_c$d","level":"admin","commitment":"abababababababababababababababababababababababababababababababab"}"#,
+        r#"{"step":"start","db":"photos","level":"read","name":"x","commitment":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#,
+        r#"{"commitment":"fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210","step":"start","db":"p"}"#,
         r#"{"step":"start","db":"_replicator","level":"admin"}"#,
         r#"{"step":"reveal","session":"0011223344556677","nonce":"00112233445566778899aabbccddeeff"}"#,
         r#"{"step":"cancel","session":"0011223344556677"}"#,
