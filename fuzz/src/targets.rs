@@ -342,7 +342,12 @@ fn start_from(data: &[u8]) -> Vec<u8> {
         .collect();
     let level = ["read", "write", "admin", "owner"][data.len() % 4];
     let commitment: String = (0..32)
-        .map(|i| format!("{:02x}", data.get(i % data.len().max(1)).copied().unwrap_or(0)))
+        .map(|i| {
+            format!(
+                "{:02x}",
+                data.get(i % data.len().max(1)).copied().unwrap_or(0)
+            )
+        })
         .collect();
     json!({"step": "start", "db": if db.is_empty() { "d".into() } else { db },
            "level": level, "name": String::from_utf8_lossy(&data[..data.len().min(80)]),

@@ -56,28 +56,28 @@ pub struct ServeConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 256 * 1024 * 1024, env = "THALI_MAX_REQUEST_SIZE",
-          value_parser = crate::config::limit::<usize>(1024, 1 << 40))]
+          value_parser = crate::sys::limit::within::<usize>(1024, 1 << 40))]
     pub max_request_size: usize,
     /// Largest attachment in bytes (413 beyond). Standalone attachment uploads stream to disk,
     /// so this bounds disk use, not memory; inline (base64) ones also obey --max-request-size.
     #[arg(long, default_value_t = 4 << 30, env = "THALI_MAX_ATTACHMENT_SIZE",
-          value_parser = crate::config::limit::<u64>(1, 1 << 50))]
+          value_parser = crate::sys::limit::within::<u64>(1, 1 << 50))]
     pub max_attachment_size: u64,
     /// Largest JSON document in bytes (413 beyond).
     #[arg(
         long = "max-document-size",
         default_value_t = 8_000_000,
         env = "THALI_MAX_DOCUMENT_SIZE",
-        value_parser = crate::config::limit::<usize>(64, 1 << 32)
+        value_parser = crate::sys::limit::within::<usize>(64, 1 << 32)
     )]
     pub max_doc_size: usize,
     /// Seconds a client may take to send request headers or a request body (408 beyond).
     #[arg(long, default_value_t = 300, env = "THALI_REQUEST_TIMEOUT",
-          value_parser = crate::config::limit::<u64>(1, 86_400))]
+          value_parser = crate::sys::limit::within::<u64>(1, 86_400))]
     pub request_timeout: u64,
     /// Most concurrent connections on the peer listener; more are closed at once.
     #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS",
-          value_parser = crate::config::limit::<usize>(4, 1 << 20))]
+          value_parser = crate::sys::limit::within::<usize>(4, 1 << 20))]
     pub max_peer_connections: usize,
     /// Requests per second one peer key may send (twice that in a burst); past it, 429.
     /// 0: unlimited.
@@ -96,15 +96,15 @@ pub struct ServeConfig {
     /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions / JavaScript
     /// operations.
     #[arg(long, default_value_t = 50_000_000, env = "THALI_PLUGIN_CPU",
-          value_parser = crate::config::limit::<u64>(1_000, 1 << 50))]
+          value_parser = crate::sys::limit::within::<u64>(1_000, 1 << 50))]
     pub plugin_cpu: u64,
     /// Memory of one plugin instance (WASM store or Lua state), in bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "THALI_PLUGIN_MEMORY",
-          value_parser = crate::config::limit::<usize>(1 << 20, 1 << 40))]
+          value_parser = crate::sys::limit::within::<usize>(1 << 20, 1 << 40))]
     pub plugin_memory: usize,
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(long, default_value_t = 500, env = "THALI_PLUGIN_TIMEOUT_MS",
-          value_parser = crate::config::limit::<u64>(1, 3_600_000))]
+          value_parser = crate::sys::limit::within::<u64>(1, 3_600_000))]
     pub plugin_timeout_ms: u64,
     /// Storage engine of a new data directory (`fjall` or `sled`); an existing one keeps the
     /// engine it records (`thali migrate` converts it).
@@ -119,7 +119,7 @@ pub struct ServeConfig {
     pub min_free_space: u64,
     /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
     #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN",
-          value_parser = crate::config::limit::<usize>(1, 1 << 20))]
+          value_parser = crate::sys::limit::within::<usize>(1, 1 << 20))]
     pub max_dbs_open: usize,
     /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
     /// every save.

@@ -532,3 +532,20 @@ impl PeerNode {
         assert_eq!(self.node.put(&format!("/{db}/_security"), &sec).status, 200);
     }
 }
+
+/// `POST /_thali/pairing` as the admin of the node at `addr` (waits as long as pairing may).
+pub fn pairing_at(addr: SocketAddr, body: &Value) -> Resp {
+    let b = serde_json::to_vec(body).unwrap();
+    try_request_within(
+        addr,
+        "POST",
+        "/_thali/pairing",
+        &[
+            ("Authorization".into(), admin_auth()),
+            ("Content-Type".into(), "application/json".into()),
+        ],
+        Some(&b),
+        Duration::from_secs(240),
+    )
+    .unwrap()
+}

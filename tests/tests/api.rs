@@ -1029,7 +1029,7 @@ fn slow_request_bodies_time_out() {
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     let head = format!(
-        "PUT /db/slow HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
+        "PUT /db/slow HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
         thali_tests::admin_auth()
     );
     s.write_all(head.as_bytes()).unwrap();

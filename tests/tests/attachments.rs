@@ -283,7 +283,7 @@ fn multipart_documents_stream_in_and_out_and_bad_ones_store_nothing() {
     let body = related("bnd", &bad, &[("big.bin", &big), ("small.txt", &small)]);
     let mut s = std::net::TcpStream::connect(n.addr).unwrap();
     let head = format!(
-        "PUT /db/bad?new_edits=false HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+        "PUT /db/bad?new_edits=false HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\
          Content-Type: multipart/related; boundary=\"bnd\"\r\nContent-Length: {}\r\n\r\n",
         thali_tests::admin_auth(),
         body.len()

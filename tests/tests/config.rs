@@ -1,5 +1,5 @@
 //! `DIR/thali.toml`: settings by flag name, layered file < environment < command line, and
-//! `thali config check` reporting problems by line.
+//! `thali config check` reporting problems by line, zero and absurd limits among them.
 
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
@@ -36,6 +36,15 @@ fn serve(dir: &TempDir, port: u16, env: &[(&str, &str)], args: &[&str]) -> Runni
         std::thread::sleep(Duration::from_millis(50));
     }
     Running(child, addr)
+}
+
+/// `thali config check --file FILE`.
+fn config_check(file: &std::path::Path) -> std::process::Output {
+    Command::new(thali_bin())
+        .args(["config", "check", "--file"])
+        .arg(file)
+        .output()
+        .unwrap()
 }
 
 /// Status of a PUT of a document of about `size` bytes.
@@ -171,11 +180,7 @@ fn check_reports_problems_by_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"bogus\""));
     // Syntax errors too.
     std::fs::write(&file, "peer = [\n").unwrap();
-    let out = Command::new(thali_bin())
-        .args(["config", "check", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = config_check(&file);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line "));
     std::fs::write(
@@ -183,11 +188,35 @@ fn check_reports_problems_by_line() {
         "max-dbs-open = 20\ncors-origin = [\"http://a\", \"http://b\"]\n",
     )
     .unwrap();
-    let out = Command::new(thali_bin())
-        .args(["config", "check", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = config_check(&file);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok, 2 settings"));
+}
+
+#[test]
+fn config_check_refuses_zero_and_absurd_limits() {
+    let dir = TempDir::new("limits");
+    let file = dir.0.join("thali.toml");
+    std::fs::write(
+        &file,
+        "max-request-size = 0\nplugin-cpu = 0\nplugin-timeout-ms = 0\nmax-dbs-open = 0\nrequest-timeout = 99999999\n",
+    )
+    .unwrap();
+    let out = config_check(&file);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in 1..=5 {
+        assert!(
+            err.contains(&format!("line {line}:")),
+            "line {line} not in {err}"
+        );
+    }
+    assert!(err.contains("outside"), "{err}");
+    std::fs::write(&file, "max-request-size = 1048576\nplugin-cpu = 1000000\n").unwrap();
+    let out = config_check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use std::process::Command;
 use thali_node::peer::Identity;
 use thali_tests::mesh::wait_until;
-use thali_tests::{thali_bin, Client, PeerNode, PASSWORD};
+use thali_tests::{pairing_at, thali_bin, Client, PeerNode, PASSWORD};
 
 fn invite(n: &PeerNode, body: Value) -> Value {
     let r = n.node.post("/_thali/invites", &body);
@@ -286,25 +286,8 @@ fn the_cli_invites_joins_lists_and_removes() {
     assert_eq!(level_of(&a, "photos", &b.key_id()), None);
 }
 
-/// `POST /_thali/pairing` as the admin of the node at `addr` (waits as long as pairing may).
-fn pairing_at(addr: std::net::SocketAddr, body: Value) -> thali_tests::Resp {
-    let b = serde_json::to_vec(&body).unwrap();
-    thali_tests::try_request_within(
-        addr,
-        "POST",
-        "/_thali/pairing",
-        &[
-            ("Authorization".into(), thali_tests::admin_auth()),
-            ("Content-Type".into(), "application/json".into()),
-        ],
-        Some(&b),
-        std::time::Duration::from_secs(240),
-    )
-    .unwrap()
-}
-
 fn pairing(n: &PeerNode, body: Value) -> thali_tests::Resp {
-    pairing_at(n.node.addr, body)
+    pairing_at(n.node.addr, &body)
 }
 
 /// The node's own URL without a database.
@@ -315,7 +298,7 @@ fn base_url(n: &PeerNode) -> String {
 /// `host` waits in a thread; the answer arrives once a guest's code is there.
 fn wait_in_thread(host: &PeerNode, timeout: u64) -> std::thread::JoinHandle<thali_tests::Resp> {
     let addr = host.node.addr;
-    std::thread::spawn(move || pairing_at(addr, json!({"action": "wait", "timeout": timeout})))
+    std::thread::spawn(move || pairing_at(addr, &json!({"action": "wait", "timeout": timeout})))
 }
 
 /// Until `host` is waiting (its window is open): a throwaway key starts a session there and
@@ -367,7 +350,7 @@ fn pairing_by_code_needs_both_users_and_the_right_keys() {
     let decided = std::thread::spawn(move || {
         pairing_at(
             baddr,
-            json!({"action": "decide", "session": bs, "confirm": true}),
+            &json!({"action": "decide", "session": bs, "confirm": true}),
         )
     });
     let confirmed = pairing(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use thali_node::peer::Identity;
 use thali_tests::mesh::wait_until;
 use thali_tests::servers::rss_bytes;
-use thali_tests::{read_response, Client, PeerNode};
+use thali_tests::{pairing_at, read_response, Client, PeerNode};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -373,7 +373,7 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
         std::thread::spawn(move || {
             // The host's user says no to any device that is not the one in front of them.
             loop {
-                let r = pairing_at(addr, json!({"action": "wait", "timeout": 120}));
+                let r = pairing_at(addr, &json!({"action": "wait", "timeout": 120}));
                 if r.status != 200 {
                     return r;
                 }
@@ -381,7 +381,7 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
                 let yes = v["name"] == "laptop";
                 let d = pairing_at(
                     addr,
-                    json!({"action": "decide", "session": v["session"], "confirm": yes}),
+                    &json!({"action": "decide", "session": v["session"], "confirm": yes}),
                 );
                 if yes {
                     return d;
@@ -407,13 +407,13 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
     // So does a real code pairing.
     let started = pairing_at(
         c.node.addr,
-        json!({"action": "start", "with": format!("httpkey://127.0.0.1:{}/{}/", a.port, a.key_id()),
+        &json!({"action": "start", "with": format!("httpkey://127.0.0.1:{}/{}/", a.port, a.key_id()),
                "db": "shared", "as_name": "laptop"}),
     );
     assert_eq!(started.status, 200, "{}", started.text());
     let confirmed = pairing_at(
         c.node.addr,
-        json!({"action": "confirm", "session": started.json()["session"], "replicate": false}),
+        &json!({"action": "confirm", "session": started.json()["session"], "replicate": false}),
     );
     assert_eq!(confirmed.status, 200, "{}", confirmed.text());
     let decided = waiting.join().unwrap();
@@ -440,20 +440,4 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
         idle >> 20,
         peak >> 20
     );
-}
-
-fn pairing_at(addr: SocketAddr, body: Value) -> thali_tests::Resp {
-    let b = serde_json::to_vec(&body).unwrap();
-    thali_tests::try_request_within(
-        addr,
-        "POST",
-        "/_thali/pairing",
-        &[
-            ("Authorization".into(), thali_tests::admin_auth()),
-            ("Content-Type".into(), "application/json".into()),
-        ],
-        Some(&b),
-        Duration::from_secs(240),
-    )
-    .unwrap()
 }

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod files;
+pub mod limit;
 pub mod logs;
 pub mod metrics;
 pub mod shutdown;
