@@ -181,7 +181,7 @@ impl Req {
         ))
     }
 
-    /// The largest request body read whole.
+    /// The client's IP address, when it came over TCP.
     pub fn source(&self) -> Option<std::net::IpAddr> {
         self.source
     }
@@ -192,6 +192,7 @@ impl Req {
         self.body_timeout = self.body_timeout.min(timeout);
     }
 
+    /// The largest request body read whole.
     pub fn max_body(&self) -> usize {
         self.max_body
     }

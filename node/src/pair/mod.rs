@@ -63,6 +63,8 @@ pub type PairResult<T> = Result<T, PairError>;
 /// shared by everyone: throw-away keys from elsewhere can never spend a real guest's.
 const FAILS_PER_KEY: usize = 5;
 const FAILS_PER_ADDRESS: usize = 30;
+/// Keys whose failures are remembered at once.
+const MAX_TRACKED_KEYS: usize = 65_536;
 const FAIL_WINDOW: Duration = Duration::from_secs(600);
 /// Invites expire after an hour unless the admin says otherwise, and after 30 days at most.
 const DEFAULT_EXPIRY: u64 = 3600;
@@ -196,6 +198,12 @@ impl Failures {
 
     fn record(&mut self, key: &str) {
         let now = Instant::now();
+        // Keys are free to make (over Tor, with no address to budget), so the map is bounded:
+        // past the cap it starts over, which costs a flooder's victims nothing but a reset.
+        if self.by_key.len() >= MAX_TRACKED_KEYS && !self.by_key.contains_key(key) {
+            self.by_key.clear();
+            self.addr_of.clear();
+        }
         self.by_key
             .entry(key.to_string())
             .or_default()
@@ -916,4 +924,32 @@ fn add_peer(
 
 fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn budgets_are_per_key_and_per_address_never_global() {
+        let mut f = Failures::default();
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let b: IpAddr = [127, 0, 0, 1].into();
+        // A key's own budget.
+        for _ in 0..FAILS_PER_KEY {
+            assert!(f.allowed("k", Some(a)));
+            f.record("k");
+        }
+        assert!(!f.allowed("k", Some(a)));
+        // Throw-away keys from one address spend that address's budget only.
+        for i in 0..FAILS_PER_ADDRESS {
+            let k = format!("throwaway{i}");
+            if f.allowed(&k, Some(a)) {
+                f.record(&k);
+            }
+        }
+        assert!(!f.allowed("fresh", Some(a)));
+        assert!(f.allowed("guest", Some(b)));
+        assert!(f.allowed("guest", None));
+    }
 }

@@ -13,13 +13,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
-
-use super::identity::{PeerAddr, Stranger};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::guard::{PerKey, Stall};
-use super::identity::PeerKeyId;
+use super::identity::{PeerAddr, PeerKeyId, Stranger};
 
 /// Time to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
