@@ -219,6 +219,32 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
     Ok((pw, true))
 }
 
+/// What `run` refuses to start with: `--lan` without a peer listener to announce, and an
+/// `--http` address off loopback unless `--insecure-http-on-network` says so.
+fn check_listeners(cfg: &ServeConfig) -> Result<(), ServeError> {
+    if cfg.lan && cfg.peer.is_empty() {
+        return Err(ServeError::Lan);
+    }
+    match cfg
+        .http
+        .iter()
+        .find(|a| !a.ip().is_loopback() && !cfg.insecure_http_on_network)
+    {
+        Some(a) => Err(ServeError::NotLoopback(*a)),
+        None => Ok(()),
+    }
+}
+
+/// The admin password the operator gave: `--admin-password` (or its environment variable),
+/// else the first line of `--admin-password-file`.
+fn given_password(cfg: &ServeConfig) -> Result<Option<String>, ServeError> {
+    Ok(match (&cfg.admin_password, &cfg.admin_password_file) {
+        (Some(p), _) if !p.is_empty() => Some(p.clone()),
+        (_, Some(f)) => Some(password_file(f)?),
+        _ => None,
+    })
+}
+
 /// The first line of an `--admin-password-file`.
 fn password_file(f: &Path) -> Result<String, ServeError> {
     let text = std::fs::read_to_string(f)
@@ -244,23 +270,9 @@ async fn bind(addr: &SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)
 }
 
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
-    if cfg.lan && cfg.peer.is_empty() {
-        return Err(ServeError::Lan);
-    }
-    if let Some(a) = cfg
-        .http
-        .iter()
-        .find(|a| !a.ip().is_loopback() && !cfg.insecure_http_on_network)
-    {
-        return Err(ServeError::NotLoopback(*a));
-    }
+    check_listeners(&cfg)?;
     std::fs::create_dir_all(&cfg.data).map_err(|e| ServeError::DataDir(cfg.data.clone(), e))?;
-    let given = match (&cfg.admin_password, &cfg.admin_password_file) {
-        (Some(p), _) if !p.is_empty() => Some(p.clone()),
-        (_, Some(f)) => Some(password_file(f)?),
-        _ => None,
-    };
-    let (password, generated) = admin_password(&cfg.data, given)?;
+    let (password, generated) = admin_password(&cfg.data, given_password(&cfg)?)?;
     if generated {
         println!(
             "Generated the admin password (user `admin`), saved in {}: {password}",

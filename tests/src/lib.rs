@@ -61,6 +61,19 @@ pub fn thali_bin() -> PathBuf {
     .clone()
 }
 
+/// Waits (30 s at most) until a node answers `GET /_up` at `addr`.
+#[track_caller]
+pub fn wait_up(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if try_request(addr, "GET", "/_up", &[], None).is_ok_and(|r| r.status == 200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("thali did not come up on {addr}");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -162,16 +175,7 @@ impl Node {
     }
 
     fn wait_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(r) = try_request(self.addr, "GET", "/_up", &[], None) {
-                if r.status == 200 {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("thali did not come up on {}", self.addr);
+        wait_up(self.addr);
     }
 
     /// Same data dir and address, new process.

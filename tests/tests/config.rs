@@ -3,7 +3,6 @@
 
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use thali_tests::{admin_auth, free_port, request, thali_bin, TempDir};
 
 struct Running(Child, std::net::SocketAddr);
@@ -27,15 +26,9 @@ fn serve(dir: &TempDir, port: u16, env: &[(&str, &str)], args: &[&str]) -> Runni
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !thali_tests::try_request(addr, "GET", "/_up", &[], None).is_ok_and(|r| r.status == 200) {
-        assert!(
-            Instant::now() < deadline,
-            "the node did not come up on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Running(child, addr)
+    let running = Running(child, addr);
+    thali_tests::wait_up(addr);
+    running
 }
 
 /// `thali config check --file FILE`.

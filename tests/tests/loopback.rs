@@ -253,11 +253,7 @@ fn the_admin_password_can_come_from_a_file() {
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !thali_tests::try_request(addr, "GET", "/_up", &[], None).is_ok_and(|r| r.status == 200) {
-        assert!(Instant::now() < deadline, "the node did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    thali_tests::wait_up(addr);
     let r = request(
         addr,
         "GET",

@@ -112,6 +112,111 @@ fn put_text(node: &Node, path: &str, body: &str) {
     assert_eq!(r.status, 201, "{path}: {}", r.text());
 }
 
+/// A number that went through JavaScript (a view, PouchDB) keeps its value: every double does,
+/// and so does every integer JavaScript can hold (below 2^53); JavaScript prints -0 as 0.
+#[track_caller]
+fn assert_same_value(what: &str, sent: &str, got: f64) {
+    let want: f64 = sent.parse().unwrap();
+    let is_double = sent.contains(['.', 'e']);
+    if is_double || want.abs() < 9007199254740992.0 {
+        assert!(
+            want.to_bits() == got.to_bits() || (want == 0.0 && got == 0.0),
+            "{what}: {sent} came back as {got}"
+        );
+    }
+}
+
+fn bulk_docs_and_all_docs(node: &Node, nums: &[String]) {
+    let chunks: Vec<&[String]> = nums.chunks(500).collect();
+    let docs: Vec<String> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| doc_text(&format!("b{i:02}"), c))
+        .collect();
+    let body = format!("{{\"docs\":[{}]}}", docs.join(","));
+    let r = node.raw(
+        "POST",
+        "/n/_bulk_docs",
+        &[("Content-Type", "application/json")],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let all = get_text(
+        node,
+        "/n/_all_docs?include_docs=true&startkey=%22b%22&endkey=%22c%22",
+    );
+    let mut rest = all.as_str();
+    for (i, c) in chunks.iter().enumerate() {
+        let at = rest
+            .find(&format!("\"_id\":\"b{i:02}\""))
+            .unwrap_or_else(|| panic!("b{i:02} in _all_docs"));
+        rest = &rest[at..];
+        assert_same(
+            &format!("_bulk_docs/_all_docs b{i:02}"),
+            c,
+            array_text(rest),
+        );
+    }
+}
+
+/// A JavaScript view keeps every value (CouchDB's views do the same).
+fn through_a_view(node: &Node, nums: &[String]) {
+    node.put(
+        "/n/_design/v",
+        &json!({"views": {"each": {"map": "function (doc) { if (doc._id === 'doc') doc.v.forEach(function (x, i) { emit(i, x); }); }"}}}),
+    );
+    let rows = node.get("/n/_design/v/_view/each").json();
+    let rows = rows["rows"].as_array().expect("view rows");
+    assert_eq!(rows.len(), nums.len());
+    for (sent, row) in nums.iter().zip(rows) {
+        assert_same_value("view", sent, row["value"].as_f64().unwrap());
+    }
+}
+
+fn to_another_node_and_back(node: &Node, nums: &[String]) {
+    let dir_b = TempDir::new("numbers-b");
+    let b = Node::start(&dir_b.0);
+    replicate(
+        node,
+        json!({"source": "n", "target": format!("{}/n", b.url()), "create_target": true}),
+    );
+    assert_same(
+        "on the other node",
+        nums,
+        array_text(&get_text(&b, "/n/doc")),
+    );
+    replicate(
+        &b,
+        json!({"source": "n", "target": format!("{}/back", node.url()), "create_target": true}),
+    );
+    assert_same(
+        "back from the other node",
+        nums,
+        array_text(&get_text(node, "/back/doc")),
+    );
+}
+
+/// To pouchdb-server (PouchDB's own JSON) and back: JavaScript spells `1e21` as `1e+21`, so
+/// values are compared, not text.
+fn to_pouchdb_server_and_back(node: &Node, nums: &[String]) {
+    let pouch = start_pouchdb_server(&workspace_root());
+    replicate(
+        node,
+        json!({"source": "n", "target": format!("{}/n", pouch.base), "create_target": true, "doc_ids": ["doc"]}),
+    );
+    replicate(
+        node,
+        json!({"source": format!("{}/n", pouch.base), "target": "frompouch", "create_target": true}),
+    );
+    wait_until("the document back from pouchdb-server", || {
+        node.get("/frompouch/doc").status == 200
+    });
+    let back = get_text(node, "/frompouch/doc");
+    for (sent, got) in nums.iter().zip(array_text(&back).split(',')) {
+        assert_same_value("via pouchdb-server", sent, got.parse().unwrap());
+    }
+}
+
 #[test]
 fn numbers_survive_every_path_byte_for_byte() {
     let seed = std::env::var("THALI_NUMBERS_SEED")
@@ -128,116 +233,12 @@ fn numbers_survive_every_path_byte_for_byte() {
     let dir = TempDir::new("numbers");
     let node = Node::start(&dir.0);
     node.put("/n", &json!({}));
-
-    // PUT and GET.
     put_text(&node, "/n/doc", &doc_text("doc", &nums));
     assert_same("PUT/GET", &nums, array_text(&get_text(&node, "/n/doc")));
-
-    // _bulk_docs, then _all_docs with the documents.
-    let chunks: Vec<&[String]> = nums.chunks(500).collect();
-    let docs: Vec<String> = chunks
-        .iter()
-        .enumerate()
-        .map(|(i, c)| doc_text(&format!("b{i:02}"), c))
-        .collect();
-    let body = format!("{{\"docs\":[{}]}}", docs.join(","));
-    let r = node.raw(
-        "POST",
-        "/n/_bulk_docs",
-        &[("Content-Type", "application/json")],
-        Some(body.as_bytes()),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let all = get_text(
-        &node,
-        "/n/_all_docs?include_docs=true&startkey=%22b%22&endkey=%22c%22",
-    );
-    let mut rest = all.as_str();
-    for (i, c) in chunks.iter().enumerate() {
-        let at = rest
-            .find(&format!("\"_id\":\"b{i:02}\""))
-            .unwrap_or_else(|| panic!("b{i:02} in _all_docs"));
-        rest = &rest[at..];
-        assert_same(
-            &format!("_bulk_docs/_all_docs b{i:02}"),
-            c,
-            array_text(rest),
-        );
-    }
-
-    // A JavaScript view keeps every value (JavaScript prints some in another spelling, and
-    // has no integers past 2^53: CouchDB's views are the same).
-    node.put(
-        "/n/_design/v",
-        &json!({"views": {"each": {"map": "function (doc) { if (doc._id === 'doc') doc.v.forEach(function (x, i) { emit(i, x); }); }"}}}),
-    );
-    let rows = node.get("/n/_design/v/_view/each").json();
-    let rows = rows["rows"].as_array().expect("view rows");
-    assert_eq!(rows.len(), nums.len());
-    for (sent, row) in nums.iter().zip(rows) {
-        let want: f64 = sent.parse().unwrap();
-        let got = row["value"].as_f64().unwrap();
-        let exact_in_js = want.abs() < 9007199254740992.0 || sent.contains(['.', 'e']);
-        if exact_in_js {
-            // JavaScript prints -0 as 0.
-            assert!(
-                want.to_bits() == got.to_bits() || (want == 0.0 && got == 0.0),
-                "view value {sent} came back as {}",
-                row["value"]
-            );
-        }
-    }
-
-    // To another thali node and back.
-    let dir_b = TempDir::new("numbers-b");
-    let b = Node::start(&dir_b.0);
-    replicate(
-        &node,
-        json!({"source": "n", "target": format!("{}/n", b.url()), "create_target": true}),
-    );
-    assert_same(
-        "on the other node",
-        &nums,
-        array_text(&get_text(&b, "/n/doc")),
-    );
-    replicate(
-        &b,
-        json!({"source": "n", "target": format!("{}/back", node.url()), "create_target": true}),
-    );
-    assert_same(
-        "back from the other node",
-        &nums,
-        array_text(&get_text(&node, "/back/doc")),
-    );
-
-    // To pouchdb-server (PouchDB's own JSON) and back.
-    let pouch = start_pouchdb_server(&workspace_root());
-    replicate(
-        &node,
-        json!({"source": "n", "target": format!("{}/n", pouch.base), "create_target": true, "doc_ids": ["doc"]}),
-    );
-    replicate(
-        &node,
-        json!({"source": format!("{}/n", pouch.base), "target": "frompouch", "create_target": true}),
-    );
-    wait_until("the document back from pouchdb-server", || {
-        node.get("/frompouch/doc").status == 200
-    });
-    let back = get_text(&node, "/frompouch/doc");
-    let got: Vec<&str> = array_text(&back).split(',').collect();
-    for (sent, got) in nums.iter().zip(&got) {
-        // JavaScript spells `1e21` as `1e+21` and has no integers past 2^53; the value of
-        // every double survives, and JavaScript's shortest form is ours once reparsed.
-        let want: f64 = sent.parse().unwrap();
-        let is_double = sent.contains(['.', 'e']);
-        if is_double || want.abs() < 9007199254740992.0 {
-            let g: f64 = got.parse().unwrap();
-            assert!(
-                want.to_bits() == g.to_bits() || (want == 0.0 && g == 0.0),
-                "via pouchdb-server: {sent} -> {got}"
-            );
-        }
-    }
+    bulk_docs_and_all_docs(&node, &nums);
+    through_a_view(&node, &nums);
+    to_another_node_and_back(&node, &nums);
+    to_pouchdb_server_and_back(&node, &nums);
 }
 
 #[test]

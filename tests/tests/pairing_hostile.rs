@@ -272,6 +272,103 @@ fn attacker_addr(i: usize) -> IpAddr {
     IpAddr::from([127, 0, 0, 2 + (i % 4) as u8])
 }
 
+/// 64 strangers, each streaming a 200 MB body to a pairing route (chunked, so nothing says how
+/// large until it arrives) until `stop`: the bytes each got out.
+fn stream_bodies(node: Listener, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<usize>> {
+    (0..64)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let Ok(mut s) = stranger(node, attacker_addr(i)) else {
+                    return 0usize;
+                };
+                let path = if i % 2 == 0 { "/_thali/accept" } else { "/_thali/pair" };
+                let head = format!(
+                    "POST {path} HTTP/1.1\r\nHost: thali\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                );
+                if s.write_all(head.as_bytes()).is_err() {
+                    return 0;
+                }
+                let chunk = format!("10000\r\n{}\r\n", "x".repeat(1 << 16));
+                let mut sent = 0usize;
+                while sent < 200 << 20 && !stop.load(Ordering::Relaxed) {
+                    if s.write_all(chunk.as_bytes()).is_err() {
+                        break;
+                    }
+                    sent += 1 << 16;
+                }
+                sent
+            })
+        })
+        .collect()
+}
+
+/// 64 strangers that announce a 200 MB body and stall after a few bytes.
+fn stall_bodies(node: Listener) -> Vec<Tls> {
+    (0..64)
+        .filter_map(|i| {
+            let mut s = stranger(node, attacker_addr(i)).ok()?;
+            let head = "POST /_thali/accept HTTP/1.1\r\nHost: thali\r\nContent-Type: application/json\r\nContent-Length: 209715200\r\n\r\n{\"secret\":";
+            let _ = s.write_all(head.as_bytes());
+            Some(s)
+        })
+        .collect()
+}
+
+/// A hundred throw-away keys guess invite secrets and squat on the code window: how many
+/// guesses were refused with 429.
+fn misbehave(node: Listener, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let mut refused = 0;
+        for i in 0..100 {
+            let Ok(mut s) = stranger(node, attacker_addr(i)) else {
+                continue;
+            };
+            for _ in 0..3 {
+                let st = post(
+                    &mut s,
+                    "/_thali/accept",
+                    &json!({"secret": "00".repeat(16)}),
+                );
+                refused += usize::from(st == 429);
+            }
+            post(
+                &mut s,
+                "/_thali/pair",
+                &json!({"step": "start", "db": "squat", "commitment": "00".repeat(32), "name": "not you"}),
+            );
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        refused
+    })
+}
+
+/// The host waits for a guest, and its user says yes only to the device named `name` (the
+/// one in front of them), no to every other: the answer to that decision.
+fn host_accepting(
+    addr: SocketAddr,
+    name: &'static str,
+) -> std::thread::JoinHandle<thali_tests::Resp> {
+    std::thread::spawn(move || loop {
+        let r = pairing_at(addr, &json!({"action": "wait", "timeout": 120}));
+        if r.status != 200 {
+            return r;
+        }
+        let v = r.json();
+        let yes = v["name"] == name;
+        let d = pairing_at(
+            addr,
+            &json!({"action": "decide", "session": v["session"], "confirm": yes}),
+        );
+        if yes {
+            return d;
+        }
+    })
+}
+
 #[test]
 fn strangers_stay_bounded_and_cannot_deny_pairing() {
     let a = PeerNode::start("deny-a");
@@ -284,44 +381,11 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_bytes(pid);
 
-    // 64 strangers each stream a 200 MB body to a pairing route (chunked, so nothing says
-    // how large until it arrives), and 64 more announce 200 MB and stall.
+    // 64 strangers stream 200 MB bodies, 64 more announce 200 MB and stall.
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicUsize::new(0));
-    let mut pushers = Vec::new();
-    for i in 0..64 {
-        let node = listener(&a);
-        let stop = stop.clone();
-        pushers.push(std::thread::spawn(move || {
-            let Ok(mut s) = stranger(node, attacker_addr(i)) else {
-                return 0usize;
-            };
-            let path = if i % 2 == 0 { "/_thali/accept" } else { "/_thali/pair" };
-            let head = format!(
-                "POST {path} HTTP/1.1\r\nHost: thali\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-            );
-            if s.write_all(head.as_bytes()).is_err() {
-                return 0;
-            }
-            let chunk = format!("10000\r\n{}\r\n", "x".repeat(1 << 16));
-            let mut sent = 0usize;
-            while sent < 200 << 20 && !stop.load(Ordering::Relaxed) {
-                if s.write_all(chunk.as_bytes()).is_err() {
-                    break;
-                }
-                sent += 1 << 16;
-            }
-            sent
-        }));
-    }
-    let mut stalled = Vec::new();
-    for i in 0..64 {
-        if let Ok(mut s) = stranger(listener(&a), attacker_addr(i)) {
-            let head = "POST /_thali/accept HTTP/1.1\r\nHost: thali\r\nContent-Type: application/json\r\nContent-Length: 209715200\r\n\r\n{\"secret\":";
-            let _ = s.write_all(head.as_bytes());
-            stalled.push(s);
-        }
-    }
+    let pushers = stream_bodies(listener(&a), &stop);
+    let stalled = stall_bodies(listener(&a));
     let sampler = {
         let (stop, peak) = (stop.clone(), peak.clone());
         std::thread::spawn(move || {
@@ -333,62 +397,14 @@ fn strangers_stay_bounded_and_cannot_deny_pairing() {
     };
 
     // Meanwhile a hundred throw-away keys guess invite secrets and squat on code windows.
-    let misbehaving = {
-        let stop = stop.clone();
-        let node = listener(&a);
-        std::thread::spawn(move || {
-            let mut refused = 0;
-            for i in 0..100 {
-                let Ok(mut s) = stranger(node, attacker_addr(i)) else {
-                    continue;
-                };
-                for _ in 0..3 {
-                    let st = post(
-                        &mut s,
-                        "/_thali/accept",
-                        &json!({"secret": "00".repeat(16)}),
-                    );
-                    refused += usize::from(st == 429);
-                }
-                post(
-                    &mut s,
-                    "/_thali/pair",
-                    &json!({"step": "start", "db": "squat", "commitment": "00".repeat(32), "name": "not you"}),
-                );
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            refused
-        })
-    };
+    let misbehaving = misbehave(listener(&a), &stop);
 
     // The host opens its window while the squatters come; a real invite is made too.
     let inv = a
         .node
         .post("/_thali/invites", &json!({"db": "notes"}))
         .json();
-    let waiting = {
-        let addr = a.node.addr;
-        std::thread::spawn(move || {
-            // The host's user says no to any device that is not the one in front of them.
-            loop {
-                let r = pairing_at(addr, &json!({"action": "wait", "timeout": 120}));
-                if r.status != 200 {
-                    return r;
-                }
-                let v = r.json();
-                let yes = v["name"] == "laptop";
-                let d = pairing_at(
-                    addr,
-                    &json!({"action": "decide", "session": v["session"], "confirm": yes}),
-                );
-                if yes {
-                    return d;
-                }
-            }
-        })
-    };
+    let waiting = host_accepting(a.node.addr, "laptop");
     let refused = misbehaving.join().unwrap();
     println!("throw-away keys refused with 429: {refused} of 300 guesses");
     assert!(

@@ -461,6 +461,40 @@ pub enum PairCommand {
     },
 }
 
+/// The host's side of `thali pair --wait`. Several devices may ask; the user says yes only to
+/// the one showing the same code, and a declined one leaves the window open for the next.
+fn wait_for_guest(
+    timeout: u64,
+    as_name: Option<String>,
+    post: &dyn Fn(Value) -> Result<Value, Box<dyn std::error::Error>>,
+) -> CliResult {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    loop {
+        let left = until
+            .saturating_duration_since(std::time::Instant::now())
+            .as_secs();
+        let v = post(
+            serde_json::json!({"action": "wait", "timeout": left.max(1), "as_name": as_name}),
+        )?;
+        let session = v["session"].clone();
+        println!(
+            "{} ({}) asks to pair: {} access to {}.\nCode: {}",
+            v["name"].as_str().unwrap_or("no name given"),
+            v["key"].as_str().unwrap_or("?"),
+            v["level"].as_str().unwrap_or("?"),
+            v["db"].as_str().unwrap_or("?"),
+            show_code(v["code"].as_str().unwrap_or("?"))
+        );
+        let yes = ask("Does the other device show the same code?");
+        let v = post(serde_json::json!({"action": "decide", "session": session, "confirm": yes}))?;
+        if v["paired"] == true {
+            println!("paired with {}", v["key"].as_str().unwrap_or("?"));
+            return Ok(());
+        }
+        println!("not paired with that device; still waiting for another");
+    }
+}
+
 /// `thali pair`: both users see a 6-digit code and confirm it on their own device.
 pub fn pair(data: &Path, node: SocketAddr, cmd: PairCommand) -> CliResult {
     let password = admin_password(data)?;
@@ -468,35 +502,7 @@ pub fn pair(data: &Path, node: SocketAddr, cmd: PairCommand) -> CliResult {
     match cmd {
         PairCommand::Wait { timeout, as_name } => {
             println!("waiting up to {timeout} s for a device to pair (thali pair --with on the other one)…");
-            // Several devices may ask; the user says yes only to the one showing the same code,
-            // and a declined one leaves the window open for the next.
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
-            loop {
-                let left = until
-                    .saturating_duration_since(std::time::Instant::now())
-                    .as_secs();
-                let v = post(
-                    serde_json::json!({"action": "wait", "timeout": left.max(1), "as_name": as_name}),
-                )?;
-                let session = v["session"].clone();
-                println!(
-                    "{} ({}) asks to pair: {} access to {}.\nCode: {}",
-                    v["name"].as_str().unwrap_or("no name given"),
-                    v["key"].as_str().unwrap_or("?"),
-                    v["level"].as_str().unwrap_or("?"),
-                    v["db"].as_str().unwrap_or("?"),
-                    show_code(v["code"].as_str().unwrap_or("?"))
-                );
-                let yes = ask("Does the other device show the same code?");
-                let v = post(
-                    serde_json::json!({"action": "decide", "session": session, "confirm": yes}),
-                )?;
-                if v["paired"] == true {
-                    println!("paired with {}", v["key"].as_str().unwrap_or("?"));
-                    break;
-                }
-                println!("not paired with that device; still waiting for another");
-            }
+            wait_for_guest(timeout, as_name, &post)?;
         }
         PairCommand::With {
             with,

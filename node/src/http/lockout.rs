@@ -7,6 +7,7 @@
 use super::error::ApiError;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 pub const THRESHOLD: u32 = 5;
 /// CouchDB's `lockout_period`.
 pub const PERIOD: Duration = Duration::from_secs(300);
-/// Entries kept; past it, expired ones go first, then the oldest.
+/// Entries kept; past it, expired ones go first, then all.
 const MAX_ENTRIES: usize = 10_000;
 
 struct Entry {
@@ -22,9 +23,15 @@ struct Entry {
     failures: u32,
 }
 
+/// Failures by source address, then name (looked up by `&str`, no allocation per request).
+type Table = HashMap<IpAddr, HashMap<String, Entry>>;
+
 #[derive(Default)]
 pub struct Lockout {
-    entries: Mutex<HashMap<(IpAddr, String), Entry>>,
+    entries: Mutex<Table>,
+    /// Entries held: every request with a password passes `check`, which skips the lock
+    /// while nobody has failed.
+    held: AtomicUsize,
 }
 
 fn unknown_source() -> IpAddr {
@@ -32,22 +39,21 @@ fn unknown_source() -> IpAddr {
 }
 
 impl Lockout {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, String), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Refuses, before any password is checked, a name locked from this address.
     pub fn check(&self, source: Option<IpAddr>, name: &str) -> Result<(), ApiError> {
-        let key = (source.unwrap_or_else(unknown_source), name.to_string());
-        let mut m = self.lock();
-        let locked = match m.get(&key) {
-            Some(e) if e.first.elapsed() >= PERIOD => {
-                m.remove(&key);
-                false
-            }
-            Some(e) => e.failures >= THRESHOLD,
-            None => false,
-        };
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        let ip = source.unwrap_or_else(unknown_source);
+        let locked = self
+            .lock()
+            .get(&ip)
+            .and_then(|names| names.get(name))
+            .is_some_and(|e| e.first.elapsed() < PERIOD && e.failures >= THRESHOLD);
         if locked {
             return Err(ApiError::new(
                 403,
@@ -60,24 +66,32 @@ impl Lockout {
 
     /// Counts a wrong password for `name` from `source`.
     pub fn failed(&self, source: Option<IpAddr>, name: &str) {
-        let key = (source.unwrap_or_else(unknown_source), name.to_string());
+        let ip = source.unwrap_or_else(unknown_source);
         let mut m = self.lock();
-        if m.len() >= MAX_ENTRIES && !m.contains_key(&key) {
-            m.retain(|_, e| e.first.elapsed() < PERIOD);
-            if m.len() >= MAX_ENTRIES {
-                if let Some(oldest) = m
-                    .iter()
-                    .min_by_key(|(_, e)| e.first)
-                    .map(|(k, _)| k.clone())
-                {
-                    m.remove(&oldest);
-                }
+        let mut held = self.held.load(Ordering::Relaxed);
+        if held >= MAX_ENTRIES {
+            // Expired entries go first; if that is not enough, everything (a flood of names).
+            m.retain(|_, names| {
+                names.retain(|_, e| e.first.elapsed() < PERIOD);
+                !names.is_empty()
+            });
+            held = m.values().map(HashMap::len).sum();
+            if held >= MAX_ENTRIES {
+                m.clear();
+                held = 0;
             }
         }
-        let e = m.entry(key).or_insert_with(|| Entry {
-            first: Instant::now(),
-            failures: 0,
-        });
+        let names = m.entry(ip).or_default();
+        let e = match names.get_mut(name) {
+            Some(e) => e,
+            None => {
+                held += 1;
+                names.entry(name.to_string()).or_insert(Entry {
+                    first: Instant::now(),
+                    failures: 0,
+                })
+            }
+        };
         if e.first.elapsed() >= PERIOD {
             *e = Entry {
                 first: Instant::now(),
@@ -88,6 +102,7 @@ impl Lockout {
         if e.failures == THRESHOLD {
             tracing::warn!(source = ?source, %name, "login locked after repeated failures");
         }
+        self.held.store(held, Ordering::Relaxed);
     }
 }
 

@@ -294,6 +294,49 @@ fn split_path(path: &str) -> ApiResult<Vec<String>> {
     Ok(segs)
 }
 
+/// The client's IP address: the peer listener's `PeerAddr`, or the loopback connection's.
+fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<crate::peer::PeerAddr>().map(|a| a.0).or_else(|| {
+        ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip())
+    })
+}
+
+/// Who is asking, after the loopback `Host` check (DNS rebinding) and the login lockout.
+fn who(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    source: Option<std::net::IpAddr>,
+) -> ApiResult<Principal> {
+    let from_peer = parts.extensions.get::<crate::peer::PeerKeyId>().is_some();
+    if !from_peer && !auth::host_allowed(&parts.headers, &state.config) {
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            "this Host is not one the node answers to: use a loopback name or address, or list the name with --allowed-host",
+        ));
+    }
+    let principal = auth::principal(&parts.headers, &parts.extensions, state, source)?;
+    if let Principal::Peer(key) = &principal {
+        crate::sys::metrics::get().peer_seen(key);
+    }
+    Ok(principal)
+}
+
+/// The request's body limits. A stranger's body is read only in pairing-message sizes and
+/// briefly, whatever the route: strangers together never make the node hold more than their
+/// slots times this.
+fn body_limits(state: &AppState, ext: &axum::http::Extensions) -> (usize, std::time::Duration) {
+    if ext.get::<crate::peer::Stranger>().is_some() {
+        (
+            crate::pair::MAX_MESSAGE,
+            state.config.body_timeout.min(MESSAGE_BODY_TIMEOUT),
+        )
+    } else {
+        (state.config.max_request_size, state.config.body_timeout)
+    }
+}
+
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
@@ -305,32 +348,11 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             return StatusCode::NO_CONTENT.into_response();
         }
         let (parts, body) = req.into_parts();
-        let source = parts
-            .extensions
-            .get::<crate::peer::PeerAddr>()
-            .map(|a| a.0)
-            .or_else(|| {
-                parts
-                    .extensions
-                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                    .map(|c| c.0.ip())
-            });
-        let from_peer = parts.extensions.get::<crate::peer::PeerKeyId>().is_some();
-        if !from_peer && !auth::host_allowed(&parts.headers, &state.config) {
-            return ApiError::new(
-                403,
-                "forbidden",
-                "this Host is not one the node answers to: use a loopback name or address, or list the name with --allowed-host",
-            )
-            .into_response();
-        }
-        let principal = match auth::principal(&parts.headers, &parts.extensions, &state, source) {
+        let source = source_ip(&parts.extensions);
+        let principal = match who(&state, &parts, source) {
             Ok(p) => p,
             Err(e) => return e.into_response(),
         };
-        if let Principal::Peer(key) = &principal {
-            crate::sys::metrics::get().peer_seen(key);
-        }
         let refresh = matches!(principal, Principal::Admin)
             && !parts.headers.contains_key(header::AUTHORIZATION)
             && auth::session_cookie(&parts.headers)
@@ -343,17 +365,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             Ok(s) => s,
             Err(e) => return e.into_response(),
         };
-        // A stranger's body is read only in pairing-message sizes and briefly, whatever the
-        // route: strangers together never make the node hold more than their slots times this.
-        let stranger = parts.extensions.get::<crate::peer::Stranger>().is_some();
-        let (max_body, body_timeout) = if stranger {
-            (
-                crate::pair::MAX_MESSAGE,
-                state.config.body_timeout.min(MESSAGE_BODY_TIMEOUT),
-            )
-        } else {
-            (state.config.max_request_size, state.config.body_timeout)
-        };
+        let (max_body, body_timeout) = body_limits(&state, &parts.extensions);
         let r = Req {
             method: parts.method,
             source,

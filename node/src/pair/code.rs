@@ -148,14 +148,6 @@ fn hex_array<const N: usize>(s: Option<&str>, what: &str) -> PairResult<[u8; N]>
         .ok_or_else(|| PairError::bad(format!("{what} must be {N} bytes in hex")))
 }
 
-fn too_many() -> PairError {
-    PairError::new(
-        429,
-        "too_many_requests",
-        "too many failed pairing attempts from this key or address; try again later",
-    )
-}
-
 fn not_found() -> PairError {
     PairError::new(404, "not_found", "no such pairing session")
 }
@@ -166,7 +158,7 @@ impl Pairing {
     }
 
     /// A peer's pairing message may be read: its key and address are within their failure
-    /// budgets (checked before the body is read).
+    /// budgets (checked before the body is read; the address is remembered for `failed`).
     pub fn admit(&self, key: &str, addr: Option<std::net::IpAddr>) -> PairResult<()> {
         let ok = self
             .failures
@@ -176,17 +168,17 @@ impl Pairing {
         if ok {
             Ok(())
         } else {
-            Err(too_many())
+            Err(PairError::new(
+                429,
+                "too_many_requests",
+                "too many failed pairing attempts from this key or address; try again later",
+            ))
         }
     }
 
+    /// `admit` again inside a step, with the address the message came from already known.
     pub(super) fn limited(&self, key: &str) -> PairResult<()> {
-        let ok = self.failures.lock().map(|f| f.within(key)).unwrap_or(false);
-        if ok {
-            Ok(())
-        } else {
-            Err(too_many())
-        }
+        self.admit(key, None)
     }
 
     fn failed(&self, key: &str, e: PairError) -> PairError {

@@ -181,12 +181,10 @@ impl Failures {
             }
             self.addr_of.insert(key.to_string(), a);
         }
-        let under = |q: Option<&VecDeque<Instant>>, cap| q.is_none_or(|q| q.len() < cap);
-        under(self.by_key.get(key), FAILS_PER_KEY)
-            && addr.is_none_or(|a| under(self.by_addr.get(&a), FAILS_PER_ADDRESS))
+        self.within(key)
     }
 
-    /// Is `key` within its budgets as of its last `allowed` (no address learnt here)?
+    /// Is `key` within its own budget and that of the address it last came from?
     fn within(&self, key: &str) -> bool {
         let under = |q: Option<&VecDeque<Instant>>, cap| q.is_none_or(|q| q.len() < cap);
         under(self.by_key.get(key), FAILS_PER_KEY)
