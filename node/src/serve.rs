@@ -1,12 +1,12 @@
 //! `thali serve`: opens the data directory, sets up the admin password and runs the HTTP
 //! listeners until SIGINT/SIGTERM.
 
-use crate::db::{Limits, Node};
-use crate::http::{router, AppState, HttpConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use thali_db::{Limits, Node};
+use thali_http::{router, AppState, HttpConfig};
 
 /// Options of `thali serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,28 +56,28 @@ pub struct ServeConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 256 * 1024 * 1024, env = "THALI_MAX_REQUEST_SIZE",
-          value_parser = crate::sys::limit::within::<usize>(1024, 1 << 40))]
+          value_parser = thali_sys::limit::within::<usize>(1024, 1 << 40))]
     pub max_request_size: usize,
     /// Largest attachment in bytes (413 beyond). Standalone attachment uploads stream to disk,
     /// so this bounds disk use, not memory; inline (base64) ones also obey --max-request-size.
     #[arg(long, default_value_t = 4 << 30, env = "THALI_MAX_ATTACHMENT_SIZE",
-          value_parser = crate::sys::limit::within::<u64>(1, 1 << 50))]
+          value_parser = thali_sys::limit::within::<u64>(1, 1 << 50))]
     pub max_attachment_size: u64,
     /// Largest JSON document in bytes (413 beyond).
     #[arg(
         long = "max-document-size",
         default_value_t = 8_000_000,
         env = "THALI_MAX_DOCUMENT_SIZE",
-        value_parser = crate::sys::limit::within::<usize>(64, 1 << 32)
+        value_parser = thali_sys::limit::within::<usize>(64, 1 << 32)
     )]
     pub max_doc_size: usize,
     /// Seconds a client may take to send request headers or a request body (408 beyond).
     #[arg(long, default_value_t = 300, env = "THALI_REQUEST_TIMEOUT",
-          value_parser = crate::sys::limit::within::<u64>(1, 86_400))]
+          value_parser = thali_sys::limit::within::<u64>(1, 86_400))]
     pub request_timeout: u64,
     /// Most concurrent connections on the peer listener; more are closed at once.
     #[arg(long, default_value_t = 512, env = "THALI_MAX_PEER_CONNECTIONS",
-          value_parser = crate::sys::limit::within::<usize>(4, 1 << 20))]
+          value_parser = thali_sys::limit::within::<usize>(4, 1 << 20))]
     pub max_peer_connections: usize,
     /// Requests per second one peer key may send (twice that in a burst); past it, 429.
     /// 0: unlimited.
@@ -96,30 +96,30 @@ pub struct ServeConfig {
     /// CPU budget of one plugin call: WASM fuel units / Lua VM instructions / JavaScript
     /// operations.
     #[arg(long, default_value_t = 50_000_000, env = "THALI_PLUGIN_CPU",
-          value_parser = crate::sys::limit::within::<u64>(1_000, 1 << 50))]
+          value_parser = thali_sys::limit::within::<u64>(1_000, 1 << 50))]
     pub plugin_cpu: u64,
     /// Memory of one plugin instance (WASM store or Lua state), in bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "THALI_PLUGIN_MEMORY",
-          value_parser = crate::sys::limit::within::<usize>(1 << 20, 1 << 40))]
+          value_parser = thali_sys::limit::within::<usize>(1 << 20, 1 << 40))]
     pub plugin_memory: usize,
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(long, default_value_t = 500, env = "THALI_PLUGIN_TIMEOUT_MS",
-          value_parser = crate::sys::limit::within::<u64>(1, 3_600_000))]
+          value_parser = thali_sys::limit::within::<u64>(1, 3_600_000))]
     pub plugin_timeout_ms: u64,
     /// Storage engine of a new data directory (`fjall` or `sled`); an existing one keeps the
     /// engine it records (`thali migrate` converts it).
     #[arg(long, env = "THALI_STORAGE")]
-    pub storage: Option<crate::store::Kind>,
+    pub storage: Option<thali_store::Kind>,
     /// The node's block cache, in bytes, shared by every database and index.
-    #[arg(long, default_value_t = crate::store::DEFAULT_CACHE, env = "THALI_CACHE_SIZE")]
+    #[arg(long, default_value_t = thali_store::DEFAULT_CACHE, env = "THALI_CACHE_SIZE")]
     pub cache_size: u64,
     /// Bytes that must stay free on the data directory's file system: below it writes answer
     /// 507 `insufficient_storage` (reads go on) until space is freed.
-    #[arg(long, default_value_t = crate::store::space::DEFAULT_RESERVE, env = "THALI_MIN_FREE_SPACE")]
+    #[arg(long, default_value_t = thali_store::space::DEFAULT_RESERVE, env = "THALI_MIN_FREE_SPACE")]
     pub min_free_space: u64,
     /// Most databases kept open at once (CouchDB's `max_dbs_open`); idle ones close first.
     #[arg(long, default_value_t = 500, env = "THALI_MAX_DBS_OPEN",
-          value_parser = crate::sys::limit::within::<usize>(1, 1 << 20))]
+          value_parser = thali_sys::limit::within::<usize>(1, 1 << 20))]
     pub max_dbs_open: usize,
     /// Development: keep the design documents in DIR (`<db>/<ddoc>/…` files) up to date on
     /// every save.
@@ -133,7 +133,7 @@ pub struct ServeConfig {
     #[arg(long, default_value_t = 600, hide = true, env = "THALI_LAN_ROTATE")]
     pub lan_rotate: u64,
     #[command(flatten)]
-    pub tor: crate::tor::TorOptions,
+    pub tor: thali_tor::TorOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ fn settings(cfg: &ServeConfig, uuid: &str) -> serde_json::Value {
         "chttpd": {"bind_address": first.map(|a| a.ip().to_string()).unwrap_or_default(),
                    "port": first.map(|a| a.port().to_string()).unwrap_or_default(),
                    "max_http_request_size": cfg.max_request_size.to_string()},
-        "chttpd_auth": {"timeout": crate::http::SESSION_TIMEOUT.to_string()},
+        "chttpd_auth": {"timeout": thali_http::SESSION_TIMEOUT.to_string()},
         "admins": {"admin": "-hidden-"},
         "thali": {
             "data": cfg.data.display().to_string(), "config": path(&cfg.config),
@@ -213,8 +213,8 @@ pub fn admin_password(data: &Path, given: Option<String>) -> Result<(String, boo
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(ServeError::DataDir(file, e)),
     }
-    let pw = crate::db::random_hex(16);
-    crate::sys::files::write_private(&file, pw.as_bytes())
+    let pw = thali_db::random_hex(16);
+    thali_sys::files::write_private(&file, pw.as_bytes())
         .map_err(|e| ServeError::DataDir(file.clone(), e))?;
     Ok((pw, true))
 }
@@ -281,7 +281,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let node = Node::open(
         &cfg.data,
-        &crate::store::Options {
+        &thali_store::Options {
             engine: cfg.storage,
             cache_bytes: cfg.cache_size,
             min_free: cfg.min_free_space,
@@ -295,7 +295,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             max_inline_att_size: cfg
                 .max_request_size
                 .min(usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX)),
-            plugins: crate::plugins::Limits {
+            plugins: thali_plugins::Limits {
                 cpu: cfg.plugin_cpu,
                 memory: cfg.plugin_memory,
                 timeout: Duration::from_millis(cfg.plugin_timeout_ms.max(1)),
@@ -304,7 +304,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         },
     )
     .map_err(|e| ServeError::Store(e.to_string()))?;
-    let identity = crate::peer::Identity::load_or_create(&cfg.data)
+    let identity = thali_peer::Identity::load_or_create(&cfg.data)
         .map_err(|e| ServeError::Identity(e.to_string()))?;
     tracing::info!(key = %identity.key_id(), "node identity");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -312,22 +312,22 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let tor = cfg
         .tor
         .is_enabled()
-        .then(|| crate::tor::Tor::new(&cfg.data, cfg.tor.clone(), &identity));
-    let dialer = crate::peer::Dialer::new(
+        .then(|| thali_tor::Tor::new(&cfg.data, cfg.tor.clone(), &identity));
+    let dialer = thali_peer::Dialer::new(
         identity.clone(),
         tor.clone()
-            .map(|t| t as Arc<dyn crate::peer::dial::OnionConnect>),
+            .map(|t| t as Arc<dyn thali_peer::dial::OnionConnect>),
     );
-    let replicator = crate::replicate::Replicator::new(node.clone(), dialer.clone());
-    let pairing = crate::pair::Pairing::new(node.clone(), identity.clone(), dialer, tor.clone());
-    let manager = tokio::spawn(crate::replicate::manager::run(
+    let replicator = thali_replicate::Replicator::new(node.clone(), dialer.clone());
+    let pairing = thali_pair::Pairing::new(node.clone(), identity.clone(), dialer, tor.clone());
+    let manager = tokio::spawn(thali_replicate::manager::run(
         replicator.clone(),
         shutdown_tx.subscribe(),
     ));
     let dev = cfg
         .dev
         .clone()
-        .map(|dir| tokio::spawn(crate::dev::run(node.clone(), dir, shutdown_tx.subscribe())));
+        .map(|dir| tokio::spawn(thali_dev::run(node.clone(), dir, shutdown_tx.subscribe())));
     let state = AppState {
         replicator: replicator.clone(),
         node: node.clone(),
@@ -353,9 +353,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut peer_urls = Vec::new();
     let mut listening = Vec::new();
     if !cfg.peer.is_empty() || tor.is_some() {
-        let tls = crate::peer::tls::server_config(&identity)
+        let tls = thali_peer::tls::server_config(&identity)
             .map_err(|e| ServeError::Identity(e.to_string()))?;
-        let acceptor = crate::peer::listener::PeerAcceptor::new(
+        let acceptor = thali_peer::listener::PeerAcceptor::new(
             tls,
             app.clone(),
             Duration::from_secs(cfg.request_timeout.max(1)),
@@ -373,7 +373,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             println!("thali peers reach this node at {url}");
             peer_urls.push(url);
             listening.push(local);
-            servers.push(tokio::spawn(crate::peer::listener::serve(
+            servers.push(tokio::spawn(thali_peer::listener::serve(
                 listener,
                 acceptor.clone(),
                 shutdown_tx.subscribe(),
@@ -384,7 +384,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                 "thali is starting its Tor onion service (state in {})",
                 cfg.data.join("tor").display()
             );
-            servers.push(tokio::spawn(crate::tor::run(
+            servers.push(tokio::spawn(thali_tor::run(
                 tor.clone(),
                 node.clone(),
                 acceptor,
@@ -416,7 +416,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     if cfg.lan {
         match listening.first() {
-            Some(addr) => servers.push(tokio::spawn(crate::pair::lan::run(
+            Some(addr) => servers.push(tokio::spawn(thali_pair::lan::run(
                 pairing.clone(),
                 *addr,
                 Duration::from_secs(cfg.lan_rotate.max(1)),
@@ -462,7 +462,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 /// Adds the onion httpkey URL to `DIR/peer-urls` (for `thali id`) and stdout once the service
 /// has an address.
 async fn announce_onion(
-    tor: Arc<crate::tor::Tor>,
+    tor: Arc<thali_tor::Tor>,
     key_id: String,
     urls_file: PathBuf,
     mut urls: Vec<String>,

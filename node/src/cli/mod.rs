@@ -6,14 +6,14 @@
 mod replicate;
 pub use replicate::{replicate, ReplicateArgs};
 
-use crate::db::{Level, Security};
-use crate::peer::{parse_key_id, Identity};
 use base64::Engine;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
+use thali_db::{Level, Security};
+use thali_peer::{parse_key_id, Identity};
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -41,7 +41,7 @@ pub fn print_id(data: &Path, peers: &[String]) -> CliResult {
             urls.extend(s.lines().filter(|l| !l.is_empty()).map(str::to_string));
         }
     }
-    if let Some(addr) = crate::tor::last_address(data) {
+    if let Some(addr) = thali_tor::last_address(data) {
         let url = format!("httpkey://{addr}/{}/", id.key_id());
         if !urls.contains(&url) {
             urls.push(url);
@@ -114,7 +114,7 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
             return Ok(());
         }
     };
-    crate::db::validate_db_name(&db).map_err(|e| e.reason())?;
+    thali_db::validate_db_name(&db).map_err(|e| e.reason())?;
     let path = format!("/{}/_security", db.replace('/', "%2F"));
     let (status, sec) =
         request(node, &password, "GET", &path, None, TIMEOUT).map_err(|e| e.to_string())?;
@@ -192,9 +192,9 @@ fn request(
 }
 
 /// `thali migrate`: the node must be stopped (the engine's lock says so otherwise).
-pub fn migrate(data: &Path, to: crate::store::Kind) -> CliResult {
+pub fn migrate(data: &Path, to: thali_store::Kind) -> CliResult {
     let started = std::time::Instant::now();
-    let r = crate::store::migrate::migrate(data, to, crate::store::DEFAULT_CACHE)?;
+    let r = thali_store::migrate::migrate(data, to, thali_store::DEFAULT_CACHE)?;
     println!(
         "migrated {} from {} to {}: {} keyspaces, {} entries ({} bytes) copied and verified in {:.1} s",
         data.display(),

@@ -3,14 +3,14 @@
 //! from `_active_tasks`); otherwise this process opens the data directory and runs it itself.
 
 use super::{admin_password, request};
-use crate::db::{Limits, Node};
-use crate::peer::Identity;
-use crate::replicate::{Replicator, Spec};
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use thali_db::{Limits, Node};
+use thali_peer::Identity;
+use thali_replicate::{Replicator, Spec};
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -277,7 +277,7 @@ async fn in_process(
     })?;
     let identity = std::sync::Arc::new(Identity::load_or_create(&args.data)?);
     // No Tor here: an onion URL is refused with a message that says to use a `--tor` node.
-    let rep = Replicator::new(node.clone(), crate::peer::Dialer::new(identity, None));
+    let rep = Replicator::new(node.clone(), thali_peer::Dialer::new(identity, None));
     let handle = rep.start(spec, None)?;
     let mut progress = Progress::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
