@@ -363,7 +363,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             cfg.peer_rate,
             {
                 let node = node.clone();
-                Arc::new(move |key: &str| node.peer_keys().contains(key))
+                Arc::new(move |key: String| {
+                    let node = node.clone();
+                    Box::pin(async move { node.peer_keys().await.contains(&key) })
+                })
             },
         );
         for addr in &cfg.peer {

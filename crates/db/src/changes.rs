@@ -89,7 +89,7 @@ impl Database {
 
     /// Rows after `q.since` (up to `limit`), the `last_seq` to resume from, and how many
     /// changes remain after it.
-    pub fn changes(&self, q: &ChangesQuery) -> DbResult<(Vec<ChangeRow>, u64, u64)> {
+    pub(crate) fn changes_now(&self, q: &ChangesQuery) -> DbResult<(Vec<ChangeRow>, u64, u64)> {
         self.check_alive()?;
         let durable = self.update_seq();
         let limit = q.limit.unwrap_or(usize::MAX);

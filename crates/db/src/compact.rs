@@ -36,8 +36,7 @@ impl Database {
         tokio::spawn(async move {
             let db = this.clone();
             let span = tracing::info_span!("compaction", db = %this.name);
-            let res =
-                thali_store::gateway::long(move || span.in_scope(|| db.compact_blocking())).await;
+            let res = crate::offload::long(move || span.in_scope(|| db.compact_blocking())).await;
             match res {
                 Ok(Ok(s)) => tracing::info!(
                     db = %this.name,

@@ -163,8 +163,8 @@ impl From<StoreError> for DbError {
     }
 }
 
-impl From<thali_store::gateway::Gone> for DbError {
-    fn from(e: thali_store::gateway::Gone) -> Self {
+impl From<crate::offload::Gone> for DbError {
+    fn from(e: crate::offload::Gone) -> Self {
         DbError::Internal(e.to_string())
     }
 }

@@ -7,6 +7,7 @@
 use super::read::DocOptions;
 use super::views::row_id;
 use super::{Caller, Database, DbError, DbResult};
+use crate::offload;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use std::ops::Bound;
@@ -18,7 +19,6 @@ use thali_mango::plan::{self, Access, Plan};
 use thali_mango::request::{project, FindRequest};
 use thali_mango::MangoError;
 use thali_plugins::DesignFns;
-use thali_store::gateway;
 use thali_store::index::view_prefix;
 
 /// Bookmarks of `_all_docs` scans start with this byte, those of index scans with the row
@@ -101,7 +101,7 @@ impl Database {
             }
         }
         let this = self.clone();
-        gateway::run(move || this.find_now(&req, &indexes, started)).await?
+        offload::run(move || this.find_now(&req, &indexes, started)).await?
     }
 
     fn find_now(

@@ -2,16 +2,19 @@
 //! reads, the changes feed, local documents and compaction. Speaks to `store`, never to sled.
 
 mod access;
+mod asynch;
 mod changes;
 mod compact;
 mod error;
 mod find;
 mod local;
+mod offload;
 mod plugins;
 mod queue;
 mod read;
 mod resolve;
 mod security;
+mod upload;
 mod views;
 mod write;
 
@@ -22,6 +25,10 @@ pub use read::{
     AllDocsPart, AllDocsQuery, AttMode, BulkGetItem, DocOptions, OpenRevs, RevisionOut,
 };
 pub use security::Security;
+/// Attachment bodies received into the store, before and after a write takes them.
+pub use thali_store::blob::{Staged, StagedSet};
+pub use thali_store::AttMeta;
+pub use upload::Upload;
 pub use write::{doc_input, DocInput, DocResult};
 
 use rand::RngCore;
@@ -148,13 +155,11 @@ impl Node {
 
     /// Every key some database's `_security` names, at any level. Recomputed only after a
     /// `_security` write or a database created or deleted.
-    pub fn peer_keys(&self) -> Arc<HashSet<String>> {
-        let epoch = self.security_epoch.load(Ordering::SeqCst);
-        if let Ok(c) = self.peer_keys.lock() {
-            if c.0 == epoch {
-                return c.1.clone();
-            }
+    pub fn peer_keys_blocking(&self) -> Arc<HashSet<String>> {
+        if let Some(keys) = self.peer_keys_cached() {
+            return keys;
         }
+        let epoch = self.security_epoch.load(Ordering::SeqCst);
         let mut keys = HashSet::new();
         for name in self.all_dbs() {
             let Ok(sec) = self.security_of(&name) else {
@@ -190,8 +195,11 @@ impl Node {
     }
 
     /// Writes a node record durably.
-    pub fn set_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> DbResult<()> {
-        Ok(self.store.set_node_meta(key, v)?)
+    /// Stores a node-wide setting durably (off the async workers: it waits for a flush).
+    pub async fn set_meta<T: serde::Serialize>(self: &Arc<Self>, key: &str, v: &T) -> DbResult<()> {
+        let v = serde_json::to_value(v).map_err(|e| DbError::Internal(e.to_string()))?;
+        let (this, key) = (self.clone(), key.to_string());
+        offload::run(move || Ok(this.store.set_node_meta(&key, &v)?)).await?
     }
 
     pub fn all_dbs(&self) -> Vec<String> {
@@ -211,10 +219,9 @@ impl Node {
 
     /// Opens an existing database (or finds it open). Loading one (its design documents
     /// compiled) holds only that name's lock, not the node's.
-    pub fn db(&self, name: &str) -> DbResult<Arc<Database>> {
-        if let Some(db) = self.dbs.read().map_err(poisoned)?.get(name) {
-            db.touch(&self.clock);
-            return Ok(db.clone());
+    pub fn db_blocking(&self, name: &str) -> DbResult<Arc<Database>> {
+        if let Some(db) = self.open_db(name) {
+            return Ok(db);
         }
         let name_lock = {
             let mut opening = self.opening.lock().map_err(poisoned)?;
@@ -247,6 +254,20 @@ impl Node {
             opening.remove(name);
         }
         res
+    }
+
+    /// The keys of [`Node::peer_keys_blocking`] when nothing changed since they were read.
+    pub(crate) fn peer_keys_cached(&self) -> Option<Arc<HashSet<String>>> {
+        let epoch = self.security_epoch.load(Ordering::SeqCst);
+        let c = self.peer_keys.lock().ok()?;
+        (c.0 == epoch).then(|| c.1.clone())
+    }
+
+    /// The database `name` if it is open (and marks it used).
+    fn open_db(&self, name: &str) -> Option<Arc<Database>> {
+        let db = self.dbs.read().ok()?.get(name)?.clone();
+        db.touch(&self.clock);
+        Some(db)
     }
 
     fn load(&self, name: &str, data: DbStore) -> DbResult<Arc<Database>> {
@@ -320,7 +341,7 @@ impl Node {
         out
     }
 
-    pub fn create_db(&self, name: &str) -> DbResult<Arc<Database>> {
+    pub fn create_db_blocking(&self, name: &str) -> DbResult<Arc<Database>> {
         validate_db_name(name)?;
         let _g = self.admin_lock.lock().map_err(poisoned)?;
         if self.store.database_exists(name)? {
@@ -337,7 +358,7 @@ impl Node {
         Ok(db)
     }
 
-    pub fn delete_db(&self, name: &str) -> DbResult<()> {
+    pub fn delete_db_blocking(&self, name: &str) -> DbResult<()> {
         let _g = self.admin_lock.lock().map_err(poisoned)?;
         if let Some(db) = self.dbs.write().map_err(poisoned)?.remove(name) {
             db.deleted.store(true, Ordering::SeqCst);
@@ -599,32 +620,32 @@ mod tests {
     async fn idle_databases_close_beyond_max_dbs_open() {
         let (dir, node) = node(3);
         for i in 0..8 {
-            let db = node.create_db(&format!("db{i}")).unwrap();
+            let db = node.create_db(&format!("db{i}")).await.unwrap();
             put(&db, "a").await;
         }
         // `_replicator` and the eight: never more than three open.
         assert!(node.open_dbs() <= 3, "{} open", node.open_dbs());
         // A database in use is never closed under its user.
-        let held = node.db("db0").unwrap();
+        let held = node.db("db0").await.unwrap();
         for i in 1..8 {
-            let db = node.db(&format!("db{i}")).unwrap();
+            let db = node.db(&format!("db{i}")).await.unwrap();
             put(&db, "b").await;
         }
         assert!(!held.is_deleted());
         put(&held, "b").await;
         // Reopened ones kept every write and their counters.
         for i in 0..8 {
-            let db = node.db(&format!("db{i}")).unwrap();
+            let db = node.db(&format!("db{i}")).await.unwrap();
             assert_eq!(db.doc_count(), 2, "db{i}");
             assert_eq!(db.update_seq(), 2, "db{i}");
         }
         drop(held);
         // A handle closed by the registry refuses writes; the registry hands out a fresh one.
-        let stale = node.db("db1").unwrap();
+        let stale = node.db("db1").await.unwrap();
         let weak = Arc::downgrade(&stale);
         drop(stale);
         for i in 2..8 {
-            node.db(&format!("db{i}")).unwrap();
+            node.db(&format!("db{i}")).await.unwrap();
         }
         if let Some(stale) = weak.upgrade() {
             assert!(stale.is_deleted());
@@ -633,7 +654,7 @@ mod tests {
                 .await;
             assert!(r.is_err());
         }
-        let db1 = node.db("db1").unwrap();
+        let db1 = node.db("db1").await.unwrap();
         assert!(db1.get_doc("late", None, &Default::default()).is_err());
         drop(node);
         let _ = std::fs::remove_dir_all(dir);

@@ -102,7 +102,7 @@ impl Database {
         let this = self.clone();
         let span = tracing::info_span!(parent: None, "writer", db = %self.name);
         let _in = span.enter();
-        thali_store::gateway::detach(move || this.drain());
+        crate::offload::detach(move || this.drain());
     }
 
     /// The writer: holds until the queue is empty, or until it has had its turn (then it

@@ -34,6 +34,7 @@ pub struct DocOptions {
     pub atts_since: Option<Vec<Rev>>,
 }
 
+#[derive(Clone)]
 pub enum OpenRevs {
     All,
     List(Vec<Rev>),
@@ -133,7 +134,7 @@ impl Database {
     }
 
     /// `open_revs`: per requested revision the document, or `Err(rev)` when it is missing.
-    pub fn open_revs(
+    pub(crate) fn open_revs_now(
         &self,
         id: &str,
         which: &OpenRevs,
@@ -349,7 +350,7 @@ impl Database {
     }
 
     /// `_revs_diff`.
-    pub fn revs_diff(&self, req: Map<String, Value>) -> DbResult<Value> {
+    pub(crate) fn revs_diff_now(&self, req: Map<String, Value>) -> DbResult<Value> {
         self.check_alive()?;
         let mut out = Map::new();
         for (id, revs) in req {
@@ -416,7 +417,7 @@ impl Database {
                 None => return Ok(vec![Err(err(r, "bad_request", "Invalid rev format"))]),
             },
         };
-        match self.open_revs(id, &which, &o) {
+        match self.open_revs_now(id, &which, &o) {
             Ok(revs) => Ok(revs
                 .into_iter()
                 .map(|r| r.map_err(|rev| err(&rev, "not_found", "missing")))
@@ -431,7 +432,11 @@ impl Database {
     }
 
     /// `_bulk_get` as one JSON value (the replicator's local endpoint; HTTP streams instead).
-    pub fn bulk_get(&self, items: Vec<BulkGetItem>, opts: &DocOptions) -> DbResult<Value> {
+    pub(crate) fn bulk_get_now(
+        &self,
+        items: Vec<BulkGetItem>,
+        opts: &DocOptions,
+    ) -> DbResult<Value> {
         let mut results = Vec::with_capacity(items.len());
         for item in items {
             let docs: Vec<Value> = self

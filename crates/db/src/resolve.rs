@@ -169,7 +169,7 @@ impl Database {
         for id in ids {
             let this = self.clone();
             let (d, f, i) = (ddoc.to_string(), func.clone(), id.clone());
-            let planned = thali_store::gateway::run(move || this.plan_resolution(&i, &d, &f))
+            let planned = crate::offload::run(move || this.plan_resolution(&i, &d, &f))
                 .await
                 .unwrap_or_else(|e| Err(e.into()));
             let outcome = match planned {

@@ -11,6 +11,7 @@
 
 use super::read::{AttMode, DocOptions};
 use super::{Database, DbError, DbResult};
+use crate::offload;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -19,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thali_doc::collate;
 use thali_plugins::design::{DesignFns, Reduce};
-use thali_store::gateway;
 use thali_store::index::{row_key, row_view, view_prefix, IndexBatch, IndexStore};
 use thali_view::reduce::{ReduceError, Reducer};
 use thali_view::{Update, ViewQuery};
@@ -216,7 +216,7 @@ impl Database {
             return Ok(());
         }
         let (this, i, f) = (self.clone(), idx.clone(), fns.clone());
-        gateway::long(move || this.update_index(&i, &f)).await?
+        offload::long(move || this.update_index(&i, &f)).await?
     }
 
     /// Runs the map functions over the changes since the index's sequence.
@@ -509,7 +509,7 @@ impl Database {
         };
         let (this, i, q2) = (self.clone(), idx.clone(), q.clone());
         let view_n = t.view;
-        let out = gateway::run(move || match reducer {
+        let out = offload::run(move || match reducer {
             Some(r) => {
                 let seq = i.store.seq()?;
                 let key = format!("reduce {view_n} {q2:?}");

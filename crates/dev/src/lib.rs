@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use thali_db::{Caller, DbError, DocOptions, Node};
+use thali_db::{Caller, DocOptions, Node};
 use tokio::sync::{mpsc, watch};
 
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -283,10 +283,7 @@ async fn sync(node: &Arc<Node>, dir: &Path, db_name: &str, ddoc: &str) {
             return;
         }
     };
-    let db = match node.db(db_name).or_else(|e| match e {
-        DbError::NotFound(_) => node.create_db(db_name),
-        e => Err(e),
-    }) {
+    let db = match node.db_or_create(db_name).await {
         Ok(db) => db,
         Err(e) => {
             tracing::error!(db = db_name, error = %e, "dev folder: cannot open the database");

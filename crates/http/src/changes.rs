@@ -38,7 +38,7 @@ fn parse_since(s: &str, db: &Database) -> ApiResult<u64> {
 }
 
 pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     let mut body = Value::Null;
     match r.method {
         Method::GET | Method::HEAD => {}
@@ -177,7 +177,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
     };
 
     if feed == Feed::Normal || cq.descending {
-        let (rows, last, pending) = thali_store::gateway::scan(|| db.changes(&cq))?;
+        let (rows, last, pending) = db.changes(&cq).await?;
         return Ok(results_response(&rows, last, Some(pending)));
     }
 
@@ -225,10 +225,9 @@ async fn run_feed(
     let mut deadline = Instant::now() + timeout;
     loop {
         updates.borrow_and_update();
-        let db2 = db.clone();
-        let q2 = cq.clone();
-        let res = thali_store::gateway::run(move || db2.changes(&q2)).await;
-        let Ok(Ok((rows, last, _))) = res else { return };
+        let Ok((rows, last, _)) = db.changes(&cq).await else {
+            return;
+        };
         if feed == Feed::Longpoll {
             if !rows.is_empty() {
                 send(results_body(&rows, last, None)).await;

@@ -146,7 +146,7 @@ async fn snapshot(state: &AppState) -> Value {
     let mut dbs = Vec::new();
     let names = node.all_dbs();
     for name in names.iter().take(MAX_DBS) {
-        if let Ok(info) = node.db(name).and_then(|d| d.info()) {
+        if let Ok(info) = node.db(name).await.and_then(|d| d.info()) {
             dbs.push(json!({"name": name, "doc_count": info["doc_count"],
                             "disk_size": info["disk_size"], "update_seq": info["update_seq"]}));
         }
@@ -166,7 +166,7 @@ async fn snapshot(state: &AppState) -> Value {
                    "checkpointed_seq": t["checkpointed_source_seq"], "error": t["error"]})
         })
         .collect();
-    if let Ok(rdb) = node.db("_replicator") {
+    if let Ok(rdb) = node.db("_replicator").await {
         let running: Vec<Value> = replications.iter().map(|r| r["doc_id"].clone()).collect();
         let q = thali_db::AllDocsQuery {
             include_docs: true,
@@ -235,7 +235,7 @@ async fn snapshot(state: &AppState) -> Value {
         "dbs": dbs,
         "replications": replications,
         "peers": {"paired": paired, "granted": granted.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-                  "nearby": state.pairing.nearby().ok()},
+                  "nearby": state.pairing.nearby().await.ok()},
         "indexers": indexers,
         "plugin_errors": m.plugin_error_events(),
         "counters": {"requests": m.requests.get(), "writes": m.writes.get(),

@@ -21,18 +21,18 @@ const MAX_BULK_COUNT: usize = 10_000;
 /// Most revisions one `_revs_diff` asks about.
 const MAX_REVS_DIFF: usize = 100_000;
 
-pub fn open(state: &AppState, name: &str) -> ApiResult<Arc<Database>> {
-    Ok(state.node.db(name)?)
+pub async fn open(state: &AppState, name: &str) -> ApiResult<Arc<Database>> {
+    Ok(state.node.db(name).await?)
 }
 
 pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
     match r.method {
         Method::GET | Method::HEAD => {
-            let db = open(state, name)?;
+            let db = open(state, name).await?;
             Ok(ok(db.info()?))
         }
         Method::PUT => {
-            state.node.create_db(name)?;
+            state.node.create_db(name).await?;
             let mut resp = status(201, json!({"ok": true}));
             if let Ok(v) = HeaderValue::from_str(&format!("/{name}")) {
                 resp.headers_mut().insert(header::LOCATION, v);
@@ -46,11 +46,11 @@ pub async fn db_root(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
                      DELETE a document instead?",
                 ));
             }
-            state.node.delete_db(name)?;
+            state.node.delete_db(name).await?;
             Ok(ok(json!({"ok": true})))
         }
         Method::POST => {
-            let db = open(state, name)?;
+            let db = open(state, name).await?;
             r.require_json()?;
             let doc = r.json().await?;
             if !doc.is_object() {
@@ -90,7 +90,7 @@ pub async fn bulk_docs(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     r.require_json()?;
     let mut body = r.json().await?;
     // Taken, not cloned: the documents are the bulk of the request.
@@ -138,7 +138,7 @@ pub async fn bulk_get(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     r.require_json()?;
     let body = r.json().await?;
     let Some(docs) = body.get("docs").and_then(Value::as_array) else {
@@ -248,7 +248,7 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     r.require_json()?;
     let Value::Object(body) = r.json().await? else {
         return Err(ApiError::bad_request("Request body must be a JSON object"));
@@ -266,7 +266,7 @@ pub async fn revs_diff(state: &AppState, r: &mut Req, name: &str) -> ApiResult<R
         }
         .into());
     }
-    Ok(ok(db.revs_diff(body)?))
+    Ok(ok(db.revs_diff(body).await?))
 }
 
 /// `_all_docs`, or with `design_only` `_design_docs` (the same, within `_design/`).
@@ -276,7 +276,7 @@ pub async fn all_docs(
     name: &str,
     design_only: bool,
 ) -> ApiResult<Response> {
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     let body_keys = r.query_body().await?;
     let q = &r.query;
     let keys = match body_keys.or(q.json("keys")?) {
@@ -372,35 +372,35 @@ pub async fn all_docs(
 
 /// Every write is durable before it is answered, so there is nothing left to commit; the
 /// replicators only need the 201 and the `instance_start_time`.
-pub fn ensure_full_commit(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+pub async fn ensure_full_commit(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    open(state, name)?;
+    open(state, name).await?;
     Ok(status(201, json!({"ok": true, "instance_start_time": "0"})))
 }
 
-pub fn compact(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+pub async fn compact(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
     r.require_json()?;
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     db.start_compaction();
     Ok(status(202, json!({"ok": true})))
 }
 
-pub fn view_cleanup(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+pub async fn view_cleanup(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
     if r.method != Method::POST {
         return Err(ApiError::method_not_allowed("POST"));
     }
-    let removed = open(state, name)?.view_cleanup()?;
+    let removed = open(state, name).await?.view_cleanup()?;
     tracing::debug!(db = name, removed, "view cleanup");
     Ok(status(202, json!({"ok": true})))
 }
 
 pub async fn security(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     match r.method {
         Method::GET | Method::HEAD => Ok(ok(db.security()?.as_value().clone())),
         Method::PUT => {
@@ -413,7 +413,7 @@ pub async fn security(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Re
 }
 
 pub async fn revs_limit(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     match r.method {
         Method::GET | Method::HEAD => Ok(ok(json!(db.revs_limit()))),
         Method::PUT => {
@@ -428,11 +428,11 @@ pub async fn revs_limit(state: &AppState, r: &mut Req, name: &str) -> ApiResult<
     }
 }
 
-pub fn local_docs(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
+pub async fn local_docs(state: &AppState, r: &Req, name: &str) -> ApiResult<Response> {
     if !matches!(r.method, Method::GET | Method::HEAD) {
         return Err(ApiError::method_not_allowed("GET,HEAD"));
     }
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     let rows = db.local_docs()?;
     Ok(ok(
         json!({"total_rows": null, "offset": null, "rows": rows}),

@@ -8,11 +8,10 @@ use super::{AppState, Req};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
-use thali_db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut};
+use thali_db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut, Staged, StagedSet};
 use thali_doc::parse::{parse_doc, AttInput, IncomingDoc, StagedBody};
 use thali_doc::Rev;
 use thali_multipart as multipart;
-use thali_store::blob::{Staged, StagedSet};
 
 fn parse_rev(s: &str) -> ApiResult<Rev> {
     Rev::parse(s).ok_or_else(|| ApiError::bad_request("Invalid rev format"))
@@ -62,7 +61,7 @@ fn doc_options(r: &Req) -> ApiResult<DocOptions> {
 }
 
 pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiResult<Response> {
-    let db = open(state, db_name)?;
+    let db = open(state, db_name).await?;
     match r.method.clone() {
         Method::GET | Method::HEAD => {
             let mut opts = doc_options(r)?;
@@ -91,7 +90,7 @@ pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiR
                     // ones are streamed into the JSON by `stream::Sink::doc`.
                     opts.atts = AttMode::Follows;
                 }
-                let results = thali_store::gateway::scan(|| db.open_revs(id, &which, &opts))?;
+                let results = db.open_revs(id, &which, &opts).await?;
                 if multipart {
                     return Ok(open_revs_multipart(db, results));
                 }
@@ -296,59 +295,11 @@ async fn receive_part<S>(
 where
     S: futures_util::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
 {
-    use std::io::Write;
-    let max = db.max_attachment_size();
-    let writer = LimitedWriter {
-        w: db.attachment_writer()?,
-        max,
-    };
-    let too_large = || ApiError::from(DbError::AttTooLarge("multipart part".into()));
-    let writer = if gzip {
-        let mut dec = flate2::write::GzDecoder::new(writer);
-        while let Some(p) = reader.piece().await.map_err(multipart_err)? {
-            thali_store::gateway::scan(|| dec.write_all(&p)).map_err(|e| io_err(e, &too_large))?;
-        }
-        thali_store::gateway::scan(|| dec.finish()).map_err(|e| io_err(e, &too_large))?
-    } else {
-        let mut w = writer;
-        while let Some(p) = reader.piece().await.map_err(multipart_err)? {
-            thali_store::gateway::scan(|| w.write_all(&p)).map_err(|e| io_err(e, &too_large))?;
-        }
-        w
-    };
-    Ok(thali_store::gateway::scan(|| writer.w.finish()).map_err(DbError::from)?)
-}
-
-fn io_err(e: std::io::Error, too_large: &dyn Fn() -> ApiError) -> ApiError {
-    match e.kind() {
-        std::io::ErrorKind::FileTooLarge => too_large(),
-        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
-            ApiError::bad_request(format!("an attachment part is not valid gzip: {e}"))
-        }
-        _ => ApiError::from(DbError::Internal(e.to_string())),
+    let mut upload = db.upload(gzip, "multipart part")?;
+    while let Some(p) = reader.piece().await.map_err(multipart_err)? {
+        upload.write(&p).await?;
     }
-}
-
-/// A `BlobWriter` as `io::Write` (for the gzip decoder), refusing more than `max` bytes.
-struct LimitedWriter {
-    w: thali_store::blob::BlobWriter,
-    max: u64,
-}
-
-impl std::io::Write for LimitedWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.w.len() + buf.len() as u64 > self.max {
-            return Err(std::io::ErrorKind::FileTooLarge.into());
-        }
-        self.w
-            .write(buf)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    Ok(upload.finish().await?)
 }
 
 /// `open_revs` as `multipart/mixed`: one part per revision, a `multipart/related` part (the
@@ -476,7 +427,7 @@ pub async fn attachment(
     id: &str,
     name: &str,
 ) -> ApiResult<Response> {
-    let db = open(state, db_name)?;
+    let db = open(state, db_name).await?;
     match r.method.clone() {
         Method::GET | Method::HEAD => {
             let rev = requested_rev(r)?;
@@ -564,19 +515,17 @@ pub async fn attachment(
 /// memory, its md5 computed on the way. A body shorter than its `Content-Length`, a stalled
 /// client or one over the size limit stores nothing (the chunks written go again).
 async fn receive_attachment(r: &mut Req, db: &Database) -> ApiResult<Staged> {
-    let max = db.max_attachment_size();
-    if r.content_length().is_some_and(|n| n > max) {
+    if r.content_length()
+        .is_some_and(|n| n > db.max_attachment_size())
+    {
         return Err(DbError::AttTooLarge("request body".into()).into());
     }
     let mut body = r.body_stream();
-    let mut writer = db.attachment_writer()?;
+    let mut upload = db.upload(false, "request body")?;
     while let Some(piece) = r.next_frame(&mut body).await? {
-        if writer.len() + piece.len() as u64 > max {
-            return Err(DbError::AttTooLarge("request body".into()).into());
-        }
-        thali_store::gateway::scan(|| writer.write(&piece)).map_err(DbError::from)?;
+        upload.write(&piece).await?;
     }
-    Ok(thali_store::gateway::scan(|| writer.finish()).map_err(DbError::from)?)
+    Ok(upload.finish().await?)
 }
 
 /// A single `bytes=a-b` range (`a-`, `-n` too) within `total`; anything else serves it all.
@@ -603,7 +552,7 @@ pub async fn local(
     db_name: &str,
     local_id: &str,
 ) -> ApiResult<Response> {
-    let db = open(state, db_name)?;
+    let db = open(state, db_name).await?;
     match r.method.clone() {
         Method::GET | Method::HEAD => Ok(ok(db.get_local(local_id, &r.caller(db_name))?)),
         Method::PUT => {

@@ -21,19 +21,19 @@ async fn request(r: &mut Req) -> ApiResult<FindRequest> {
 }
 
 pub async fn find(state: &AppState, r: &mut Req, db: &str) -> ApiResult<Response> {
-    let db = open(state, db)?;
+    let db = open(state, db).await?;
     let req = request(r).await?;
     Ok(ok(db.find(req).await?))
 }
 
 pub async fn explain(state: &AppState, r: &mut Req, db: &str) -> ApiResult<Response> {
-    let db = open(state, db)?;
+    let db = open(state, db).await?;
     let req = request(r).await?;
     Ok(ok(db.explain(&req)?))
 }
 
 pub async fn index(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     match r.method {
         Method::GET | Method::HEAD => {
             let num = |k: &str| -> ApiResult<Option<usize>> {
@@ -69,6 +69,6 @@ pub async fn delete_index(
     if r.method != Method::DELETE {
         return Err(ApiError::method_not_allowed("DELETE"));
     }
-    let db = open(state, name)?;
+    let db = open(state, name).await?;
     Ok(ok(db.delete_index(ddoc, index, &r.caller(name)).await?))
 }

@@ -164,12 +164,12 @@ pub async fn dbs_info(state: &AppState, r: &mut Req) -> ApiResult<Response> {
         }
         _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
     };
-    let out: Vec<Value> = names
-        .into_iter()
-        .map(|name| match state.node.db(&name).and_then(|d| d.info()) {
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        out.push(match state.node.db(&name).await.and_then(|d| d.info()) {
             Ok(info) => json!({"key": name, "info": info}),
             Err(_) => json!({"key": name, "error": "not_found"}),
-        })
-        .collect();
+        });
+    }
     Ok(ok(Value::Array(out)))
 }

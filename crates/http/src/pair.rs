@@ -92,11 +92,11 @@ pub async fn pairing(state: &AppState, r: &mut Req) -> ApiResult<Response> {
     Ok(ok(state.pairing.action(a).await?))
 }
 
-pub fn nearby(state: &AppState, r: &mut Req) -> ApiResult<Response> {
+pub async fn nearby(state: &AppState, r: &mut Req) -> ApiResult<Response> {
     if !matches!(r.method, Method::GET | Method::HEAD) {
         return Err(ApiError::method_not_allowed("GET,HEAD"));
     }
-    Ok(ok(state.pairing.nearby()?))
+    Ok(ok(state.pairing.nearby().await?))
 }
 
 pub async fn paired(state: &AppState, r: &mut Req) -> ApiResult<Response> {

@@ -11,8 +11,8 @@ use base64::Engine;
 use serde_json::Value;
 use std::io;
 use std::sync::Arc;
+use thali_db::AttMeta;
 use thali_db::{Database, RevisionOut};
-use thali_store::AttMeta;
 use tokio::sync::mpsc;
 
 const CHUNK: usize = 64 << 10;
@@ -229,12 +229,12 @@ pub fn body(
 ) -> Body {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(IN_FLIGHT);
     // The producer's result travels through the channel; the task's own is not needed.
-    let _task = thali_store::gateway::spawn(move || {
+    db.produce(move |db| {
         let mut sink = Sink {
             buf: Vec::with_capacity(CHUNK),
             tx,
         };
-        let res = produce(&db, &mut sink).and_then(|()| sink.flush());
+        let res = produce(db, &mut sink).and_then(|()| sink.flush());
         match res {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                 tracing::debug!("client went away during a streamed answer")

@@ -17,17 +17,17 @@ pub async fn view(
     ddoc: &str,
     view: &str,
 ) -> ApiResult<Response> {
-    let db = open(state, db)?;
+    let db = open(state, db).await?;
     let body_keys = r.query_body().await?;
     let q = parse(&r.query, body_keys)?;
     Ok(ok(db.view_query(ddoc, view, q).await?))
 }
 
-pub fn info(state: &AppState, r: &Req, db: &str, ddoc: &str) -> ApiResult<Response> {
+pub async fn info(state: &AppState, r: &Req, db: &str, ddoc: &str) -> ApiResult<Response> {
     if !matches!(r.method, Method::GET | Method::HEAD) {
         return Err(ApiError::method_not_allowed("GET,HEAD"));
     }
-    Ok(ok(open(state, db)?.view_info(ddoc)?))
+    Ok(ok(open(state, db).await?.view_info(ddoc)?))
 }
 
 fn parse(q: &Query, body_keys: Option<Value>) -> ApiResult<ViewQuery> {

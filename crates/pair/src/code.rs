@@ -429,7 +429,7 @@ impl Pairing {
             .and_then(|n| valid_name(n).ok())
             .unwrap_or_else(|| super::short(key));
         let name = add_peer(&mut st, name, key, Vec::new(), &db, Vec::new(), now, "code");
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(peer = %key, %name, %db, level = level.name(), "paired by code");
         thali_sys::metrics::get().pairings.inc();
         Ok(
@@ -690,7 +690,7 @@ impl Pairing {
             now,
             "code",
         );
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(peer = %o.key, %name, db = %o.db, "paired by code");
         Ok(
             json!({"ok": true, "name": name, "key": o.key, "db": o.db, "level": o.level.name(),

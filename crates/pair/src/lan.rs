@@ -50,9 +50,9 @@ impl Pairing {
     }
 
     /// The nodes discovered nearby (`GET /_thali/peers`).
-    pub fn nearby(&self) -> Result<Value, super::PairError> {
+    pub async fn nearby(&self) -> Result<Value, super::PairError> {
         let paired = self.state().map(|s| s.peers).unwrap_or_default();
-        let known = self.node.peer_keys();
+        let known = self.node.peer_keys().await;
         let lan = self.lan();
         if !lan.on {
             return Err(super::PairError::bad(

@@ -348,8 +348,8 @@ impl Pairing {
         Ok(self.node.meta(META_KEY)?.unwrap_or_default())
     }
 
-    fn save(&self, st: &State) -> PairResult<()> {
-        Ok(self.node.set_meta(META_KEY, st)?)
+    async fn save(&self, st: &State) -> PairResult<()> {
+        Ok(self.node.set_meta(META_KEY, st).await?)
     }
 
     /// This node's httpkey URLs (no database): its peer listeners and onion service.
@@ -448,7 +448,7 @@ impl Pairing {
                          "level": inv.level, "expires": inv.expires});
         tracing::info!(invite = %inv.id, db = %inv.db, level = %inv.level, %key, "invite created");
         st.invites.push(inv);
-        self.save(&st)?;
+        self.save(&st).await?;
         Ok(out)
     }
 
@@ -510,7 +510,7 @@ impl Pairing {
             .find(|i| i.id == id)
             .ok_or_else(|| PairError::new(404, "not_found", format!("no invite {id}")))?;
         inv.revoked = true;
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(invite = %id, "invite revoked");
         Ok(json!({"ok": true, "id": id}))
     }
@@ -549,7 +549,7 @@ impl Pairing {
         inv.used_by = Some(key.to_string());
         inv.used_at = Some(now);
         let (db, level_name, id) = (inv.db.clone(), inv.level.clone(), inv.id.clone());
-        self.save(&st)?;
+        self.save(&st).await?;
         let level = Level::parse(&level_name).unwrap_or(Level::Read);
         self.grant(&db, key, level).await?;
         let name = match msg.name.as_deref().map(valid_name) {
@@ -563,7 +563,7 @@ impl Pairing {
             .take(8)
             .collect();
         let name = add_peer(&mut st, name, key, urls, &db, Vec::new(), now, "invite");
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(invite = %id, peer = %key, %name, %db, level = %level_name, "paired by invite");
         thali_sys::metrics::get().pairings.inc();
         Ok(
@@ -576,15 +576,7 @@ impl Pairing {
     /// passes here, so no path can grant on a system database.
     async fn grant(&self, db: &str, key: &str, level: Level) -> PairResult<()> {
         pairable_db(db)?;
-        let d = match self.node.db(db) {
-            Ok(d) => d,
-            Err(DbError::NotFound(_)) => match self.node.create_db(db) {
-                Ok(d) => d,
-                Err(DbError::FileExists) => self.node.db(db)?,
-                Err(e) => return Err(e.into()),
-            },
-            Err(e) => return Err(e.into()),
-        };
+        let d = self.node.db_or_create(db).await?;
         let mut sec = d.security()?;
         if sec.level_of(key) != Some(level) {
             sec.grant(key, level);
@@ -650,7 +642,7 @@ impl Pairing {
             now,
             "invite",
         );
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(peer = %their_key, %name, db = %inv.db, level = level.name(),
                        ms = started.elapsed().as_millis() as u64, "joined by invite");
         Ok(
@@ -663,14 +655,7 @@ impl Pairing {
     /// Continuous push and pull between local `db` and the peer's copy.
     async fn write_replications(&self, db: &str, url: &str, key: &str) -> PairResult<Vec<String>> {
         pairable_db(db)?;
-        let rdb = match self.node.db("_replicator") {
-            Ok(d) => d,
-            Err(DbError::NotFound(_)) => match self.node.create_db("_replicator") {
-                Err(DbError::FileExists) => self.node.db("_replicator")?,
-                r => r?,
-            },
-            Err(e) => return Err(e.into()),
-        };
+        let rdb = self.node.db_or_create("_replicator").await?;
         let mut ids = Vec::new();
         let mut docs = Vec::new();
         for (dir, source, target) in [("push", db, url), ("pull", url, db)] {
@@ -711,7 +696,7 @@ impl Pairing {
     pub async fn peers(&self) -> PairResult<Value> {
         let st = self.state()?;
         let dbs = self.node.all_dbs();
-        let rdb = self.node.db("_replicator").ok();
+        let rdb = self.node.db("_replicator").await.ok();
         let mut out = Vec::new();
         for p in &st.peers {
             let mut levels = serde_json::Map::new();
@@ -764,7 +749,9 @@ impl Pairing {
         let p = st.peers.remove(i);
         let mut revoked = Vec::new();
         for db in self.node.all_dbs() {
-            let Ok(d) = self.node.db(&db) else { continue };
+            let Ok(d) = self.node.db(&db).await else {
+                continue;
+            };
             let mut sec = d.security()?;
             if sec.revoke(&p.key) {
                 d.set_security(sec.as_value().clone()).await?;
@@ -772,7 +759,7 @@ impl Pairing {
             }
         }
         let mut stopped = Vec::new();
-        if let Ok(rdb) = self.node.db("_replicator") {
+        if let Ok(rdb) = self.node.db("_replicator").await {
             for id in &p.replications {
                 let Ok(cur) = rdb.get_doc(id, None, &Default::default()) else {
                     continue;
@@ -788,7 +775,7 @@ impl Pairing {
                 }
             }
         }
-        self.save(&st)?;
+        self.save(&st).await?;
         tracing::info!(peer = %p.key, name = %p.name, ?revoked, "peer removed");
         Ok(
             json!({"ok": true, "name": p.name, "key": p.key, "revoked": revoked,

@@ -30,7 +30,11 @@ const PENDING_PER_ADDRESS: usize = 32;
 const STRANGERS_PER_ADDRESS: usize = 16;
 
 /// Is this key named by some database's `_security`?
-pub type KnownKeys = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+pub type KnownKeys = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Connections that may be dropped to make room, oldest first: those still in their TLS
 /// handshake, and strangers' connections. When the cap (overall or for one address) is
@@ -185,7 +189,7 @@ impl PeerAcceptor {
             return;
         };
         let key = key_id(&key);
-        let known = tokio::task::block_in_place(|| (self.is_known)(&key));
+        let known = (self.is_known)(key.clone()).await;
         let Some(_key_slot) = self.per_key.connect(&key, known) else {
             tracing::debug!(%from, %key, known, "peer connection refused: too many for this key");
             return;

@@ -275,14 +275,9 @@ impl<'a> Bodies<'a> {
                     return Ok(None);
                 }
                 let end = (*pos + PIECE).min(*len);
-                let mut out = Vec::with_capacity((end - *pos) as usize);
-                thali_store::gateway::scan(|| {
-                    db.attachment_range(digest, *pos, end, &mut |b| {
-                        out.extend_from_slice(b);
-                        Ok(())
-                    })
-                })
-                .map_err(|e| ReplError::Transient(format!("reading attachment {digest}: {e}")))?;
+                let out = db.attachment_piece(digest, *pos, end).await.map_err(|e| {
+                    ReplError::Transient(format!("reading attachment {digest}: {e}"))
+                })?;
                 if out.is_empty() {
                     return Err(ReplError::Transient(format!(
                         "attachment {digest} is shorter than its length"
@@ -370,20 +365,18 @@ pub async fn write_local(
             return Ok(Some(failure(&doc, e.name(), e.reason())));
         }
     };
-    let mut received = thali_store::blob::StagedSet::default();
-    let store_err = |e: thali_store::StoreError| ReplError::Transient(e.to_string());
+    let mut received = thali_db::StagedSet::default();
+    let db_err = |e: DbError| ReplError::Transient(e.to_string());
     while let Some(i) = bodies.next().await? {
         let n = &atts[i];
-        let mut w = db
-            .attachment_writer()
-            .map_err(|e| ReplError::Transient(e.to_string()))?;
+        let mut w = db.upload(false, "attachment").map_err(db_err)?;
         let mut check = Check::new();
         while let Some(p) = bodies.piece(i).await? {
             check.update(&p);
-            thali_store::gateway::scan(|| w.write(&p)).map_err(store_err)?;
+            w.write(&p).await.map_err(db_err)?;
         }
         check.verify(n)?;
-        let staged = thali_store::gateway::scan(|| w.finish()).map_err(store_err)?;
+        let staged = w.finish().await.map_err(db_err)?;
         received.push(staged.clone());
         if let Some(a) = incoming.atts.get_mut(&n.name) {
             a.input = AttInput::Staged(StagedBody(Arc::new(staged)));

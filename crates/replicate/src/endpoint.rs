@@ -119,8 +119,8 @@ impl Endpoint {
         }
     }
 
-    fn local_db(node: &Node, name: &str) -> ReplResult<Arc<Database>> {
-        node.db(name).map_err(|e| match e {
+    async fn local_db(node: &Arc<Node>, name: &str) -> ReplResult<Arc<Database>> {
+        node.db(name).await.map_err(|e| match e {
             DbError::NotFound(_) => ReplError::DbNotFound(name.to_string()),
             e => db_err(e),
         })
@@ -129,7 +129,7 @@ impl Endpoint {
     /// The database info, or `None` when it does not exist.
     pub async fn info(&self) -> ReplResult<Option<Value>> {
         match self {
-            Endpoint::Local { node, name } => match node.db(name) {
+            Endpoint::Local { node, name } => match node.db(name).await {
                 Ok(db) => db.info().map(Some).map_err(db_err),
                 Err(DbError::NotFound(_)) => Ok(None),
                 Err(e) => Err(db_err(e)),
@@ -158,7 +158,7 @@ impl Endpoint {
 
     pub async fn create(&self) -> ReplResult<()> {
         match self {
-            Endpoint::Local { node, name } => match node.create_db(name) {
+            Endpoint::Local { node, name } => match node.create_db(name).await {
                 Ok(_) | Err(DbError::FileExists) => Ok(()),
                 Err(e) => Err(db_err(e)),
             },
@@ -177,7 +177,10 @@ impl Endpoint {
     pub async fn get_local(&self, id: &str) -> ReplResult<Option<Value>> {
         match self {
             Endpoint::Local { node, name } => {
-                match Self::local_db(node, name)?.get_local(id, &thali_db::Caller::node(name)) {
+                match Self::local_db(node, name)
+                    .await?
+                    .get_local(id, &thali_db::Caller::node(name))
+                {
                     Ok(v) => Ok(Some(v)),
                     Err(DbError::NotFound(_)) => Ok(None),
                     Err(e) => Err(db_err(e)),
@@ -201,7 +204,7 @@ impl Endpoint {
         match self {
             Endpoint::Local { node, name } => {
                 doc["_id"] = json!(format!("_local/{id}"));
-                let db = Self::local_db(node, name)?;
+                let db = Self::local_db(node, name).await?;
                 let ctx = thali_db::Caller::node(name);
                 let mut res = db.bulk_docs(vec![doc], true, &ctx).await.map_err(db_err)?;
                 match res.pop() {
@@ -238,7 +241,7 @@ impl Endpoint {
     ) -> ReplResult<ChangesBatch> {
         match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name)?;
+                let db = Self::local_db(node, name).await?;
                 let mut q = ChangesQuery {
                     since: local_seq(since),
                     limit: Some(limit),
@@ -268,7 +271,7 @@ impl Endpoint {
                     }
                 }
                 let mut updates = db.subscribe();
-                let mut res = thali_store::gateway::scan(|| db.changes(&q)).map_err(db_err)?;
+                let mut res = db.changes(&q).await.map_err(db_err)?;
                 if res.0.is_empty() {
                     if let Some(wait) = wait {
                         let _ = tokio::time::timeout(
@@ -276,7 +279,7 @@ impl Endpoint {
                             updates.wait_for(|s| *s > q.since || db.is_deleted()),
                         )
                         .await;
-                        res = thali_store::gateway::scan(|| db.changes(&q)).map_err(db_err)?;
+                        res = db.changes(&q).await.map_err(db_err)?;
                     }
                 }
                 let (rows, last, pending) = res;
@@ -364,8 +367,8 @@ impl Endpoint {
         }
         let v = match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name)?;
-                thali_store::gateway::scan(|| db.revs_diff(req)).map_err(db_err)?
+                let db = Self::local_db(node, name).await?;
+                db.revs_diff(req).await.map_err(db_err)?
             }
             Endpoint::Remote { remote, .. } => {
                 let r = remote
@@ -402,7 +405,7 @@ impl Endpoint {
         }
         match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name)?;
+                let db = Self::local_db(node, name).await?;
                 let items = items
                     .into_iter()
                     .map(|(id, rev, since)| BulkGetItem {
@@ -421,7 +424,7 @@ impl Endpoint {
                     },
                     ..Default::default()
                 };
-                let v = thali_store::gateway::scan(|| db.bulk_get(items, &opts)).map_err(db_err)?;
+                let v = db.bulk_get(items, &opts).await.map_err(db_err)?;
                 Ok(bulk_get_results(v))
             }
             Endpoint::Remote {
@@ -484,7 +487,9 @@ impl Endpoint {
         atts: &[Needed],
     ) -> ReplResult<Bodies<'_>> {
         match self {
-            Endpoint::Local { node, name } => Ok(Bodies::local(Self::local_db(node, name)?, atts)),
+            Endpoint::Local { node, name } => {
+                Ok(Bodies::local(Self::local_db(node, name).await?, atts))
+            }
             Endpoint::Remote {
                 remote, multipart, ..
             } => {
@@ -515,7 +520,7 @@ impl Endpoint {
     ) -> ReplResult<Option<Value>> {
         match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name)?;
+                let db = Self::local_db(node, name).await?;
                 attachments::write_local(&db, doc, atts, bodies).await
             }
             Endpoint::Remote { remote, .. } => {
@@ -531,7 +536,7 @@ impl Endpoint {
         }
         match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name)?;
+                let db = Self::local_db(node, name).await?;
                 let ctx = thali_db::Caller::node(name);
                 let res = db.bulk_docs(docs, false, &ctx).await.map_err(db_err)?;
                 Ok(res
@@ -556,7 +561,7 @@ impl Endpoint {
         let (ddoc, fname) = spec.split_once('/').ok_or_else(missing)?;
         match self {
             Endpoint::Local { node, name } => {
-                let plugins = Self::local_db(node, name)?.plugins();
+                let plugins = Self::local_db(node, name).await?.plugins();
                 let (d, _) = plugins.filter(spec).ok_or_else(missing)?;
                 Ok(format!("{}/{fname}", d.code_hash))
             }

@@ -29,10 +29,7 @@ pub async fn run(rep: Arc<Replicator>, mut shutdown: watch::Receiver<bool>) {
     let mut known: HashMap<String, String> = HashMap::new();
     let mut since = 0;
     loop {
-        let db = match rep.node().db(DB).or_else(|e| match e {
-            DbError::NotFound(_) => rep.node().create_db(DB),
-            e => Err(e),
-        }) {
+        let db = match rep.node().db_or_create(DB).await {
             Ok(db) => db,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open _replicator");
@@ -47,7 +44,7 @@ pub async fn run(rep: Arc<Replicator>, mut shutdown: watch::Receiver<bool>) {
             since,
             ..Default::default()
         };
-        match thali_store::gateway::scan(|| db.changes(&q)) {
+        match db.changes(&q).await {
             Ok((rows, last, _)) => {
                 for row in rows {
                     let Ok(v) = serde_json::from_str::<Value>(&row.json) else {

@@ -36,7 +36,6 @@
 
 pub mod blob;
 pub mod engine;
-pub mod gateway;
 pub mod index;
 mod layout;
 pub mod migrate;
@@ -371,7 +370,9 @@ impl Store {
             return Ok(());
         }
         let store = self.clone();
-        gateway::long(move || store.durable_blocking(ticket))
+        // A flush is long work: on the blocking pool, never on an async worker.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| store.durable_blocking(ticket)))
             .await
             .map_err(|e| StoreError::Corrupt(e.to_string()))?
     }

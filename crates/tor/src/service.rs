@@ -81,7 +81,7 @@ async fn serve(
     }
     tor.client.send_replace(Some(client.clone()));
 
-    let mut allowed = allowed_clients(tor, node);
+    let mut allowed = allowed_clients(tor, node).await;
     loop {
         let (service, requests) = launch(tor, &client, &allowed).await?;
         let mut events = service.status_events();
@@ -89,7 +89,7 @@ async fn serve(
         let mut recheck = tokio::time::interval(RECHECK);
         let port = tor.options.port;
         loop {
-            tokio::select! {
+            let recheck_due = tokio::select! {
                 req = streams.next() => {
                     let Some(req) = req else { return Err("the onion service stopped".into()) };
                     let acceptor = acceptor.clone();
@@ -106,20 +106,25 @@ async fn serve(
                             Err(_) => tracing::debug!("onion stream accept timed out"),
                         }
                     });
+                    false
                 }
                 status = events.next() => {
-                    let Some(status) = status else { continue };
-                    follow_status(tor, &status);
-                }
-                _ = recheck.tick(), if tor.options.restricted => {
-                    let now = allowed_clients(tor, node);
-                    if now != allowed {
-                        tracing::info!(before = allowed.len(), after = now.len(), "peer keys changed: relaunching the onion service with the new discovery list");
-                        allowed = now;
-                        break;
+                    if let Some(status) = status {
+                        follow_status(tor, &status);
                     }
+                    false
                 }
+                _ = recheck.tick(), if tor.options.restricted => true,
                 _ = shutdown.wait_for(|v| *v) => return Ok(()),
+            };
+            // Outside the `select!`: its futures (the shutdown watch's guard) are gone here.
+            if recheck_due {
+                let now = allowed_clients(tor, node).await;
+                if now != allowed {
+                    tracing::info!(before = allowed.len(), after = now.len(), "peer keys changed: relaunching the onion service with the new discovery list");
+                    allowed = now;
+                    break;
+                }
             }
         }
         // arti reads restricted-discovery keys only at launch: stop this service, start anew.
@@ -221,13 +226,14 @@ fn follow_status(tor: &Tor, status: &tor_hsservice::status::OnionServiceStatus) 
 
 /// The peer keys any database's `_security` names (the node's own key included, so the list is
 /// never empty): the clients restricted discovery lets find the service.
-fn allowed_clients(tor: &Tor, node: &Node) -> BTreeSet<[u8; 32]> {
+async fn allowed_clients(tor: &Tor, node: &Arc<Node>) -> BTreeSet<[u8; 32]> {
     let mut keys = BTreeSet::from([tor.own_key]);
     if !tor.options.restricted {
         return keys;
     }
     keys.extend(
         node.peer_keys()
+            .await
             .iter()
             .filter_map(|n| thali_peer::parse_key_id(n).ok()),
     );

@@ -1,7 +1,8 @@
-//! The one way engine work leaves the async workers. Writes, flushes, index builds and scans
-//! can block for milliseconds to seconds (an fsync, a cold range read); running them on a
-//! runtime worker would stall every other request on it. Point reads of single records stay
-//! inline: they cost microseconds from the block cache.
+//! How engine work leaves the async workers, private to this crate: callers of `db` see async
+//! methods and never choose. Writes, flushes, index builds, plugin compilation and scans can
+//! block for milliseconds to seconds (an fsync, a cold range read); running them on a runtime
+//! worker would stall every other request on it. Point reads of single records stay inline:
+//! they cost microseconds from the block cache.
 //!
 //! - [`run`]: short owned work (a write batch, a query), at most [`SHORT_SLOTS`] at once, so a
 //!   burst of concurrent writers does not grow the blocking pool to one thread each (every
@@ -9,19 +10,16 @@
 //! - [`detach`]: short work started and not awaited (a database's writer draining its queue).
 //! - [`long`] / [`spawn`]: long owned work (compaction, an index build, a streamed answer),
 //!   awaited or not, outside that bound so it never starves the short work.
-//! - [`scan`]: borrowed work in place, after telling a multi-threaded runtime to move its other
-//!   tasks off this worker; plain call elsewhere (a current-thread runtime, a plain thread),
-//!   where `block_in_place` would panic.
 
 /// Short work running at once on the blocking pool; writes to one database serialise on its
 /// lock anyway, so more would only add threads.
-pub const SHORT_SLOTS: usize = 4;
+pub(crate) const SHORT_SLOTS: usize = 4;
 
 static SHORT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SHORT_SLOTS);
 
 /// Runs short work `f` on the blocking pool (waiting for a slot). Errors only if the task
 /// panicked or the runtime is gone.
-pub async fn run<T, F>(f: F) -> Result<T, Gone>
+pub(crate) async fn run<T, F>(f: F) -> Result<T, Gone>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
@@ -32,7 +30,7 @@ where
 
 /// Starts short work `f` on the blocking pool once a slot is free, without waiting for it: it
 /// runs even if the caller goes away (a database's write queue relies on that).
-pub fn detach<F>(f: F)
+pub(crate) fn detach<F>(f: F)
 where
     F: FnOnce() + Send + 'static,
 {
@@ -46,7 +44,7 @@ where
 }
 
 /// Runs long work `f` on the blocking pool, outside the short-work bound.
-pub async fn long<T, F>(f: F) -> Result<T, Gone>
+pub(crate) async fn long<T, F>(f: F) -> Result<T, Gone>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
@@ -55,23 +53,13 @@ where
 }
 
 /// Starts `f` on the blocking pool (in the caller's tracing span) without waiting for it.
-pub fn spawn<T, F>(f: F) -> tokio::task::JoinHandle<T>
+pub(crate) fn spawn<T, F>(f: F) -> tokio::task::JoinHandle<T>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(f))
-}
-
-/// Runs borrowed blocking work on this thread without starving the runtime.
-pub fn scan<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
 }
 
 /// A blocking task that did not finish (it panicked, or the runtime shut down).
