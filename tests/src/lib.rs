@@ -3,6 +3,7 @@
 
 pub mod blobs;
 pub mod mesh;
+pub mod needs;
 pub mod servers;
 pub mod tornet;
 

@@ -33,14 +33,9 @@ pub struct PrivNet {
 /// `tor` and `tor-gencert`, or a panic that says how to install them.
 fn tor_binaries() -> (PathBuf, PathBuf) {
     let find = |name: &str| {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain(["/usr/sbin".into(), "/usr/bin".into()])
-            .map(|d: PathBuf| d.join(name))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!("`{name}` not found: the Tor tests need Debian's tor package (apt-get install -y tor; tests/run-all.sh installs it)")
-            })
+        crate::needs::on_path(name).unwrap_or_else(|| {
+            panic!("`{name}` not found: the Tor tests need Debian's tor package (apt-get install -y tor; tests/run-all.sh installs it)")
+        })
     };
     (find("tor"), find("tor-gencert"))
 }

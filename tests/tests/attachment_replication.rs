@@ -102,6 +102,7 @@ fn one_gigabyte_attachment_replicates_over_httpkey_with_bounded_memory() {
 
 #[test]
 fn large_attachment_through_pouchdb_server_and_back() {
+    thali_tests::require!(thali_tests::needs::Need::PouchdbServer);
     // pouchdb-server holds an attachment whole in memory (and in a JavaScript string on its
     // way through), so the body here is large enough to be streamed by the node, chunked in
     // its store and sent as multipart, not a gigabyte.

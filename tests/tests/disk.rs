@@ -96,6 +96,7 @@ fn noise(seed: usize, len: usize) -> String {
 
 #[test]
 fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_when_space_is_freed() {
+    thali_tests::require!(thali_tests::needs::Need::Root);
     let tmp = TempDir::new("disk");
     let disk = Tmpfs::mount(&tmp.0.join("disk"), "256m");
     let data = disk.0.join("data");

@@ -205,6 +205,7 @@ fn overheard(ns: &str, secs: u64) -> Vec<(String, String, usize, Vec<String>)> {
 
 #[test]
 fn two_devices_discover_each_other_pair_by_code_and_sync() {
+    thali_tests::require!(thali_tests::needs::Need::Root);
     let (na, nb) = lan(1);
     let (da, db) = (TempDir::new("lan-a"), TempDir::new("lan-b"));
     let started = Instant::now();

@@ -219,6 +219,7 @@ fn to_pouchdb_server_and_back(node: &Node, nums: &[String]) {
 
 #[test]
 fn numbers_survive_every_path_byte_for_byte() {
+    thali_tests::require!(thali_tests::needs::Need::PouchdbServer);
     let seed = std::env::var("THALI_NUMBERS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -164,6 +164,7 @@ fn javascript_validation_and_filters() {
 
 #[test]
 fn wasm_validation_and_filters() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     check_typed_rules("wasm", wasm_typed());
 }
 
@@ -211,6 +212,7 @@ fn validators_see_user_ctx_sec_obj_and_old_doc() {
 
 #[test]
 fn broken_design_documents_are_refused_at_write_time() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     let dir = TempDir::new("compile");
     let n = Node::start(&dir.0);
     n.put("/db", &json!({}));
@@ -416,6 +418,7 @@ fn hostile_lua_plugins_fail_one_call() {
 
 #[test]
 fn filters_in_replication_and_design_documents_replicate_and_enforce() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     let (a, b) = (PeerNode::start("prep-a"), PeerNode::start("prep-b"));
     a.node.put("/app", &json!({}));
     a.node.put("/app/_design/typed", &lua_typed());

@@ -254,6 +254,7 @@ fn a_ring_of_three_converges_with_a_lua_resolver() {
 
 #[test]
 fn a_ring_of_three_converges_with_a_wasm_resolver() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     ring_converges(wasm_merge(), "ring-wasm");
 }
 
@@ -274,6 +275,7 @@ fn conflict(node: &Node, db: &str, id: &str, a: Value, b: Value) {
 
 #[test]
 fn lua_wasm_and_javascript_write_byte_identical_resolutions() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     let (da, db, dc) = (
         TempDir::new("res-lua"),
         TempDir::new("res-wasm"),

@@ -9,6 +9,7 @@ use thali_tests::{thali_bin, Client};
 /// One network for every part: it takes ~30 s to bootstrap and 8 tor processes on 2 cores.
 #[test]
 fn tor_end_to_end() {
+    thali_tests::require!(thali_tests::needs::Need::Tor);
     let net = PrivNet::start();
     eprintln!("private Tor network bootstrapped in {:?}", net.bootstrap);
     onion_nodes_replicate_both_ways_and_keep_their_address(&net);

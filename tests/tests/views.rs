@@ -458,6 +458,7 @@ fn lua_views_answer_every_parameter() {
 
 #[test]
 fn wasm_views_answer_every_parameter() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     every_parameter_and_reduce("wasm");
 }
 
@@ -531,6 +532,7 @@ fn lua_views_update_incrementally() {
 
 #[test]
 fn wasm_views_update_incrementally() {
+    thali_tests::require!(thali_tests::needs::Need::WasmPlugins);
     incremental("wasm");
 }
 

@@ -537,12 +537,12 @@ impl Database {
 
     /// Documents whose winning revision is not deleted.
     fn counts(&self) -> (u64, u64, u64) {
-        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
+        *thali_sys::sync::lock(&self.counts)
     }
 
     /// Publishes the counts of a durable write, unless a newer write's are already out.
     fn publish_counts(&self, seq: u64, doc_count: u64, doc_del_count: u64) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = thali_sys::sync::lock(&self.counts);
         if seq >= c.0 {
             *c = (seq, doc_count, doc_del_count);
         }

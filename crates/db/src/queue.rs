@@ -67,7 +67,7 @@ impl WriteQueue {
 
 impl Database {
     fn queue(&self) -> MutexGuard<'_, WriteQueue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.queue)
     }
 
     /// Queues `docs` for writing and waits for their results, applied together with whatever

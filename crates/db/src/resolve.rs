@@ -46,7 +46,7 @@ struct StatsInner {
 
 impl ResolverStats {
     fn with<T>(&self, f: impl FnOnce(&mut StatsInner) -> T) -> T {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut thali_sys::sync::lock(&self.inner))
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::Instant;
 use thali_doc::collate;
 use thali_plugins::design::{DesignFns, Reduce};
 use thali_store::index::{row_key, row_view, view_prefix, IndexBatch, IndexStore};
+use thali_sys::sync::lock;
 use thali_view::reduce::{ReduceError, Reducer};
 use thali_view::{Update, ViewQuery};
 
@@ -89,10 +90,6 @@ impl ViewIndex {
 #[derive(Default)]
 pub(super) struct Views {
     open: Mutex<HashMap<String, Arc<ViewIndex>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now() -> u64 {

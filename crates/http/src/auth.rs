@@ -196,7 +196,7 @@ pub mod cookie {
 
     impl LoggedOut {
         fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner())
+            thali_sys::sync::lock(&self.0)
         }
 
         pub fn add(&self, token: &str, expires: u64) {
@@ -229,10 +229,7 @@ pub mod cookie {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::Digest;
     let (x, y) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
-    x.iter()
-        .zip(y.iter())
-        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
-        == 0
+    subtle::ConstantTimeEq::ct_eq(x.as_slice(), y.as_slice()).into()
 }
 
 /// What a route needs, by kind and method. Which documents a caller may write (design

@@ -40,7 +40,7 @@ fn unknown_source() -> IpAddr {
 
 impl Lockout {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.entries)
     }
 
     /// Refuses, before any password is checked, a name locked from this address.

@@ -154,7 +154,7 @@ fn not_found() -> PairError {
 
 impl Pairing {
     fn codes(&self) -> std::sync::MutexGuard<'_, Codes> {
-        self.codes.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.codes)
     }
 
     /// A peer's pairing message may be read: its key and address are within their failure

@@ -101,14 +101,11 @@ pub fn secret_hash(secret: &str) -> String {
 
 /// Equal hex digests, compared without an early exit.
 pub fn same_hash(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()).into()
 }
 
-/// `90`, `90s`, `15m`, `1h`, `7d` as seconds.
+/// `90`, `90s`, `15m`, `1h`, `7d` as seconds. Hand-written rather than `humantime`: an
+/// invite's lifetime takes only these units (humantime also reads months and years).
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, unit) = s

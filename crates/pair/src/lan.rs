@@ -46,7 +46,7 @@ struct Seen {
 
 impl Pairing {
     fn lan(&self) -> std::sync::MutexGuard<'_, Lan> {
-        self.lan.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.lan)
     }
 
     /// The nodes discovered nearby (`GET /_thali/peers`).

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use thali_sys::sync::lock;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Connections one unknown key may hold.
@@ -30,10 +31,6 @@ pub struct PerKey {
     per_known: usize,
     /// Requests per second per key (0: unlimited); the bucket holds two seconds' worth.
     rate: f64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PerKey {

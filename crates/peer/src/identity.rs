@@ -21,39 +21,25 @@ pub struct Identity {
     cert: CertificateDer<'static>,
 }
 
-const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// Lower-case RFC 4648 base32 without padding, refusing non-zero trailing bits (so every
+/// key has one spelling).
+fn b32() -> &'static data_encoding::Encoding {
+    static B32: std::sync::OnceLock<data_encoding::Encoding> = std::sync::OnceLock::new();
+    B32.get_or_init(|| {
+        let mut spec = data_encoding::Specification::new();
+        spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+        spec.check_trailing_bits = true;
+        spec.encoding().expect("a valid base32 alphabet")
+    })
+}
 
 /// Lower-case RFC 4648 base32 without padding.
 pub fn base32(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
-    let (mut buf, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        buf = (buf << 8) | b as u32;
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(B32[((buf >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(B32[((buf << (5 - bits)) & 31) as usize] as char);
-    }
-    out
+    b32().encode(bytes)
 }
 
 fn unbase32(s: &str) -> Option<Vec<u8>> {
-    let (mut buf, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in s.bytes() {
-        let v = B32.iter().position(|&x| x == c)? as u32;
-        buf = (buf << 5) | v;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    // Leftover bits must be zero padding, or the text is not canonical.
-    (buf & ((1 << bits) - 1) == 0).then_some(out)
+    b32().decode(s.as_bytes()).ok()
 }
 
 /// `ed25519:<base32 of the 32-byte public key>`.
@@ -144,14 +130,12 @@ impl Identity {
         self.cert.clone()
     }
 
-    /// The 32-byte Ed25519 secret (seed), from the PKCS#8 encoding (v1 or v2: both put it at
-    /// the same offset, after the algorithm id and `OCTET STRING(OCTET STRING(32))`).
+    /// The 32-byte Ed25519 secret (seed), read from the key's PKCS#8 encoding.
     pub fn ed25519_seed(&self) -> Option<[u8; 32]> {
-        let der = self.key.serialize_der();
-        let ed25519_oid = [0x06, 0x03, 0x2b, 0x65, 0x70];
-        (der.get(7..12)? == ed25519_oid && der.get(12..16)? == [0x04, 0x22, 0x04, 0x20])
-            .then(|| der.get(16..48)?.try_into().ok())
-            .flatten()
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        ed25519_dalek::SigningKey::from_pkcs8_der(&self.key.serialize_der())
+            .ok()
+            .map(|k| k.to_bytes())
     }
 
     pub fn private_key(&self) -> PrivateKeyDer<'static> {

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thali_sys::sync::lock;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
@@ -103,10 +104,6 @@ pub struct PeerAcceptor {
     /// How long a write may wait for the peer to read (`--request-timeout`).
     stall: Duration,
     is_known: KnownKeys,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PeerAcceptor {

@@ -128,11 +128,10 @@ impl Larger {
     pub fn on_reveal(self, rn_small: &Nonce) -> Result<u32, PairingError> {
         let expected = commitment(rn_small, &self.theirs, &self.mine);
         // Constant time: the comparison must not tell a guesser how close it came.
-        let diff = expected
-            .iter()
-            .zip(self.commitment.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_slice(),
+            self.commitment.as_slice(),
+        )) {
             return Err(PairingError::CommitmentMismatch);
         }
         Ok(code(&self.rn, &self.mine, &self.theirs, rn_small))

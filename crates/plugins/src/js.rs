@@ -20,6 +20,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+use thali_sys::sync::lock;
 
 /// QuickJS calls the interrupt handler about every this many operations (its
 /// `JS_INTERRUPT_COUNTER_INIT`); each call is charged that much CPU.
@@ -213,10 +214,6 @@ struct State {
     budget: Arc<Mutex<Budget>>,
     /// `None` after a call hit a limit: rebuilt before the next one.
     live: Mutex<Option<Live>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A QuickJS error or thrown value as one line.

@@ -15,6 +15,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use thali_sys::sync::lock;
 
 /// Instructions between two hook checks.
 const HOOK_EVERY: u32 = 1000;
@@ -50,10 +51,6 @@ struct State {
     calls: Mutex<()>,
     limits: Limits,
     id: String,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {

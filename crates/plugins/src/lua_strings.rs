@@ -136,7 +136,7 @@ fn gmatch(lua: &Lua, args: MultiValue, charge: &Charge) -> mlua::Result<mlua::Fu
     });
     let charge = charge.clone();
     lua.create_function(move |lua, ()| {
-        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = thali_sys::sync::lock(&state);
         let GmatchState {
             src,
             pat,

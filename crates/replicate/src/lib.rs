@@ -81,7 +81,7 @@ impl Replicator {
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<Arc<JobHandle>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.jobs)
     }
 
     pub fn full_id(&self, spec: &Spec) -> String {

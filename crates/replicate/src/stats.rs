@@ -77,7 +77,7 @@ impl Default for Stats {
 
 impl Stats {
     fn with<T>(&self, f: impl FnOnce(&mut Status) -> T) -> T {
-        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = thali_sys::sync::lock(&self.status);
         g.updated_on = unix_now();
         f(&mut g)
     }

@@ -298,7 +298,7 @@ impl DbStore {
             .name("thali-reclaim".into())
             .spawn(move || {
                 let r = &store.inner.reclaim;
-                let last = *r.last.lock().unwrap_or_else(|p| p.into_inner());
+                let last = *thali_sys::sync::lock(&r.last);
                 if let Some(wait) = last.and_then(|t| RECLAIM_EVERY.checked_sub(t.elapsed())) {
                     std::thread::sleep(wait);
                 }
@@ -311,7 +311,7 @@ impl DbStore {
                     Err(e) => tracing::warn!(db = %store.inner.name, error = %e,
                         "could not give back the space of thrown-away uploads"),
                 }
-                *r.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+                *thali_sys::sync::lock(&r.last) = Some(std::time::Instant::now());
                 r.running.store(false, SeqCst);
             });
         if spawned.is_err() {

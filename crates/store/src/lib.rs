@@ -282,7 +282,7 @@ impl Store {
 
     /// Opens a database, creating it when `create` is set.
     pub fn open_database(&self, name: &str, create: bool) -> Result<Option<DbStore>> {
-        let _g = self.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = thali_sys::sync::lock(&self.inner.catalog);
         let entry = match self.entry(name)? {
             Some(e) => e,
             None if !create => return Ok(None),
@@ -335,7 +335,7 @@ impl Store {
 
     /// Deletes a database and its view indexes; their space goes back to the file system.
     pub fn drop_database(&self, name: &str) -> Result<bool> {
-        let _g = self.inner.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = thali_sys::sync::lock(&self.inner.catalog);
         let Some(entry) = self.entry(name)? else {
             return Ok(false);
         };
@@ -378,12 +378,12 @@ impl Store {
     }
 
     fn is_durable(&self, ticket: Ticket) -> bool {
-        *self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner()) >= ticket.0
+        *thali_sys::sync::lock(&self.inner.flushed) >= ticket.0
     }
 
     /// [`Store::durable`] on this thread (a blocking one).
     pub fn durable_blocking(&self, ticket: Ticket) -> Result<()> {
-        let mut flushed = self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flushed = thali_sys::sync::lock(&self.inner.flushed);
         if *flushed >= ticket.0 {
             return Ok(());
         }

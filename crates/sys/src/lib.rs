@@ -7,3 +7,4 @@ pub mod limit;
 pub mod logs;
 pub mod metrics;
 pub mod shutdown;
+pub mod sync;

@@ -118,7 +118,7 @@ impl Tor {
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        thali_sys::sync::lock(&self.status)
     }
 
     /// The `.onion` host name, once the service has been launched (or from the last run).
@@ -196,7 +196,7 @@ impl Tor {
     fn authorize(&self, client: &Client, host: &str) {
         let Some(seed) = &self.seed else { return };
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let mut done = self.authorized.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = thali_sys::sync::lock(&self.authorized);
         if done.contains(&host) {
             return;
         }

@@ -3,13 +3,14 @@
 //! store allows one process per data directory); `replicate` does too when a node runs, and
 //! replicates in-process when not; `migrate` needs the node stopped.
 
+mod client;
 mod replicate;
 pub use replicate::{replicate, ReplicateArgs};
 
-use base64::Engine;
+use client::request_blocking as request;
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use thali_db::{Level, Security};
@@ -154,42 +155,6 @@ pub fn peer(data: &Path, node: SocketAddr, cmd: PeerCommand) -> CliResult {
 }
 
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
-
-/// A minimal HTTP/1.1 exchange with the local node (JSON in, JSON out).
-fn request(
-    node: SocketAddr,
-    password: &str,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    timeout: Option<Duration>,
-) -> Result<(u16, Value), Box<dyn std::error::Error + Send + Sync>> {
-    let mut s = TcpStream::connect_timeout(&node, Duration::from_secs(5))
-        .map_err(|e| format!("cannot reach the node at {node} (is it running?): {e}"))?;
-    s.set_read_timeout(timeout)?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("malformed HTTP status line")?;
-    Ok((
-        status,
-        serde_json::from_str(body.trim()).unwrap_or(Value::Null),
-    ))
-}
 
 /// `thali migrate`: the node must be stopped (the engine's lock says so otherwise).
 pub fn migrate(data: &Path, to: thali_store::Kind) -> CliResult {

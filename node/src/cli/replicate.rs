@@ -2,7 +2,8 @@
 //! With a node running on `--node` the replication runs there (`POST /_replicate`, progress
 //! from `_active_tasks`); otherwise this process opens the data directory and runs it itself.
 
-use super::{admin_password, request};
+use super::admin_password;
+use super::client::request;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -203,26 +204,23 @@ async fn via_node(
     let node = args.node;
     let (_, root) = {
         let p = password.clone();
-        tokio::task::spawn_blocking(move || request(node, &p, "GET", "/", None, super::TIMEOUT))
-            .await?
+        request(node, &p, "GET", "/", None, super::TIMEOUT)
+            .await
             .map_err(|e| e.to_string())?
     };
     let rep_id = spec.full_id(root["uuid"].as_str().unwrap_or(""));
-    let post = {
-        let p = password.clone();
-        let body = body.clone();
-        tokio::task::spawn_blocking(move || {
-            request(node, &p, "POST", "/_replicate", Some(&body), None)
-        })
-    };
+    let post = request(node, &password, "POST", "/_replicate", Some(&body), None);
     tokio::pin!(post);
+    // A continuous replication's POST answers 202 and is done; the loop then only watches.
+    let mut posted = false;
     let mut progress = Progress::new();
     let mut last = json!({});
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome = loop {
         tokio::select! {
-            r = &mut post => {
-                let (status, v) = r?.map_err(|e| e.to_string())?;
+            r = &mut post, if !posted => {
+                posted = true;
+                let (status, v) = r.map_err(|e| e.to_string())?;
                 if status == 202 {
                     // Continuous: it runs in the node; keep watching until Ctrl-C.
                     continue;
@@ -233,8 +231,7 @@ async fn via_node(
                 break Err(format!("HTTP {status}: {}: {}", v["error"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or("")));
             }
             _ = tick.tick() => {
-                let p = password.clone();
-                if let Ok(Ok((200, tasks))) = tokio::task::spawn_blocking(move || request(node, &p, "GET", "/_active_tasks", None, super::TIMEOUT)).await {
+                if let Ok((200, tasks)) = request(node, &password, "GET", "/_active_tasks", None, super::TIMEOUT).await {
                     if let Some(t) = tasks.as_array().into_iter().flatten().find(|t| t["replication_id"] == json!(rep_id)) {
                         last = t.clone();
                         progress.show(&last);
@@ -242,9 +239,8 @@ async fn via_node(
                 }
             }
             _ = tokio::signal::ctrl_c() => {
-                let p = password.clone();
                 let cancel = json!({"cancel": true, "replication_id": rep_id});
-                let _ = tokio::task::spawn_blocking(move || request(node, &p, "POST", "/_replicate", Some(&cancel), super::TIMEOUT)).await;
+                let _ = request(node, &password, "POST", "/_replicate", Some(&cancel), super::TIMEOUT).await;
                 break Err("interrupted; the replication was stopped after a checkpoint".into());
             }
         }
