@@ -216,19 +216,23 @@ impl Database {
         offload::long(move || this.update_index(&i, &f)).await?
     }
 
-    /// Runs the map functions over the changes since the index's sequence.
+    /// Runs the map functions over the changes since the index's sequence. Three stages: this
+    /// thread reads chunks of the changes feed, two threads map a chunk ([`Self::map_chunk`]),
+    /// a writer applies the previous chunk's batch meanwhile, so a build uses both cores of a
+    /// small machine (the log line splits the time into read/map/write). Under sled, reads
+    /// beside its writer are slow (its epoch-based reclamation hands the writer's garbage to
+    /// readers); fjall reads beside a writer at full speed.
     fn update_index(&self, idx: &ViewIndex, fns: &DesignFns) -> DbResult<()> {
         let target = self.update_seq();
         let since = idx.store.seq()?;
         if since >= target {
             return Ok(());
         }
-        let data = self.data();
         // At most this many changes (fewer when documents changed more than once): counting them
         // exactly would cost a pass over the by-sequence index.
         let total = target - since;
         let views: Vec<(&String, &thali_plugins::design::ViewFns)> = fns.views.iter().collect();
-        let mut counts: Vec<u64> = (0..views.len())
+        let counts: Vec<u64> = (0..views.len())
             .map(|v| idx.store.count(v as u16))
             .collect::<Result<_, _>>()?;
         let started = Instant::now();
@@ -239,120 +243,21 @@ impl Database {
             total_changes: total,
         });
         tracing::info!(db = %self.name, ddoc = %idx.ddoc, sig = %idx.sig, since, changes = total, "view index update started");
-        // Two threads: this one reads and maps, a writer applies the batches (about half of
-        // the work), so a build uses both cores of a small machine.
-        let fresh = since == 0;
         let timing = Timing::default();
-        // Three stages: this thread reads chunks of the changes feed, two threads map a chunk,
-        // a writer applies the previous chunk's batch meanwhile (the log line splits the time
-        // into read/map/write). Under sled, reads beside its writer are slow (its epoch-based
-        // reclamation hands the writer's garbage to readers); fjall reads beside a writer at
-        // full speed.
+        let build = Build {
+            idx,
+            views,
+            counts,
+            since,
+            target,
+            total,
+            timing: &timing,
+        };
         let result = std::thread::scope(|scope| -> DbResult<u64> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<(IndexBatch, u64)>(1);
             let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
-            let timing = &timing;
-            let writer = scope.spawn(move || -> DbResult<()> {
-                for (b, done) in rx {
-                    let t0 = Instant::now();
-                    idx.store.apply(b)?;
-                    Timing::add(&timing.write, t0);
-                    if let Some(p) = lock(&idx.progress).as_mut() {
-                        p.changes_done = done;
-                        p.updated_on = now();
-                    }
-                    let _ = ack_tx.send(());
-                }
-                Ok(())
-            });
-            let mapped = (|| -> DbResult<u64> {
-                let mut changes = data.changes(since, false);
-                // The next chunk of changes, and whether the feed ends after it.
-                let mut read = || -> DbResult<(Vec<(u64, thali_store::SeqEntry)>, bool)> {
-                    let mut chunk = Vec::with_capacity(BATCH);
-                    for r in changes.by_ref() {
-                        let (seq, entry) = r?;
-                        if seq > target {
-                            return Ok((chunk, true));
-                        }
-                        chunk.push((seq, entry));
-                        if chunk.len() >= BATCH {
-                            return Ok((chunk, false));
-                        }
-                    }
-                    Ok((chunk, true))
-                };
-                let mut done = 0u64;
-                let mut last_log = Instant::now();
-                let mut in_flight = false;
-                let (mut next, mut end) = read()?;
-                loop {
-                    let chunk = std::mem::take(&mut next);
-                    let last = end;
-                    let Some(last_seq) = chunk.last().map(|c| c.0) else {
-                        break;
-                    };
-                    let rows = self.map_chunk(idx, &views, &chunk, timing)?;
-                    // The feed is read while the writer applies the previous chunk (an LSM
-                    // engine reads beside a writer at full speed).
-                    if !last {
-                        let t0 = Instant::now();
-                        (next, end) = read()?;
-                        Timing::add(&timing.read, t0);
-                    }
-                    if in_flight && ack_rx.recv().is_err() {
-                        // The writer failed; its error is returned below.
-                        return Ok(done);
-                    }
-                    let mut batch = IndexBatch::default();
-                    for ((_, entry), rows) in chunk.iter().zip(rows) {
-                        // A document is once in the range, so its previous rows (if any) were
-                        // written by an earlier update, never by a batch still in flight.
-                        if !fresh {
-                            for key in idx.store.doc_rows(&entry.id)? {
-                                if let Some(c) =
-                                    row_view(&key).and_then(|v| counts.get_mut(v as usize))
-                                {
-                                    *c = c.saturating_sub(1);
-                                }
-                                batch.del_row(&key);
-                            }
-                        }
-                        if fresh && rows.is_empty() {
-                            // Nothing emitted and nothing to remove.
-                            continue;
-                        }
-                        let mut keys = Vec::with_capacity(rows.len());
-                        for (view, key, val) in rows {
-                            batch.put_row(&key, &val);
-                            counts[view as usize] += 1;
-                            keys.push(key);
-                        }
-                        batch.set_doc_rows(&entry.id, &keys);
-                    }
-                    done += chunk.len() as u64;
-                    for (v, c) in counts.iter().enumerate() {
-                        batch.set_count(v as u16, *c);
-                    }
-                    batch.set_seq(if last { target } else { last_seq });
-                    if tx.send((batch, done)).is_err() {
-                        return Ok(done);
-                    }
-                    in_flight = true;
-                    if last_log.elapsed().as_secs() >= 10 {
-                        last_log = Instant::now();
-                        tracing::info!(db = %self.name, ddoc = %idx.ddoc, done, total, "view index update progress");
-                    }
-                    if last {
-                        return Ok(done);
-                    }
-                }
-                // Nothing (left) to map: the index has still seen everything up to `target`.
-                let mut batch = IndexBatch::default();
-                batch.set_seq(target);
-                let _ = tx.send((batch, done));
-                Ok(done)
-            })();
+            let writer = scope.spawn(|| write_batches(idx, rx, ack_tx, &timing));
+            let mapped = self.map_changes(build, &tx, &ack_rx);
             drop(tx);
             writer
                 .join()
@@ -374,6 +279,75 @@ impl Database {
             "view index updated"
         );
         Ok(())
+    }
+
+    /// The read and map stages: chunks of changes mapped into batches for the writer (the
+    /// next chunk is read while the writer applies the previous one). Returns how many
+    /// changes were done.
+    fn map_changes(
+        &self,
+        mut b: Build<'_>,
+        tx: &std::sync::mpsc::SyncSender<(IndexBatch, u64)>,
+        ack_rx: &std::sync::mpsc::Receiver<()>,
+    ) -> DbResult<u64> {
+        let data = self.data();
+        let mut changes = data.changes(b.since, false);
+        let target = b.target;
+        // The next chunk of changes, and whether the feed ends after it.
+        let mut read = || -> DbResult<(Vec<(u64, thali_store::SeqEntry)>, bool)> {
+            let mut chunk = Vec::with_capacity(BATCH);
+            for r in changes.by_ref() {
+                let (seq, entry) = r?;
+                if seq > target {
+                    return Ok((chunk, true));
+                }
+                chunk.push((seq, entry));
+                if chunk.len() >= BATCH {
+                    return Ok((chunk, false));
+                }
+            }
+            Ok((chunk, true))
+        };
+        let mut done = 0u64;
+        let mut last_log = Instant::now();
+        let mut in_flight = false;
+        let (mut next, mut end) = read()?;
+        loop {
+            let chunk = std::mem::take(&mut next);
+            let last = end;
+            let Some(last_seq) = chunk.last().map(|c| c.0) else {
+                break;
+            };
+            let rows = self.map_chunk(b.idx, &b.views, &chunk, b.timing)?;
+            if !last {
+                let t0 = Instant::now();
+                (next, end) = read()?;
+                Timing::add(&b.timing.read, t0);
+            }
+            if in_flight && ack_rx.recv().is_err() {
+                // The writer failed; its error is returned by `update_index`.
+                return Ok(done);
+            }
+            let mut batch = b.rows_batch(&chunk, rows)?;
+            done += chunk.len() as u64;
+            batch.set_seq(if last { target } else { last_seq });
+            if tx.send((batch, done)).is_err() {
+                return Ok(done);
+            }
+            in_flight = true;
+            if last_log.elapsed().as_secs() >= 10 {
+                last_log = Instant::now();
+                tracing::info!(db = %self.name, ddoc = %b.idx.ddoc, done, total = b.total, "view index update progress");
+            }
+            if last {
+                return Ok(done);
+            }
+        }
+        // Nothing (left) to map: the index has still seen everything up to `target`.
+        let mut batch = IndexBatch::default();
+        batch.set_seq(target);
+        let _ = tx.send((batch, done));
+        Ok(done)
     }
 
     /// Maps a chunk of changed documents on two threads (WASM calls run in parallel on warm
@@ -877,4 +851,75 @@ pub(super) fn row_id(key: &[u8]) -> String {
     let start = 3 + collate::term_len(enc);
     let end = key.len().saturating_sub(5).max(start);
     String::from_utf8_lossy(&key[start..end]).into_owned()
+}
+
+/// One index update under way: what [`Database::update_index`]'s stages share.
+struct Build<'a> {
+    idx: &'a ViewIndex,
+    views: Vec<(&'a String, &'a thali_plugins::design::ViewFns)>,
+    /// Rows per view, kept up to date batch by batch.
+    counts: Vec<u64>,
+    since: u64,
+    target: u64,
+    total: u64,
+    timing: &'a Timing,
+}
+
+impl Build<'_> {
+    /// The batch that replaces the chunk's documents' previous rows with their new ones.
+    fn rows_batch(
+        &mut self,
+        chunk: &[(u64, thali_store::SeqEntry)],
+        rows: Vec<Vec<Row>>,
+    ) -> DbResult<IndexBatch> {
+        let fresh = self.since == 0;
+        let mut batch = IndexBatch::default();
+        for ((_, entry), rows) in chunk.iter().zip(rows) {
+            // A document is once in the range, so its previous rows (if any) were written by
+            // an earlier update, never by a batch still in flight.
+            if !fresh {
+                for key in self.idx.store.doc_rows(&entry.id)? {
+                    if let Some(c) = row_view(&key).and_then(|v| self.counts.get_mut(v as usize)) {
+                        *c = c.saturating_sub(1);
+                    }
+                    batch.del_row(&key);
+                }
+            }
+            if fresh && rows.is_empty() {
+                // Nothing emitted and nothing to remove.
+                continue;
+            }
+            let mut keys = Vec::with_capacity(rows.len());
+            for (view, key, val) in rows {
+                batch.put_row(&key, &val);
+                self.counts[view as usize] += 1;
+                keys.push(key);
+            }
+            batch.set_doc_rows(&entry.id, &keys);
+        }
+        for (v, c) in self.counts.iter().enumerate() {
+            batch.set_count(v as u16, *c);
+        }
+        Ok(batch)
+    }
+}
+
+/// The write stage: applies the batches in order, acknowledging each.
+fn write_batches(
+    idx: &ViewIndex,
+    rx: std::sync::mpsc::Receiver<(IndexBatch, u64)>,
+    ack_tx: std::sync::mpsc::Sender<()>,
+    timing: &Timing,
+) -> DbResult<()> {
+    for (b, done) in rx {
+        let t0 = Instant::now();
+        idx.store.apply(b)?;
+        Timing::add(&timing.write, t0);
+        if let Some(p) = lock(&idx.progress).as_mut() {
+            p.changes_done = done;
+            p.updated_on = now();
+        }
+        let _ = ack_tx.send(());
+    }
+    Ok(())
 }

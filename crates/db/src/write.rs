@@ -64,6 +64,39 @@ pub(super) struct WriteCtx {
     pub(super) atomic: bool,
 }
 
+/// A revision about to be merged: its id, its path back from it, its attachments.
+struct Revision {
+    rev: Rev,
+    path: Vec<String>,
+    atts: BTreeMap<String, AttMeta>,
+}
+
+/// The document's id; a local edit without one gets a random id.
+fn doc_id(doc: &IncomingDoc, new_edits: bool) -> DbResult<String> {
+    match &doc.id {
+        Some(id) => Ok(id.clone()),
+        None if new_edits => Ok(random_hex(16)),
+        None => Err(DbError::BadRequest(
+            "When `new_edits: false`, the document needs `_id` specified".into(),
+        )),
+    }
+}
+
+fn missing_rev() -> DbError {
+    DbError::BadRequest(
+        "When `new_edits: false`, the document needs `_rev` or `_revisions` specified".into(),
+    )
+}
+
+/// The revision a replicated edit names.
+fn replicated_rev(doc: &IncomingDoc) -> DbResult<Rev> {
+    match (&doc.revisions, &doc.rev) {
+        (Some((start, ids)), _) => Ok(Rev::new(*start, ids[0].clone())),
+        (None, Some(r)) => Ok(r.clone()),
+        (None, None) => Err(missing_rev()),
+    }
+}
+
 #[cfg(test)]
 impl WriteCtx {
     /// The node writing, no validators; `exclusive` as a conflict resolution is.
@@ -319,30 +352,46 @@ impl Database {
         Ok(bs.data.body_of(id, info, &r)?)
     }
 
+    /// One document of a batch: admission (id, permission, size), its revision and
+    /// attachments, design-document and validator checks, then the merge into its tree.
     fn write_one(
         &self,
-        doc: IncomingDoc,
+        mut doc: IncomingDoc,
         new_edits: bool,
         ctx: &WriteCtx,
         st: &mut WriteState,
         bs: &mut BatchState,
     ) -> DbResult<(String, String)> {
-        let id = match &doc.id {
-            Some(id) => id.clone(),
-            None if new_edits => random_hex(16),
-            None => {
-                return Err(DbError::BadRequest(
-                    "When `new_edits: false`, the document needs `_id` specified".into(),
-                ))
-            }
-        };
+        let id = doc_id(&doc, new_edits)?;
         // Every route and the replicator end here: ids are checked after all decoding.
         validate_doc_id(&id)?;
         if let Some(local_id) = id.strip_prefix("_local/") {
             let rev = self.write_local_in(local_id, doc, &ctx.caller, bs)?;
             return Ok((id, rev));
         }
-        ctx.caller.check_doc_write(&id)?;
+        self.admit(&id, &doc, ctx)?;
+        let info = self.load_info(&id, bs)?;
+        let atts_in = std::mem::take(&mut doc.atts);
+        let revision = if new_edits {
+            self.new_edit(&id, &doc, atts_in, &info, bs)?
+        } else {
+            match self.replicated_edit(&id, &doc, atts_in, &info, bs)? {
+                Some(r) => r,
+                // Already stored: a no-op, as in CouchDB.
+                None => return Ok((id, replicated_rev(&doc)?.to_string())),
+            }
+        };
+        // An existing revision is a no-op or a conflict (the merge below decides): nothing to
+        // compile or validate.
+        if info.tree.get(&revision.rev).is_none() {
+            self.check_new_revision(&id, &doc, &revision, &info, ctx, bs)?;
+        }
+        self.merge(id, doc, revision, info, new_edits, st, bs)
+    }
+
+    /// What the caller may write and how large a document may be.
+    fn admit(&self, id: &str, doc: &IncomingDoc, ctx: &WriteCtx) -> DbResult<()> {
+        ctx.caller.check_doc_write(id)?;
         if doc.bad_rev {
             return Err(DbError::BadRequest("Invalid rev format".into()));
         }
@@ -351,108 +400,160 @@ impl Database {
             None => thali_doc::rev::json_len(&doc.body),
         };
         if size > self.limits.max_doc_size {
-            return Err(DbError::DocTooLarge(id));
+            return Err(DbError::DocTooLarge(id.to_string()));
         }
-        let mut info = self.load_info(&id, bs)?;
-        let old_winner = info.tree.winner();
+        Ok(())
+    }
 
-        let (new_rev, path, atts) = if new_edits {
-            let parent = match (&doc.rev, &old_winner) {
-                (Some(r), _) if info.tree.is_leaf(r) => Some(r.clone()),
-                (Some(_), _) => return Err(DbError::Conflict),
-                (None, None) => None,
-                // Recreating a deleted document continues its winning branch.
-                (None, Some(w)) if w.deleted => Some(w.rev.clone()),
-                (None, Some(_)) => return Err(DbError::Conflict),
-            };
-            let parent_body = match &parent {
-                Some(p) => self.load_body(&id, &info, p, bs)?,
-                None => None,
-            };
-            let pos = parent.as_ref().map_or(1, |p| p.pos + 1);
-            let atts = self.resolve_atts(&id, doc.atts, pos, true, bs, |name| {
-                parent_body.as_ref().and_then(|b| b.atts.get(name).cloned())
-            })?;
-            let digests: Vec<(&str, &str)> = atts
-                .iter()
-                .map(|(n, a)| (n.as_str(), a.digest.as_str()))
-                .collect();
-            let rev_id = match &doc.prepared {
-                Some(Prepared {
-                    rev_id: Some(r), ..
-                }) if digests.is_empty() && parent == doc.rev => r.clone(),
-                _ => hash_rev(parent.as_ref(), doc.deleted, &doc.body, &digests),
-            };
-            let mut path = vec![rev_id.clone()];
-            if let Some(p) = &parent {
-                path.push(p.id.clone());
-            }
-            (Rev::new(pos, rev_id), path, atts)
-        } else {
-            let (start, ids) = match (doc.revisions.clone(), &doc.rev) {
-                (Some(r), _) => r,
-                (None, Some(r)) => (r.pos, vec![r.id.clone()]),
-                (None, None) => {
-                    return Err(DbError::BadRequest(
-                        "When `new_edits: false`, the document needs `_rev` or `_revisions` \
-                         specified"
-                            .into(),
-                    ))
-                }
-            };
-            let new_rev = Rev::new(start, ids[0].clone());
-            if info.tree.contains(&new_rev) {
-                // Already stored: a no-op, as in CouchDB.
-                return Ok((id, new_rev.to_string()));
-            }
-            // Stubs refer to the nearest ancestor whose body we still hold.
-            let mut ancestors = Vec::new();
-            for (i, aid) in ids.iter().enumerate().skip(1) {
-                let r = Rev::new(start - i as u64, aid.clone());
-                if info.tree.get(&r).is_some_and(|n| n.available) {
-                    if let Some(b) = self.load_body(&id, &info, &r, bs)? {
-                        ancestors.push(b);
-                    }
-                }
-            }
-            let atts = self.resolve_atts(&id, doc.atts, start, false, bs, |name| {
-                ancestors.iter().find_map(|b| b.atts.get(name).cloned())
-            })?;
-            (new_rev, ids, atts)
+    /// A local edit (`new_edits: true`): the next revision after `doc.rev`, which must be a
+    /// leaf (or the current winner's deleted one when none is given).
+    fn new_edit(
+        &self,
+        id: &str,
+        doc: &IncomingDoc,
+        atts_in: BTreeMap<String, IncomingAtt>,
+        info: &DocInfo,
+        bs: &mut BatchState,
+    ) -> DbResult<Revision> {
+        let parent = match (&doc.rev, info.tree.winner()) {
+            (Some(r), _) if info.tree.is_leaf(r) => Some(r.clone()),
+            (Some(_), _) => return Err(DbError::Conflict),
+            (None, None) => None,
+            // Recreating a deleted document continues its winning branch.
+            (None, Some(w)) if w.deleted => Some(w.rev.clone()),
+            (None, Some(_)) => return Err(DbError::Conflict),
         };
+        let parent_body = match &parent {
+            Some(p) => self.load_body(id, info, p, bs)?,
+            None => None,
+        };
+        let pos = parent.as_ref().map_or(1, |p| p.pos + 1);
+        let atts = self.resolve_atts(id, atts_in, pos, true, bs, |name| {
+            parent_body.as_ref().and_then(|b| b.atts.get(name).cloned())
+        })?;
+        let digests: Vec<(&str, &str)> = atts
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.digest.as_str()))
+            .collect();
+        let rev_id = match &doc.prepared {
+            Some(Prepared {
+                rev_id: Some(r), ..
+            }) if digests.is_empty() && parent == doc.rev => r.clone(),
+            _ => hash_rev(parent.as_ref(), doc.deleted, &doc.body, &digests),
+        };
+        let mut path = vec![rev_id.clone()];
+        if let Some(p) = &parent {
+            path.push(p.id.clone());
+        }
+        Ok(Revision {
+            rev: Rev::new(pos, rev_id),
+            path,
+            atts,
+        })
+    }
 
-        // An existing revision is a no-op or a conflict (the merge below decides): nothing to
-        // compile or validate.
-        if info.tree.get(&new_rev).is_none() {
-            if id.starts_with("_design/") {
-                if !doc.deleted {
-                    self.check_design_doc(&id, &doc.body, &atts, &bs.fresh)?;
+    /// A replicated edit (`new_edits: false`): the revision and its history as given; `None`
+    /// when it is already stored.
+    fn replicated_edit(
+        &self,
+        id: &str,
+        doc: &IncomingDoc,
+        atts_in: BTreeMap<String, IncomingAtt>,
+        info: &DocInfo,
+        bs: &mut BatchState,
+    ) -> DbResult<Option<Revision>> {
+        let (start, ids) = match (doc.revisions.clone(), &doc.rev) {
+            (Some(r), _) => r,
+            (None, Some(r)) => (r.pos, vec![r.id.clone()]),
+            (None, None) => return Err(missing_rev()),
+        };
+        let new_rev = Rev::new(start, ids[0].clone());
+        if info.tree.contains(&new_rev) {
+            return Ok(None);
+        }
+        // Stubs refer to the nearest ancestor whose body we still hold.
+        let mut ancestors = Vec::new();
+        for (i, aid) in ids.iter().enumerate().skip(1) {
+            let r = Rev::new(start - i as u64, aid.clone());
+            if info.tree.get(&r).is_some_and(|n| n.available) {
+                if let Some(b) = self.load_body(id, info, &r, bs)? {
+                    ancestors.push(b);
                 }
-                bs.ddoc_written = true;
             }
+        }
+        let atts = self.resolve_atts(id, atts_in, start, false, bs, |name| {
+            ancestors.iter().find_map(|b| b.atts.get(name).cloned())
+        })?;
+        Ok(Some(Revision {
+            rev: new_rev,
+            path: ids,
+            atts,
+        }))
+    }
+
+    /// A revision not yet stored: a design document must compile; any other document must
+    /// pass the database's validators.
+    fn check_new_revision(
+        &self,
+        id: &str,
+        doc: &IncomingDoc,
+        revision: &Revision,
+        info: &DocInfo,
+        ctx: &WriteCtx,
+        bs: &mut BatchState,
+    ) -> DbResult<()> {
+        if id.starts_with("_design/") {
+            if !doc.deleted {
+                self.check_design_doc(id, &doc.body, &revision.atts, &bs.fresh)?;
+            }
+            bs.ddoc_written = true;
             // Design documents are not passed to validators (CouchDB): only admins write
             // them, and a validator that refuses everything must stay removable.
-            if ctx.plugins.has_validators() && !id.starts_with("_design/") {
-                let started = std::time::Instant::now();
-                let new_doc = doc_json(&id, &new_rev, &path, doc.deleted, &doc.body, &atts);
-                let old_doc = match &old_winner {
-                    Some(w) if !w.deleted => match self.load_body(&id, &info, &w.rev, bs)? {
-                        Some(b) => doc_json(&id, &w.rev, &[], false, &b.body, &b.atts),
-                        None => Value::Null,
-                    },
-                    _ => Value::Null,
-                };
-                let verdict = self.validate(
-                    &ctx.plugins,
-                    &new_doc,
-                    &old_doc,
-                    &ctx.caller.user_ctx,
-                    &ctx.sec_obj,
-                );
-                bs.validating += started.elapsed();
-                verdict?;
-            }
+            return Ok(());
         }
+        if !ctx.plugins.has_validators() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let Revision { rev, path, atts } = revision;
+        let new_doc = doc_json(id, rev, path, doc.deleted, &doc.body, atts);
+        let old_doc = match info.tree.winner() {
+            Some(w) if !w.deleted => match self.load_body(id, info, &w.rev, bs)? {
+                Some(b) => doc_json(id, &w.rev, &[], false, &b.body, &b.atts),
+                None => Value::Null,
+            },
+            _ => Value::Null,
+        };
+        let verdict = self.validate(
+            &ctx.plugins,
+            &new_doc,
+            &old_doc,
+            &ctx.caller.user_ctx,
+            &ctx.sec_obj,
+        );
+        bs.validating += started.elapsed();
+        verdict
+    }
+
+    /// Merges the revision into the document's tree and stages the body, the by-sequence
+    /// entry and the counts in the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn merge(
+        &self,
+        id: String,
+        doc: IncomingDoc,
+        revision: Revision,
+        mut info: DocInfo,
+        new_edits: bool,
+        st: &mut WriteState,
+        bs: &mut BatchState,
+    ) -> DbResult<(String, String)> {
+        let Revision {
+            rev: new_rev,
+            path,
+            atts,
+        } = revision;
+        let old_winner = info.tree.winner();
         match info.tree.merge_path(new_rev.pos, &path, doc.deleted) {
             MergeOutcome::Existing if new_edits => return Err(DbError::Conflict),
             MergeOutcome::Existing => return Ok((id, new_rev.to_string())),

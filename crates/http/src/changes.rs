@@ -39,31 +39,74 @@ fn parse_since(s: &str, db: &Database) -> ApiResult<u64> {
 
 pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Response> {
     let db = open(state, name).await?;
-    let mut body = Value::Null;
+    let body = request_body(r).await?;
+    let feed = feed_of(r.query.get("feed"))?;
+    let mut cq = query_of(r, &db)?;
+    add_filter(&mut cq, r, &db, name, body)?;
+    let heartbeat = heartbeat_of(r.query.get("heartbeat"))?;
+    let timeout = Duration::from_millis(r.query.uint("timeout")?.unwrap_or(60_000));
+
+    if feed == Feed::Normal || cq.descending {
+        let (rows, last, pending) = db.changes(&cq).await?;
+        return Ok(results_response(&rows, last, Some(pending)));
+    }
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let shutdown = state.shutdown.clone();
+    let span = tracing::debug_span!("changes_feed", db = %name);
+    tokio::spawn(tracing::Instrument::instrument(
+        run_feed(db, cq, feed, heartbeat, timeout, tx, shutdown),
+        span,
+    ));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let ctype = if feed == Feed::EventSource {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("must-revalidate"),
+    );
+    Ok(resp)
+}
+
+/// A POST's JSON body (`null` for GET or an empty body).
+async fn request_body(r: &mut Req) -> ApiResult<Value> {
     match r.method {
-        Method::GET | Method::HEAD => {}
+        Method::GET | Method::HEAD => Ok(Value::Null),
         Method::POST => {
             let bytes = r.bytes().await?;
-            if !bytes.iter().all(u8::is_ascii_whitespace) {
-                r.require_json()?;
-                body = serde_json::from_slice(&bytes)
-                    .map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))?;
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Value::Null);
             }
+            r.require_json()?;
+            serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("invalid UTF-8 JSON"))
         }
-        _ => return Err(ApiError::method_not_allowed("GET,HEAD,POST")),
+        _ => Err(ApiError::method_not_allowed("GET,HEAD,POST")),
     }
-    let q = &r.query;
-    let feed = match q.get("feed").unwrap_or("normal") {
+}
+
+fn feed_of(v: Option<&str>) -> ApiResult<Feed> {
+    Ok(match v.unwrap_or("normal") {
         "normal" => Feed::Normal,
         "longpoll" => Feed::Longpoll,
         "continuous" => Feed::Continuous,
         "eventsource" => Feed::EventSource,
-        other => {
-            return Err(ApiError::bad_request(format!(
+        other => return Err(ApiError::bad_request(format!(
             "Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"
-        )))
-        }
-    };
+        ))),
+    })
+}
+
+/// The query parameters other than the filter.
+fn query_of(r: &Req, db: &Database) -> ApiResult<ChangesQuery> {
+    let q = &r.query;
     let mut cq = ChangesQuery {
         since: 0,
         limit: q.uint("limit")?.map(|l| l as usize),
@@ -81,10 +124,35 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
         filter: None,
     };
     if let Some(s) = q.get("since").or_else(|| q.get("last-event-id")) {
-        cq.since = parse_since(s, &db)?;
+        cq.since = parse_since(s, db)?;
     } else if let Some(s) = r.headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
-        cq.since = parse_since(s, &db)?;
+        cq.since = parse_since(s, db)?;
     }
+    Ok(cq)
+}
+
+fn heartbeat_of(v: Option<&str>) -> ApiResult<Option<Duration>> {
+    Ok(match v {
+        None => None,
+        Some("true") => Some(Duration::from_millis(60_000)),
+        Some(v) => Some(Duration::from_millis(
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request("heartbeat must be a number"))?
+                .max(100),
+        )),
+    })
+}
+
+/// `filter`: the built-in ones (`_doc_ids`, `_design`, `_selector`, `_view`) or a design
+/// document's.
+fn add_filter(
+    cq: &mut ChangesQuery,
+    r: &Req,
+    db: &Database,
+    name: &str,
+    body: Value,
+) -> ApiResult<()> {
+    let q = &r.query;
     match q.get("filter") {
         None => {}
         Some("_doc_ids") => {
@@ -162,48 +230,7 @@ pub async fn changes(state: &AppState, r: &mut Req, name: &str) -> ApiResult<Res
             });
         }
     }
-    let heartbeat = match q.get("heartbeat") {
-        None => None,
-        Some("true") => Some(Duration::from_millis(60_000)),
-        Some(v) => Some(Duration::from_millis(
-            v.parse::<u64>()
-                .map_err(|_| ApiError::bad_request("heartbeat must be a number"))?
-                .max(100),
-        )),
-    };
-    let timeout = match q.uint("timeout")? {
-        Some(t) => Duration::from_millis(t),
-        None => Duration::from_millis(60_000),
-    };
-
-    if feed == Feed::Normal || cq.descending {
-        let (rows, last, pending) = db.changes(&cq).await?;
-        return Ok(results_response(&rows, last, Some(pending)));
-    }
-
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let shutdown = state.shutdown.clone();
-    let span = tracing::debug_span!("changes_feed", db = %name);
-    tokio::spawn(tracing::Instrument::instrument(
-        run_feed(db, cq, feed, heartbeat, timeout, tx, shutdown),
-        span,
-    ));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let mut resp = Response::new(Body::from_stream(stream));
-    let ctype = if feed == Feed::EventSource {
-        "text/event-stream"
-    } else {
-        "application/json"
-    };
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("must-revalidate"),
-    );
-    Ok(resp)
+    Ok(())
 }
 
 async fn run_feed(
