@@ -279,31 +279,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             cfg.data.join("admin.password").display()
         );
     }
-    let node = Node::open(
-        &cfg.data,
-        &thali_store::Options {
-            engine: cfg.storage,
-            cache_bytes: cfg.cache_size,
-            min_free: cfg.min_free_space,
-        },
-        Limits {
-            max_dbs_open: cfg.max_dbs_open.max(1),
-            store_only_languages: cfg.store_only_languages.clone(),
-            max_doc_size: cfg.max_doc_size,
-            // An attachment may be as large as a request could carry it uncompressed.
-            max_att_size: usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX),
-            max_inline_att_size: cfg
-                .max_request_size
-                .min(usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX)),
-            plugins: thali_plugins::Limits {
-                cpu: cfg.plugin_cpu,
-                memory: cfg.plugin_memory,
-                timeout: Duration::from_millis(cfg.plugin_timeout_ms.max(1)),
-                ..Default::default()
-            },
-        },
-    )
-    .map_err(|e| ServeError::Store(e.to_string()))?;
+    let node = open_node(&cfg)?;
     let identity = thali_peer::Identity::load_or_create(&cfg.data)
         .map_err(|e| ServeError::Identity(e.to_string()))?;
     tracing::info!(key = %identity.key_id(), "node identity");
@@ -331,14 +307,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let state = AppState {
         replicator: replicator.clone(),
         node: node.clone(),
-        config: Arc::new(HttpConfig {
-            admin_password: password,
-            cors_origins: cfg.cors_origins.clone(),
-            max_request_size: cfg.max_request_size,
-            body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
-            cookie_secret: rand::random(),
-            allowed_hosts: cfg.allowed_hosts.clone(),
-        }),
+        config: Arc::new(http_config(&cfg, password)),
         lockout: Arc::default(),
         logged_out: Arc::default(),
         shutdown: shutdown_rx,
@@ -350,51 +319,155 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let app = router(state);
     let mut servers = Vec::new();
     // Peer listeners first: once the HTTP API answers, every listener is up.
+    let (peer_urls, listening) = serve_peers(
+        &cfg,
+        &identity,
+        &node,
+        &app,
+        tor.as_ref(),
+        &shutdown_tx,
+        &mut servers,
+    )
+    .await?;
+    serve_http(&cfg, &app, &shutdown_tx, &mut servers).await?;
+    if cfg.lan {
+        let addr = *listening.first().ok_or(ServeError::Lan)?;
+        let rotate = Duration::from_secs(cfg.lan_rotate.max(1));
+        let lan = thali_pair::lan::run(pairing.clone(), addr, rotate, shutdown_tx.subscribe());
+        servers.push(tokio::spawn(lan));
+    }
+    pairing.set_listeners(listening);
+    // `thali id` prints these while the node runs.
+    let urls_file = cfg.data.join("peer-urls");
+    let _ = std::fs::write(&urls_file, peer_urls.join("\n"));
+    if let Some(tor) = &tor {
+        tokio::spawn(announce_onion(
+            tor.clone(),
+            identity.key_id(),
+            urls_file.clone(),
+            peer_urls,
+        ));
+    }
+    wait_for_signal().await;
+    let _ = std::fs::remove_file(&urls_file);
+    shut_down(Stopping {
+        node,
+        replicator,
+        shutdown_tx,
+        manager,
+        dev,
+        servers,
+    })
+    .await
+}
+
+fn http_config(cfg: &ServeConfig, admin_password: String) -> HttpConfig {
+    HttpConfig {
+        admin_password,
+        cors_origins: cfg.cors_origins.clone(),
+        max_request_size: cfg.max_request_size,
+        body_timeout: Duration::from_secs(cfg.request_timeout.max(1)),
+        cookie_secret: rand::random(),
+        allowed_hosts: cfg.allowed_hosts.clone(),
+    }
+}
+
+/// The node's databases, with the limits the settings give.
+fn open_node(cfg: &ServeConfig) -> Result<Arc<Node>, ServeError> {
+    Node::open(
+        &cfg.data,
+        &thali_store::Options {
+            engine: cfg.storage,
+            cache_bytes: cfg.cache_size,
+            min_free: cfg.min_free_space,
+        },
+        Limits {
+            max_dbs_open: cfg.max_dbs_open.max(1),
+            store_only_languages: cfg.store_only_languages.clone(),
+            max_doc_size: cfg.max_doc_size,
+            // An attachment may be as large as a request could carry it uncompressed.
+            max_att_size: usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX),
+            max_inline_att_size: cfg
+                .max_request_size
+                .min(usize::try_from(cfg.max_attachment_size).unwrap_or(usize::MAX)),
+            plugins: thali_plugins::Limits {
+                cpu: cfg.plugin_cpu,
+                memory: cfg.plugin_memory,
+                timeout: Duration::from_millis(cfg.plugin_timeout_ms.max(1)),
+                ..Default::default()
+            },
+        },
+    )
+    .map_err(|e| ServeError::Store(e.to_string()))
+}
+
+/// The peer listeners and the onion service: their httpkey URLs and the addresses they listen
+/// on.
+async fn serve_peers(
+    cfg: &ServeConfig,
+    identity: &Arc<thali_peer::Identity>,
+    node: &Arc<Node>,
+    app: &axum::Router,
+    tor: Option<&Arc<thali_tor::Tor>>,
+    shutdown_tx: &tokio::sync::watch::Sender<bool>,
+    servers: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(Vec<String>, Vec<SocketAddr>), ServeError> {
     let mut peer_urls = Vec::new();
     let mut listening = Vec::new();
-    if !cfg.peer.is_empty() || tor.is_some() {
-        let tls = thali_peer::tls::server_config(&identity)
-            .map_err(|e| ServeError::Identity(e.to_string()))?;
-        let acceptor = thali_peer::listener::PeerAcceptor::new(
-            tls,
-            app.clone(),
-            Duration::from_secs(cfg.request_timeout.max(1)),
-            cfg.max_peer_connections,
-            cfg.peer_rate,
-            {
-                let node = node.clone();
-                Arc::new(move |key: String| {
-                    let node = node.clone();
-                    Box::pin(async move { node.peer_keys().await.contains(&key) })
-                })
-            },
-        );
-        for addr in &cfg.peer {
-            let (listener, local) = bind(addr).await?;
-            let url = format!("httpkey://{local}/{}/", identity.key_id());
-            tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
-            println!("thali peers reach this node at {url}");
-            peer_urls.push(url);
-            listening.push(local);
-            servers.push(tokio::spawn(thali_peer::listener::serve(
-                listener,
-                acceptor.clone(),
-                shutdown_tx.subscribe(),
-            )));
-        }
-        if let Some(tor) = &tor {
-            println!(
-                "thali is starting its Tor onion service (state in {})",
-                cfg.data.join("tor").display()
-            );
-            servers.push(tokio::spawn(thali_tor::run(
-                tor.clone(),
-                node.clone(),
-                acceptor,
-                shutdown_tx.subscribe(),
-            )));
-        }
+    if cfg.peer.is_empty() && tor.is_none() {
+        return Ok((peer_urls, listening));
     }
+    let tls = thali_peer::tls::server_config(&identity)
+        .map_err(|e| ServeError::Identity(e.to_string()))?;
+    let acceptor = thali_peer::listener::PeerAcceptor::new(
+        tls,
+        app.clone(),
+        Duration::from_secs(cfg.request_timeout.max(1)),
+        cfg.max_peer_connections,
+        cfg.peer_rate,
+        {
+            let node = node.clone();
+            Arc::new(move |key: String| {
+                let node = node.clone();
+                Box::pin(async move { node.peer_keys().await.contains(&key) })
+            })
+        },
+    );
+    for addr in &cfg.peer {
+        let (listener, local) = bind(addr).await?;
+        let url = format!("httpkey://{local}/{}/", identity.key_id());
+        tracing::info!(addr = %local, %url, "peer listener (mutual TLS) listening");
+        println!("thali peers reach this node at {url}");
+        peer_urls.push(url);
+        listening.push(local);
+        servers.push(tokio::spawn(thali_peer::listener::serve(
+            listener,
+            acceptor.clone(),
+            shutdown_tx.subscribe(),
+        )));
+    }
+    if let Some(tor) = tor {
+        println!(
+            "thali is starting its Tor onion service (state in {})",
+            cfg.data.join("tor").display()
+        );
+        servers.push(tokio::spawn(thali_tor::run(
+            tor.clone(),
+            node.clone(),
+            acceptor,
+            shutdown_tx.subscribe(),
+        )));
+    }
+    Ok((peer_urls, listening))
+}
+
+/// The CouchDB HTTP API on each `--http` address.
+async fn serve_http(
+    cfg: &ServeConfig,
+    app: &axum::Router,
+    shutdown_tx: &tokio::sync::watch::Sender<bool>,
+    servers: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), ServeError> {
     for addr in &cfg.http {
         let (listener, local) = bind(addr).await?;
         tracing::info!(addr = %local, "HTTP API listening");
@@ -417,47 +490,38 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         }));
     }
-    if cfg.lan {
-        match listening.first() {
-            Some(addr) => servers.push(tokio::spawn(thali_pair::lan::run(
-                pairing.clone(),
-                *addr,
-                Duration::from_secs(cfg.lan_rotate.max(1)),
-                shutdown_tx.subscribe(),
-            ))),
-            None => return Err(ServeError::Lan),
-        }
-    }
-    pairing.set_listeners(listening);
-    // `thali id` prints these while the node runs.
-    let urls_file = cfg.data.join("peer-urls");
-    let _ = std::fs::write(&urls_file, peer_urls.join("\n"));
-    if let Some(tor) = &tor {
-        tokio::spawn(announce_onion(
-            tor.clone(),
-            identity.key_id(),
-            urls_file.clone(),
-            peer_urls,
-        ));
-    }
-    wait_for_signal().await;
-    let _ = std::fs::remove_file(&urls_file);
+    Ok(())
+}
+
+/// What a stop waits for, in order.
+struct Stopping {
+    node: Arc<Node>,
+    replicator: Arc<thali_replicate::Replicator>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    manager: tokio::task::JoinHandle<()>,
+    dev: Option<tokio::task::JoinHandle<()>>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn shut_down(s: Stopping) -> Result<(), ServeError> {
     tracing::info!("shutting down");
-    let _ = shutdown_tx.send(true);
-    let _ = manager.await;
-    if let Some(dev) = dev {
+    let _ = s.shutdown_tx.send(true);
+    let _ = s.manager.await;
+    if let Some(dev) = s.dev {
         let _ = dev.await;
     }
     // Jobs stop after a last checkpoint, before the stores close.
-    replicator.shutdown().await;
+    s.replicator.shutdown().await;
     // Give open requests a moment; feeds end on the shutdown signal. Short enough that the
     // whole stop stays well within 10 s, whatever a request still does.
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        futures_util::future::join_all(servers),
+        futures_util::future::join_all(s.servers),
     )
     .await;
-    node.flush().map_err(|e| ServeError::Store(e.to_string()))?;
+    s.node
+        .flush()
+        .map_err(|e| ServeError::Store(e.to_string()))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -98,9 +98,11 @@ fn feed_of(v: Option<&str>) -> ApiResult<Feed> {
         "longpoll" => Feed::Longpoll,
         "continuous" => Feed::Continuous,
         "eventsource" => Feed::EventSource,
-        other => return Err(ApiError::bad_request(format!(
+        other => {
+            return Err(ApiError::bad_request(format!(
             "Supported `feed` types: normal, continuous, live, longpoll, eventsource; not {other}"
-        ))),
+        )))
+        }
     })
 }
 
