@@ -417,7 +417,7 @@ async fn serve_peers(
     if cfg.peer.is_empty() && tor.is_none() {
         return Ok((peer_urls, listening));
     }
-    let tls = thali_peer::tls::server_config(&identity)
+    let tls = thali_peer::tls::server_config(identity)
         .map_err(|e| ServeError::Identity(e.to_string()))?;
     let acceptor = thali_peer::listener::PeerAcceptor::new(
         tls,

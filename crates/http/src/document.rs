@@ -8,6 +8,7 @@ use super::{AppState, Req};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use thali_db::{AttMode, Database, DbError, DocOptions, OpenRevs, RevisionOut, Staged, StagedSet};
 use thali_doc::parse::{parse_doc, AttInput, IncomingDoc, StagedBody};
 use thali_doc::Rev;
@@ -63,136 +64,161 @@ fn doc_options(r: &Req) -> ApiResult<DocOptions> {
 pub async fn doc(state: &AppState, r: &mut Req, db_name: &str, id: &str) -> ApiResult<Response> {
     let db = open(state, db_name).await?;
     match r.method.clone() {
-        Method::GET | Method::HEAD => {
-            let mut opts = doc_options(r)?;
-            if let Some(open_revs) = r.query.get("open_revs") {
-                let which = if open_revs == "all" {
-                    OpenRevs::All
-                } else {
-                    let v: Value = serde_json::from_str(open_revs)
-                        .map_err(|_| ApiError::bad_request("invalid open_revs"))?;
-                    let list = v
-                        .as_array()
-                        .ok_or_else(|| ApiError::bad_request("open_revs must be an array"))?;
-                    let revs = list
-                        .iter()
-                        .map(|x| {
-                            x.as_str()
-                                .ok_or_else(|| ApiError::bad_request("Invalid rev format"))
-                                .and_then(parse_rev)
-                        })
-                        .collect::<ApiResult<Vec<_>>>()?;
-                    OpenRevs::List(revs)
-                };
-                let multipart = r.accepts("multipart/mixed");
-                if multipart || opts.atts == AttMode::Inline {
-                    // CouchDB always sends attachment bodies in multipart answers; inline
-                    // ones are streamed into the JSON by `stream::Sink::doc`.
-                    opts.atts = AttMode::Follows;
-                }
-                let results = db.open_revs(id, &which, &opts).await?;
-                if multipart {
-                    return Ok(open_revs_multipart(db, results));
-                }
-                return Ok(stream::response(
-                    StatusCode::OK,
-                    "application/json",
-                    db,
-                    move |db, out| {
-                        out.write(b"[")?;
-                        out.list(results, |out, res| match res {
-                            Ok(o) => stream::wrapped_doc(out, db, "ok", o),
-                            Err(rev) => out.json(&json!({ "missing": rev })),
-                        })?;
-                        out.write(b"]\n")
-                    },
-                ));
-            }
-            if opts.atts == AttMode::Inline {
-                opts.atts = AttMode::Follows;
-            }
-            let rev = requested_rev(r)?;
-            let out = db.get_doc(id, rev.as_ref(), &opts)?;
-            let rev_s = out
-                .doc
-                .get("_rev")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            if out.follows.is_empty() {
-                let resp = json_response(StatusCode::OK, &stream::DocJson(&out.doc));
-                return Ok(with_etag(resp, &rev_s));
-            }
-            if r.accepts("multipart/related") {
-                let boundary = thali_db::random_hex(16);
-                let ctype = format!("multipart/related; boundary=\"{boundary}\"");
-                let resp = stream::response(StatusCode::OK, &ctype, db, move |db, w| {
-                    write_related(w, db, out, &boundary)
-                });
-                return Ok(with_etag(resp, &rev_s));
-            }
-            let resp = stream::response(StatusCode::OK, "application/json", db, move |db, w| {
-                w.doc(db, out)?;
-                w.write(b"\n")
-            });
-            Ok(with_etag(resp, &rev_s))
-        }
-        Method::PUT => {
-            let new_edits = r.query.bool_or("new_edits", true)?;
-            let caller = r.caller(db_name);
-            // Refuse before receiving attachment bodies the write path would refuse anyway.
-            caller.check_doc_write(id)?;
-            let (mut doc, received) = read_doc_body(r, &db).await?;
-            doc.id = Some(id.to_string());
-            if doc.rev.is_none() && !doc.bad_rev {
-                if let Some(rev) = requested_rev(r)? {
-                    doc.raw_rev = Some(rev.to_string());
-                    doc.rev = Some(rev);
-                }
-            }
-            let res = db.write_docs(vec![Ok(doc)], new_edits, &caller).await;
-            // The bodies stay unless the write was refused (after an internal error the batch
-            // may have landed; compaction drops chunks nothing names).
-            let refused = |e: &DbError| !matches!(e, DbError::Internal(_));
-            match &res {
-                Err(e) if refused(e) => {}
-                Ok(r) if matches!(r.last(), Some(Err((_, _, e))) if refused(e)) => {}
-                _ => received.keep(),
-            }
-            let mut res = res?;
-            match res.pop() {
-                Some(Ok((id, rev))) => {
-                    let code = if r.query.get("batch") == Some("ok") {
-                        202
-                    } else {
-                        201
-                    };
-                    Ok(with_etag(
-                        status(code, json!({"ok": true, "id": id, "rev": rev})),
-                        &rev,
-                    ))
-                }
-                Some(Err((_, _, e))) => Err(e.into()),
-                None => Err(ApiError::new(500, "internal_server_error", "no result")),
-            }
-        }
-        Method::DELETE => {
-            let Some(rev) = requested_rev(r)? else {
-                return Err(thali_db::DbError::Conflict.into());
-            };
-            let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
-            let mut res = db.bulk_docs(vec![doc], true, &r.caller(db_name)).await?;
-            match res.pop() {
-                Some(Ok((id, rev))) => Ok(with_etag(
-                    ok(json!({"ok": true, "id": id, "rev": rev})),
-                    &rev,
-                )),
-                Some(Err((_, _, e))) => Err(e.into()),
-                None => Err(ApiError::new(500, "internal_server_error", "no result")),
-            }
-        }
+        Method::GET | Method::HEAD => get_doc(r, db, id).await,
+        Method::PUT => put_doc(r, &db, db_name, id).await,
+        Method::DELETE => delete_doc(r, &db, db_name, id).await,
         m if m.as_str() == "COPY" => copy(r, &db, id).await,
         _ => Err(ApiError::method_not_allowed("COPY,DELETE,GET,HEAD,PUT")),
+    }
+}
+
+/// `GET /db/doc`: the document as JSON, or multipart with its attachments.
+async fn get_doc(r: &mut Req, db: Arc<Database>, id: &str) -> ApiResult<Response> {
+    let mut opts = doc_options(r)?;
+    if let Some(open_revs) = r.query.get("open_revs") {
+        let open_revs = open_revs.to_string();
+        return get_open_revs(r, db, id, &open_revs, opts).await;
+    }
+    if opts.atts == AttMode::Inline {
+        opts.atts = AttMode::Follows;
+    }
+    let rev = requested_rev(r)?;
+    let out = db.get_doc(id, rev.as_ref(), &opts)?;
+    let rev_s = out
+        .doc
+        .get("_rev")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if out.follows.is_empty() {
+        let resp = json_response(StatusCode::OK, &stream::DocJson(&out.doc));
+        return Ok(with_etag(resp, &rev_s));
+    }
+    if r.accepts("multipart/related") {
+        let boundary = thali_db::random_hex(16);
+        let ctype = format!("multipart/related; boundary=\"{boundary}\"");
+        let resp = stream::response(StatusCode::OK, &ctype, db, move |db, w| {
+            write_related(w, db, out, &boundary)
+        });
+        return Ok(with_etag(resp, &rev_s));
+    }
+    let resp = stream::response(StatusCode::OK, "application/json", db, move |db, w| {
+        w.doc(db, out)?;
+        w.write(b"\n")
+    });
+    Ok(with_etag(resp, &rev_s))
+}
+
+/// `GET /db/doc?open_revs=…`: the requested leaves, as a JSON array or multipart/mixed.
+async fn get_open_revs(
+    r: &Req,
+    db: Arc<Database>,
+    id: &str,
+    open_revs: &str,
+    mut opts: DocOptions,
+) -> ApiResult<Response> {
+    let which = if open_revs == "all" {
+        OpenRevs::All
+    } else {
+        let v: Value = serde_json::from_str(open_revs)
+            .map_err(|_| ApiError::bad_request("invalid open_revs"))?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| ApiError::bad_request("open_revs must be an array"))?;
+        let revs = list
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| ApiError::bad_request("Invalid rev format"))
+                    .and_then(parse_rev)
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
+        OpenRevs::List(revs)
+    };
+    let multipart = r.accepts("multipart/mixed");
+    if multipart || opts.atts == AttMode::Inline {
+        // CouchDB always sends attachment bodies in multipart answers; inline
+        // ones are streamed into the JSON by `stream::Sink::doc`.
+        opts.atts = AttMode::Follows;
+    }
+    let results = db.open_revs(id, &which, &opts).await?;
+    if multipart {
+        return Ok(open_revs_multipart(db, results));
+    }
+    Ok(stream::response(
+        StatusCode::OK,
+        "application/json",
+        db,
+        move |db, out| {
+            out.write(b"[")?;
+            out.list(results, |out, res| match res {
+                Ok(o) => stream::wrapped_doc(out, db, "ok", o),
+                Err(rev) => out.json(&json!({ "missing": rev })),
+            })?;
+            out.write(b"]\n")
+        },
+    ))
+}
+
+/// `PUT /db/doc`: JSON, or multipart/related with attachment bodies.
+async fn put_doc(r: &mut Req, db: &Arc<Database>, db_name: &str, id: &str) -> ApiResult<Response> {
+    let new_edits = r.query.bool_or("new_edits", true)?;
+    let caller = r.caller(db_name);
+    // Refuse before receiving attachment bodies the write path would refuse anyway.
+    caller.check_doc_write(id)?;
+    let (mut doc, received) = read_doc_body(r, db).await?;
+    doc.id = Some(id.to_string());
+    if doc.rev.is_none() && !doc.bad_rev {
+        if let Some(rev) = requested_rev(r)? {
+            doc.raw_rev = Some(rev.to_string());
+            doc.rev = Some(rev);
+        }
+    }
+    let res = db.write_docs(vec![Ok(doc)], new_edits, &caller).await;
+    // The bodies stay unless the write was refused (after an internal error the batch
+    // may have landed; compaction drops chunks nothing names).
+    let refused = |e: &DbError| !matches!(e, DbError::Internal(_));
+    match &res {
+        Err(e) if refused(e) => {}
+        Ok(r) if matches!(r.last(), Some(Err((_, _, e))) if refused(e)) => {}
+        _ => received.keep(),
+    }
+    let mut res = res?;
+    match res.pop() {
+        Some(Ok((id, rev))) => {
+            let code = if r.query.get("batch") == Some("ok") {
+                202
+            } else {
+                201
+            };
+            Ok(with_etag(
+                status(code, json!({"ok": true, "id": id, "rev": rev})),
+                &rev,
+            ))
+        }
+        Some(Err((_, _, e))) => Err(e.into()),
+        None => Err(ApiError::new(500, "internal_server_error", "no result")),
+    }
+}
+
+async fn delete_doc(
+    r: &mut Req,
+    db: &Arc<Database>,
+    db_name: &str,
+    id: &str,
+) -> ApiResult<Response> {
+    let Some(rev) = requested_rev(r)? else {
+        return Err(thali_db::DbError::Conflict.into());
+    };
+    let doc = json!({"_id": id, "_rev": rev.to_string(), "_deleted": true});
+    let mut res = db.bulk_docs(vec![doc], true, &r.caller(db_name)).await?;
+    match res.pop() {
+        Some(Ok((id, rev))) => Ok(with_etag(
+            ok(json!({"ok": true, "id": id, "rev": rev})),
+            &rev,
+        )),
+        Some(Err((_, _, e))) => Err(e.into()),
+        None => Err(ApiError::new(500, "internal_server_error", "no result")),
     }
 }
 
