@@ -413,43 +413,16 @@ pub async fn write_remote(
     atts: &[Needed],
     mut bodies: Bodies<'_>,
 ) -> ReplResult<Option<Value>> {
-    use thali_multipart::{closing, part_head, PART_END};
-    for n in atts {
-        if let Some(a) = doc
-            .get_mut("_attachments")
-            .and_then(|a| a.get_mut(&n.name))
-            .and_then(Value::as_object_mut)
-        {
-            a.shift_remove("stub");
-            a.insert("follows".into(), json!(true));
-            a.insert("length".into(), json!(n.length));
-        }
-    }
-    let boundary = thali_db::random_hex(16);
-    let json = serde_json::to_vec(&doc).map_err(|e| ReplError::Transient(e.to_string()))?;
-    let json_head = part_head(&boundary, &[("Content-Type", "application/json")]);
-    let heads: Vec<String> = atts
-        .iter()
-        .map(|n| {
-            let disposition = format!("attachment; filename=\"{}\"", n.name.replace('"', "\\\""));
-            part_head(
-                &boundary,
-                &[
-                    ("Content-Disposition", &disposition),
-                    ("Content-Type", "application/octet-stream"),
-                    ("Content-Length", &n.length.to_string()),
-                ],
-            )
-        })
-        .collect();
-    let close = closing(&boundary);
-    let len = (json_head.len() + json.len() + PART_END.len()) as u64
-        + heads
-            .iter()
-            .zip(atts)
-            .map(|(h, n)| (h.len() + PART_END.len()) as u64 + n.length)
-            .sum::<u64>()
-        + close.len() as u64;
+    use thali_multipart::PART_END;
+    mark_follows(&mut doc, atts);
+    let Framing {
+        boundary,
+        json_head,
+        json,
+        heads,
+        close,
+        len,
+    } = Framing::new(&doc, atts)?;
 
     type Item = Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>;
     let (tx, rx) = tokio::sync::mpsc::channel::<Item>(4);
@@ -520,13 +493,23 @@ pub async fn write_remote(
     if let Some(Err(e)) = produced {
         return Err(e);
     }
-    let r = resp?;
+    put_outcome(remote, &doc, &id, resp?)
+}
+
+/// What the target's answer to a document PUT means: written, refused (a failure for the
+/// replication's report), or worth retrying.
+fn put_outcome(
+    remote: &Remote,
+    doc: &Value,
+    id: &str,
+    r: super::client::Response,
+) -> ReplResult<Option<Value>> {
     match r.status {
         200..=299 => Ok(None),
         400 | 401 | 403 | 409 | 412 | 413 | 415 => {
             let v = serde_json::from_slice::<Value>(&r.body).unwrap_or_default();
             Ok(Some(failure(
-                &doc,
+                doc,
                 v["error"].as_str().unwrap_or("forbidden"),
                 r.describe(),
             )))
@@ -536,6 +519,73 @@ pub async fn write_remote(
             remote.display(),
             r.describe()
         ))),
+    }
+}
+
+/// Turns the stubs of the attachments being sent into `follows` entries.
+fn mark_follows(doc: &mut Value, atts: &[Needed]) {
+    for n in atts {
+        if let Some(a) = doc
+            .get_mut("_attachments")
+            .and_then(|a| a.get_mut(&n.name))
+            .and_then(Value::as_object_mut)
+        {
+            a.shift_remove("stub");
+            a.insert("follows".into(), json!(true));
+            a.insert("length".into(), json!(n.length));
+        }
+    }
+}
+
+/// The fixed parts of a multipart/related document PUT, and its whole length (sent as
+/// `Content-Length`, so the target can refuse an oversize body before it arrives).
+struct Framing {
+    boundary: String,
+    json_head: String,
+    json: Vec<u8>,
+    /// One head per attachment, in `atts` order.
+    heads: Vec<String>,
+    close: String,
+    len: u64,
+}
+
+impl Framing {
+    fn new(doc: &Value, atts: &[Needed]) -> ReplResult<Framing> {
+        use thali_multipart::{closing, part_head, PART_END};
+        let boundary = thali_db::random_hex(16);
+        let json = serde_json::to_vec(doc).map_err(|e| ReplError::Transient(e.to_string()))?;
+        let json_head = part_head(&boundary, &[("Content-Type", "application/json")]);
+        let heads: Vec<String> = atts
+            .iter()
+            .map(|n| {
+                let disposition =
+                    format!("attachment; filename=\"{}\"", n.name.replace('"', "\\\""));
+                part_head(
+                    &boundary,
+                    &[
+                        ("Content-Disposition", &disposition),
+                        ("Content-Type", "application/octet-stream"),
+                        ("Content-Length", &n.length.to_string()),
+                    ],
+                )
+            })
+            .collect();
+        let close = closing(&boundary);
+        let len = (json_head.len() + json.len() + PART_END.len()) as u64
+            + heads
+                .iter()
+                .zip(atts)
+                .map(|(h, n)| (h.len() + PART_END.len()) as u64 + n.length)
+                .sum::<u64>()
+            + close.len() as u64;
+        Ok(Framing {
+            boundary,
+            json_head,
+            json,
+            heads,
+            close,
+            len,
+        })
     }
 }
 

@@ -241,121 +241,10 @@ impl Endpoint {
     ) -> ReplResult<ChangesBatch> {
         match self {
             Endpoint::Local { node, name } => {
-                let db = Self::local_db(node, name).await?;
-                let mut q = ChangesQuery {
-                    since: local_seq(since),
-                    limit: Some(limit),
-                    style: Style::AllDocs,
-                    ..Default::default()
-                };
-                match filter {
-                    Filter::None => {}
-                    Filter::DocIds(ids) => {
-                        q.doc_ids = Some(ids.iter().cloned().collect::<HashSet<_>>())
-                    }
-                    Filter::Selector(s) => {
-                        q.selector = Some(
-                            Selector::parse(s).map_err(|e| ReplError::BadSpec(e.to_string()))?,
-                        )
-                    }
-                    Filter::Function(fname, params) => {
-                        let plugins = db.plugins();
-                        let (_, f) = plugins.filter(fname).ok_or_else(|| {
-                            ReplError::BadSpec(format!("filter {fname} is not defined in {name}"))
-                        })?;
-                        q.filter = Some(FilterFn {
-                            name: fname.clone(),
-                            func: f.clone(),
-                            req: json!({"method": "GET", "query": params, "body": null, "userCtx": thali_db::admin_ctx(name)}),
-                        });
-                    }
-                }
-                let mut updates = db.subscribe();
-                let mut res = db.changes(&q).await.map_err(db_err)?;
-                if res.0.is_empty() {
-                    if let Some(wait) = wait {
-                        let _ = tokio::time::timeout(
-                            wait,
-                            updates.wait_for(|s| *s > q.since || db.is_deleted()),
-                        )
-                        .await;
-                        res = db.changes(&q).await.map_err(db_err)?;
-                    }
-                }
-                let (rows, last, pending) = res;
-                let rows = rows
-                    .iter()
-                    .filter_map(|r| serde_json::from_str::<Value>(&r.json).ok())
-                    .filter_map(|v| parse_change_row(&v))
-                    .collect();
-                Ok(ChangesBatch {
-                    rows,
-                    last_seq: json!(last),
-                    pending: Some(pending),
-                })
+                local_changes(node, name, since, limit, filter, wait).await
             }
             Endpoint::Remote { remote, .. } => {
-                let mut rel = format!(
-                    "/_changes?style=all_docs&since={}&limit={limit}",
-                    seq_param(since)
-                );
-                let mut timeout = REQUEST_TIMEOUT;
-                if let Some(w) = wait {
-                    rel.push_str(&format!("&feed=longpoll&timeout={}", w.as_millis()));
-                    timeout += w;
-                }
-                let (method, body) = match filter {
-                    Filter::None => (Method::GET, None),
-                    Filter::DocIds(ids) => {
-                        rel.push_str("&filter=_doc_ids");
-                        (Method::POST, Some(json!({ "doc_ids": ids })))
-                    }
-                    Filter::Selector(s) => {
-                        rel.push_str("&filter=_selector");
-                        (Method::POST, Some(json!({ "selector": s })))
-                    }
-                    Filter::Function(name, params) => {
-                        rel.push_str(&format!("&filter={}", encode_query(name)));
-                        for (k, v) in params {
-                            let v = match v {
-                                Value::String(s) => s.clone(),
-                                v => v.to_string(),
-                            };
-                            rel.push_str(&format!("&{}={}", encode_query(k), encode_query(&v)));
-                        }
-                        (Method::GET, None)
-                    }
-                };
-                let r = remote.request(method, &rel, body.as_ref(), timeout).await?;
-                if r.status != 200 {
-                    return Err(match r.status {
-                        404 => ReplError::DbNotFound(remote.display().to_string()),
-                        400 => ReplError::BadSpec(format!(
-                            "{} refused the changes request: {}",
-                            remote.display(),
-                            r.describe()
-                        )),
-                        _ => refused(&r, "reading changes", remote.display()),
-                    });
-                }
-                let v = r.json()?;
-                let rows = v
-                    .get("results")
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| {
-                        ReplError::Transient(format!(
-                            "{}: _changes answer without results",
-                            remote.display()
-                        ))
-                    })?
-                    .iter()
-                    .filter_map(parse_change_row)
-                    .collect();
-                Ok(ChangesBatch {
-                    rows,
-                    last_seq: v.get("last_seq").cloned().unwrap_or_else(|| since.clone()),
-                    pending: v.get("pending").and_then(Value::as_u64),
-                })
+                remote_changes(remote, since, limit, filter, wait).await
             }
         }
     }
@@ -745,4 +634,132 @@ async fn write_remote(remote: &Remote, docs: Vec<Value>) -> ReplResult<Vec<Value
             r.describe()
         ))),
     }
+}
+
+/// [`Endpoint::changes`] of a local database.
+async fn local_changes(
+    node: &Arc<Node>,
+    name: &str,
+    since: &Value,
+    limit: usize,
+    filter: &Filter,
+    wait: Option<Duration>,
+) -> ReplResult<ChangesBatch> {
+    let db = Endpoint::local_db(node, name).await?;
+    let mut q = ChangesQuery {
+        since: local_seq(since),
+        limit: Some(limit),
+        style: Style::AllDocs,
+        ..Default::default()
+    };
+    match filter {
+        Filter::None => {}
+        Filter::DocIds(ids) => q.doc_ids = Some(ids.iter().cloned().collect::<HashSet<_>>()),
+        Filter::Selector(s) => {
+            q.selector = Some(Selector::parse(s).map_err(|e| ReplError::BadSpec(e.to_string()))?)
+        }
+        Filter::Function(fname, params) => {
+            let plugins = db.plugins();
+            let (_, f) = plugins.filter(fname).ok_or_else(|| {
+                ReplError::BadSpec(format!("filter {fname} is not defined in {name}"))
+            })?;
+            q.filter = Some(FilterFn {
+                name: fname.clone(),
+                func: f.clone(),
+                req: json!({"method": "GET", "query": params, "body": null, "userCtx": thali_db::admin_ctx(name)}),
+            });
+        }
+    }
+    let mut updates = db.subscribe();
+    let mut res = db.changes(&q).await.map_err(db_err)?;
+    if res.0.is_empty() {
+        if let Some(wait) = wait {
+            let _ =
+                tokio::time::timeout(wait, updates.wait_for(|s| *s > q.since || db.is_deleted()))
+                    .await;
+            res = db.changes(&q).await.map_err(db_err)?;
+        }
+    }
+    let (rows, last, pending) = res;
+    let rows = rows
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Value>(&r.json).ok())
+        .filter_map(|v| parse_change_row(&v))
+        .collect();
+    Ok(ChangesBatch {
+        rows,
+        last_seq: json!(last),
+        pending: Some(pending),
+    })
+}
+
+/// [`Endpoint::changes`] of a remote database, through its `_changes` (longpoll when waiting).
+async fn remote_changes(
+    remote: &Remote,
+    since: &Value,
+    limit: usize,
+    filter: &Filter,
+    wait: Option<Duration>,
+) -> ReplResult<ChangesBatch> {
+    let mut rel = format!(
+        "/_changes?style=all_docs&since={}&limit={limit}",
+        seq_param(since)
+    );
+    let mut timeout = REQUEST_TIMEOUT;
+    if let Some(w) = wait {
+        rel.push_str(&format!("&feed=longpoll&timeout={}", w.as_millis()));
+        timeout += w;
+    }
+    let (method, body) = match filter {
+        Filter::None => (Method::GET, None),
+        Filter::DocIds(ids) => {
+            rel.push_str("&filter=_doc_ids");
+            (Method::POST, Some(json!({ "doc_ids": ids })))
+        }
+        Filter::Selector(s) => {
+            rel.push_str("&filter=_selector");
+            (Method::POST, Some(json!({ "selector": s })))
+        }
+        Filter::Function(name, params) => {
+            rel.push_str(&format!("&filter={}", encode_query(name)));
+            for (k, v) in params {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                };
+                rel.push_str(&format!("&{}={}", encode_query(k), encode_query(&v)));
+            }
+            (Method::GET, None)
+        }
+    };
+    let r = remote.request(method, &rel, body.as_ref(), timeout).await?;
+    if r.status != 200 {
+        return Err(match r.status {
+            404 => ReplError::DbNotFound(remote.display().to_string()),
+            400 => ReplError::BadSpec(format!(
+                "{} refused the changes request: {}",
+                remote.display(),
+                r.describe()
+            )),
+            _ => refused(&r, "reading changes", remote.display()),
+        });
+    }
+    let v = r.json()?;
+    let rows = v
+        .get("results")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            ReplError::Transient(format!(
+                "{}: _changes answer without results",
+                remote.display()
+            ))
+        })?
+        .iter()
+        .filter_map(parse_change_row)
+        .collect();
+    Ok(ChangesBatch {
+        rows,
+        last_seq: v.get("last_seq").cloned().unwrap_or_else(|| since.clone()),
+        pending: v.get("pending").and_then(Value::as_u64),
+    })
 }
