@@ -101,6 +101,26 @@ pub fn start_upload(n: &Node, path: &str, announced: u64, send: u64) -> (TcpStre
     (s, md5)
 }
 
+/// Ends an upload early (the client's half of the connection closes) and waits until the node
+/// has dealt with it: its answer, or its closing the connection. What the node then shows
+/// is final, with no sleep in between.
+pub fn hang_up(mut s: TcpStream) {
+    use std::io::Read;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut rest = Vec::new();
+    // A reset is as good an end as a close or an answer; a timeout is not.
+    if let Err(e) = s.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the node did not finish a cut upload within 60 s"
+        );
+    }
+}
+
 pub fn upload(n: &Node, path: &str, len: u64) -> (Resp, String) {
     let (s, md5) = start_upload(n, path, len, len);
     let r = read_response(&mut BufReader::new(s), false).unwrap();

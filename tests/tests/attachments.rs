@@ -7,7 +7,7 @@
 use base64::Engine;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use thali_tests::blobs::{download, generated, start_upload, upload, RssSampler};
+use thali_tests::blobs::{download, generated, hang_up, start_upload, upload, RssSampler};
 use thali_tests::servers::rss_bytes;
 use thali_tests::{Client, Node, TempDir};
 
@@ -96,18 +96,10 @@ fn a_cut_upload_stores_nothing_and_a_retry_works() {
     let seq_before = n.get("/db").json()["update_seq"].clone();
     // Announce 64 MiB, send 8 MiB, hang up.
     let (s, _) = start_upload(&n, "/db/doc/part.bin", 64 << 20, 8 << 20);
-    s.shutdown(std::net::Shutdown::Both).unwrap();
-    drop(s);
-    // The node notices the short body and writes no revision.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = n.get("/db/doc");
-        assert_eq!(r.status, 404, "a cut upload wrote a revision: {}", r.text());
-        if Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // Once the node has dealt with the short body, it has written no revision.
+    hang_up(s);
+    let r = n.get("/db/doc");
+    assert_eq!(r.status, 404, "a cut upload wrote a revision: {}", r.text());
     let info = n.get("/db").json();
     assert_eq!(info["doc_count"], 0);
     assert_eq!(info["update_seq"], seq_before);
@@ -290,8 +282,7 @@ fn multipart_documents_stream_in_and_out_and_bad_ones_store_nothing() {
     );
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(&body[..2 << 20]).unwrap();
-    s.shutdown(std::net::Shutdown::Both).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    hang_up(s);
     assert_eq!(n.get("/db/bad").status, 404);
     assert_eq!(n.get("/db").json()["update_seq"], seq);
 

@@ -58,6 +58,23 @@ fn resolver_task(node: &Node, db: &str) -> Option<Value> {
         .cloned()
 }
 
+/// Waits until the resolver of `db` has looked at every change up to the database's current
+/// sequence: what it left alone then, it left alone for good.
+fn resolver_caught_up(node: &Node, db: &str) -> Value {
+    let target = node.get(&format!("/{db}")).json()["update_seq"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..600 {
+        if let Some(t) = resolver_task(node, db) {
+            if t["checked_seq"].as_u64().unwrap_or(0) >= target {
+                return t;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the resolver of {db} did not reach sequence {target} within 30 s");
+}
+
 fn counter(node: &Node, db: &str, name: &str) -> u64 {
     resolver_task(node, db).map_or(0, |t| t[name].as_u64().unwrap())
 }
@@ -443,9 +460,8 @@ fn failing_resolvers_leave_conflicts_as_couchdb_does() {
         json!({"language": "javascript", "x": 1}),
         json!({"language": "javascript", "x": 2}),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let task = resolver_caught_up(&n, "db");
     assert_eq!(conflicts(&n, "/db/_design/js"), 1);
-    let task = resolver_task(&n, "db").unwrap();
     assert_eq!(task["design_document"], "_design/r");
     assert_eq!(task["resolved"], 2, "{task}");
 }
