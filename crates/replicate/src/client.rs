@@ -102,24 +102,6 @@ impl Response {
     }
 }
 
-fn split_authority(authority: &str, default_port: u16) -> ReplResult<(String, u16)> {
-    let bad = || ReplError::BadSpec(format!("invalid host in URL: {authority:?}"));
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, rest) = v6.split_once(']').ok_or_else(bad)?;
-        let port = match rest.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad())?,
-            None if rest.is_empty() => default_port,
-            None => return Err(bad()),
-        };
-        return Ok((host.to_string(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => Ok((h.to_string(), p.parse().map_err(|_| bad())?)),
-        None if !authority.is_empty() => Ok((authority.to_string(), default_port)),
-        None => Err(bad()),
-    }
-}
-
 impl Remote {
     pub fn new(
         url: &str,
@@ -128,7 +110,7 @@ impl Remote {
         retries: Option<u32>,
         display: String,
     ) -> ReplResult<Remote> {
-        let (scheme, rest) = url
+        let (scheme, _) = url
             .split_once("://")
             .ok_or_else(|| ReplError::BadSpec(format!("not a URL: {display}")))?;
         let mut extra = Vec::new();
@@ -151,19 +133,23 @@ impl Remote {
                 (Transport::HttpKey(u), host, port, base)
             }
             s @ ("http" | "https") => {
-                if rest.contains('?') || rest.contains('#') {
+                let u = url::Url::parse(url)
+                    .map_err(|e| ReplError::BadSpec(format!("{display}: {e}")))?;
+                if u.query().is_some() || u.fragment().is_some() {
                     return Err(ReplError::BadSpec(format!(
                         "{display}: query strings are not allowed in a database URL"
                     )));
                 }
-                let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-                let (userinfo, hostport) = match authority.rsplit_once('@') {
-                    Some((u, h)) => (Some(u), h),
-                    None => (None, authority),
+                let host = match u.host() {
+                    // Without brackets: `addr` below adds them.
+                    Some(url::Host::Ipv6(a)) => a.to_string(),
+                    Some(h) => h.to_string(),
+                    None => return Err(ReplError::BadSpec(format!("{display}: no host"))),
                 };
-                let (host, port) = split_authority(hostport, if s == "http" { 80 } else { 443 })?;
-                if let Some(u) = userinfo {
-                    let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+                let port = u
+                    .port_or_known_default()
+                    .unwrap_or(if s == "http" { 80 } else { 443 });
+                if !u.username().is_empty() || u.password().is_some() {
                     let dec = |s: &str| {
                         percent_encoding::percent_decode_str(s)
                             .decode_utf8_lossy()
@@ -171,8 +157,8 @@ impl Remote {
                     };
                     let token = base64::engine::general_purpose::STANDARD.encode(format!(
                         "{}:{}",
-                        dec(user),
-                        dec(pass)
+                        dec(u.username()),
+                        dec(u.password().unwrap_or(""))
                     ));
                     extra.push((
                         hyper::header::AUTHORIZATION,
@@ -180,10 +166,16 @@ impl Remote {
                             .map_err(|_| ReplError::BadSpec("bad credentials".into()))?,
                     ));
                 }
-                let path = path.trim_end_matches('/');
+                // The path as sent (percent-encoding kept: `a%2Fb` is one database name).
+                let path = u
+                    .path()
+                    .strip_prefix('/')
+                    .unwrap_or("")
+                    .trim_end_matches('/');
                 if path.is_empty() {
                     return Err(ReplError::BadSpec(format!("{display} names no database")));
                 }
+                let path = path.to_string();
                 let transport = if s == "https" {
                     let mut roots = rustls::RootCertStore::empty();
                     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
