@@ -102,6 +102,87 @@ impl Response {
     }
 }
 
+/// An endpoint's transport, host, port and database path.
+type Endpoint = (Transport, String, u16, String);
+
+/// Where an httpkey endpoint is: its transport, host, port and database path.
+fn httpkey_endpoint(url: &str, display: &str) -> ReplResult<Endpoint> {
+    let u = HttpKeyUrl::parse(url).map_err(ReplError::BadSpec)?;
+    if u.db().is_none() {
+        return Err(ReplError::BadSpec(format!(
+            "{display} names no database after the key"
+        )));
+    }
+    let (host, port, base) = (u.host.clone(), u.port, u.path());
+    Ok((Transport::HttpKey(u), host, port, base))
+}
+
+/// Where an http(s) endpoint is; its credentials become an `Authorization` header in `extra`.
+fn http_endpoint(
+    url: &str,
+    https: bool,
+    display: &str,
+    extra: &mut Vec<(HeaderName, HeaderValue)>,
+) -> ReplResult<Endpoint> {
+    let u = url::Url::parse(url).map_err(|e| ReplError::BadSpec(format!("{display}: {e}")))?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(ReplError::BadSpec(format!(
+            "{display}: query strings are not allowed in a database URL"
+        )));
+    }
+    let host = match u.host() {
+        // Without brackets: `addr` below adds them.
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(h) => h.to_string(),
+        None => return Err(ReplError::BadSpec(format!("{display}: no host"))),
+    };
+    let port = u
+        .port_or_known_default()
+        .unwrap_or(if https { 443 } else { 80 });
+    if !u.username().is_empty() || u.password().is_some() {
+        let dec = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let token = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            dec(u.username()),
+            dec(u.password().unwrap_or(""))
+        ));
+        extra.push((
+            hyper::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| ReplError::BadSpec("bad credentials".into()))?,
+        ));
+    }
+    // The path as sent (percent-encoding kept: `a%2Fb` is one database name).
+    let path = u
+        .path()
+        .strip_prefix('/')
+        .unwrap_or("")
+        .trim_end_matches('/');
+    if path.is_empty() {
+        return Err(ReplError::BadSpec(format!("{display} names no database")));
+    }
+    let path = path.to_string();
+    let transport = if https {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let cfg = rustls::ClientConfig::builder_with_provider(thali_peer::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ReplError::BadSpec(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(host.clone())
+            .map_err(|_| ReplError::BadSpec(format!("bad host name {host:?}")))?;
+        Transport::Https(Arc::new(cfg), name)
+    } else {
+        Transport::Http
+    };
+    Ok((transport, host, port, format!("/{path}")))
+}
+
 impl Remote {
     pub fn new(
         url: &str,
@@ -122,77 +203,8 @@ impl Remote {
             extra.push((name, value));
         }
         let (transport, host, port, base) = match scheme.to_ascii_lowercase().as_str() {
-            "httpkey" => {
-                let u = HttpKeyUrl::parse(url).map_err(ReplError::BadSpec)?;
-                if u.db().is_none() {
-                    return Err(ReplError::BadSpec(format!(
-                        "{display} names no database after the key"
-                    )));
-                }
-                let (host, port, base) = (u.host.clone(), u.port, u.path());
-                (Transport::HttpKey(u), host, port, base)
-            }
-            s @ ("http" | "https") => {
-                let u = url::Url::parse(url)
-                    .map_err(|e| ReplError::BadSpec(format!("{display}: {e}")))?;
-                if u.query().is_some() || u.fragment().is_some() {
-                    return Err(ReplError::BadSpec(format!(
-                        "{display}: query strings are not allowed in a database URL"
-                    )));
-                }
-                let host = match u.host() {
-                    // Without brackets: `addr` below adds them.
-                    Some(url::Host::Ipv6(a)) => a.to_string(),
-                    Some(h) => h.to_string(),
-                    None => return Err(ReplError::BadSpec(format!("{display}: no host"))),
-                };
-                let port = u
-                    .port_or_known_default()
-                    .unwrap_or(if s == "http" { 80 } else { 443 });
-                if !u.username().is_empty() || u.password().is_some() {
-                    let dec = |s: &str| {
-                        percent_encoding::percent_decode_str(s)
-                            .decode_utf8_lossy()
-                            .into_owned()
-                    };
-                    let token = base64::engine::general_purpose::STANDARD.encode(format!(
-                        "{}:{}",
-                        dec(u.username()),
-                        dec(u.password().unwrap_or(""))
-                    ));
-                    extra.push((
-                        hyper::header::AUTHORIZATION,
-                        HeaderValue::from_str(&format!("Basic {token}"))
-                            .map_err(|_| ReplError::BadSpec("bad credentials".into()))?,
-                    ));
-                }
-                // The path as sent (percent-encoding kept: `a%2Fb` is one database name).
-                let path = u
-                    .path()
-                    .strip_prefix('/')
-                    .unwrap_or("")
-                    .trim_end_matches('/');
-                if path.is_empty() {
-                    return Err(ReplError::BadSpec(format!("{display} names no database")));
-                }
-                let path = path.to_string();
-                let transport = if s == "https" {
-                    let mut roots = rustls::RootCertStore::empty();
-                    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                    let cfg =
-                        rustls::ClientConfig::builder_with_provider(thali_peer::tls::provider())
-                            .with_safe_default_protocol_versions()
-                            .map_err(|e| ReplError::BadSpec(e.to_string()))?
-                            .with_root_certificates(roots)
-                            .with_no_client_auth();
-                    let name = ServerName::try_from(host.clone())
-                        .map_err(|_| ReplError::BadSpec(format!("bad host name {host:?}")))?;
-                    Transport::Https(Arc::new(cfg), name)
-                } else {
-                    Transport::Http
-                };
-                (transport, host, port, format!("/{path}"))
-            }
+            "httpkey" => httpkey_endpoint(url, &display)?,
+            s @ ("http" | "https") => http_endpoint(url, s == "https", &display, &mut extra)?,
             other => {
                 return Err(ReplError::BadSpec(format!(
                     "unsupported URL scheme {other:?} (use http, https or httpkey)"
