@@ -3,6 +3,7 @@
 //! are pooled per endpoint. Requests that fail in transit or answer 5xx are retried with
 //! exponential backoff; every other answer goes back to the caller.
 
+use super::backoff::Backoff;
 use super::error::{ReplError, ReplResult};
 use base64::Engine;
 use bytes::Bytes;
@@ -406,7 +407,7 @@ impl Remote {
         let body = body
             .map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()))
             .unwrap_or_default();
-        let mut delay = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
         let mut attempt = 0;
         loop {
             let err = match self.send_once(&method, path, &body, timeout).await {
@@ -421,8 +422,7 @@ impl Remote {
             }
             tracing::debug!(attempt, error = %msg, "request failed, retrying");
             attempt += 1;
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }
@@ -475,7 +475,7 @@ impl Remote {
     /// with headers arrives. The connection is not pooled again: the caller may stop reading.
     pub async fn download(&self, rel: &str, accept: &str) -> ReplResult<Download> {
         let path = format!("{}{}", self.base, rel);
-        let mut delay = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
         let mut attempt = 0;
         loop {
             let err = match self.download_once(&path, accept).await {
@@ -488,8 +488,7 @@ impl Remote {
                 return Err(ReplError::Transient(msg));
             }
             attempt += 1;
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 

@@ -5,6 +5,7 @@
 //! list); `job` runs one replication; `manager` turns `_replicator` documents into jobs.
 
 mod attachments;
+mod backoff;
 mod checkpoint;
 pub mod client;
 mod endpoint;
@@ -224,7 +225,7 @@ pub(crate) use thali_sys::shutdown::cancelled;
 /// from its checkpoint after an exponential backoff; a one-shot replication gives up after
 /// `max_attempts` attempts in a row that made no progress.
 async fn run(job: Arc<Job>, mut cancel: watch::Receiver<bool>) -> ReplResult<Value> {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = backoff::Backoff::new(Duration::from_secs(1), MAX_JOB_BACKOFF);
     let mut failures = 0u32;
     loop {
         job.stats.set_state(JobState::Running, None);
@@ -242,7 +243,7 @@ async fn run(job: Arc<Job>, mut cancel: watch::Receiver<bool>) -> ReplResult<Val
             Err(e) => {
                 if job.stats.progress_marker() != before {
                     failures = 0;
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                 }
                 failures += 1;
                 if !job.spec.continuous && failures >= job.spec.max_attempts {
@@ -250,12 +251,12 @@ async fn run(job: Arc<Job>, mut cancel: watch::Receiver<bool>) -> ReplResult<Val
                     return Err(e);
                 }
                 job.stats.set_state(JobState::Crashing, Some(e.to_string()));
-                tracing::info!(id = %job.base_id, error = %e, retry_in = ?backoff, "replication crashed; will retry");
+                let delay = backoff.next_delay();
+                tracing::info!(id = %job.base_id, error = %e, retry_in = ?delay, "replication crashed; will retry");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = cancelled(&mut cancel) => return Err(ReplError::Cancelled),
                 }
-                backoff = (backoff * 2).min(MAX_JOB_BACKOFF);
             }
         }
     }
