@@ -181,74 +181,96 @@ pub fn plan<'a>(req: &FindRequest, indexes: &'a [IndexDef]) -> Result<Plan<'a>, 
         ));
     }
     let mut warnings = Vec::new();
-    let mut candidates: Vec<&IndexDef> = usable.clone();
-    let mut use_all_docs = usable.is_empty();
-    if let Some(want) = &req.use_index {
-        let asked: Vec<&IndexDef> = usable
-            .iter()
-            .copied()
-            .filter(|i| matches_use_index(i, want))
-            .collect();
-        if asked.is_empty() {
-            if !req.allow_fallback {
-                return Err(MangoError::bad(
-                    "invalid_index",
-                    match &want.1 {
-                        None => format!(
-                            "_design/{} specified by `use_index` could not be found or it is not suitable.",
-                            ddoc_name(&want.0)
-                        ),
-                        Some(n) => format!(
-                            "_design/{}, {n} specified by `use_index` could not be found or it is not suitable.",
-                            ddoc_name(&want.0)
-                        ),
-                    },
-                ));
-            }
-            warnings.push(match &want.1 {
-                None => format!(
-                    "_design/{} was not used because it does not contain a valid index for this query.",
-                    ddoc_name(&want.0)
-                ),
-                Some(n) => format!(
-                    "_design/{}, {n} was not used because it is not a valid index for this query.",
-                    ddoc_name(&want.0)
-                ),
-            });
-        } else {
-            candidates = asked;
-            use_all_docs = false;
-        }
-    }
-    let fields = indexable_fields(&req.selector);
+    let candidates = match &req.use_index {
+        Some(want) => asked_for(req, want, &usable, &mut warnings)?,
+        None => usable,
+    };
     let noop = matches!(req.selector.json(), Value::Object(m) if m.len() == 1
         && m.iter().any(|(k, v)| matches!(k.as_str(), "$or" | "$and" | "$in" | "$all")
             && v.as_array().is_some_and(|a| a.is_empty())));
-    let descending = req.descending();
-    if use_all_docs {
+    if candidates.is_empty() {
         warnings.push("No matching index found, create an index to optimize query time.".into());
-        // As the selector compares `_id`: strings by bytes, above every other type.
-        let by_bytes = |a: &Value, b: &Value| match (a, b) {
-            (Value::String(x), Value::String(y)) => x.as_bytes().cmp(y.as_bytes()),
-            (Value::String(_), _) => Ordering::Greater,
-            (_, Value::String(_)) => Ordering::Less,
-            _ => collate::cmp(a, b),
-        };
-        let b = bounds(&req.selector, &id_path(), &by_bytes, true);
-        let s = |v: Option<Value>| v.and_then(|v| v.as_str().map(str::to_string));
-        return Ok(Plan {
-            access: Access::AllDocs,
-            lo: Vec::new(),
-            hi: Vec::new(),
-            empty: noop || b.is_none(),
-            id_lo: s(b.clone().and_then(|b| b.lo)),
-            id_hi: s(b.and_then(|b| b.hi)),
-            descending,
-            warnings,
-        });
+        return Ok(all_docs_plan(req, noop, warnings));
     }
-    // Best: the smallest number of indexable fields its leading columns leave out, then the
-    // fewest columns, then by name.
+    Ok(index_plan(req, candidates, noop, warnings))
+}
+
+/// The usable indexes `use_index` names; when it names no usable one and a fallback is
+/// allowed, every usable index (with a warning).
+fn asked_for<'a>(
+    req: &FindRequest,
+    want: &(String, Option<String>),
+    usable: &[&'a IndexDef],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<&'a IndexDef>, MangoError> {
+    let asked: Vec<&IndexDef> = usable
+        .iter()
+        .copied()
+        .filter(|i| matches_use_index(i, want))
+        .collect();
+    if !asked.is_empty() {
+        return Ok(asked);
+    }
+    if !req.allow_fallback {
+        return Err(MangoError::bad(
+            "invalid_index",
+            match &want.1 {
+                None => format!(
+                    "_design/{} specified by `use_index` could not be found or it is not suitable.",
+                    ddoc_name(&want.0)
+                ),
+                Some(n) => format!(
+                    "_design/{}, {n} specified by `use_index` could not be found or it is not suitable.",
+                    ddoc_name(&want.0)
+                ),
+            },
+        ));
+    }
+    warnings.push(match &want.1 {
+        None => format!(
+            "_design/{} was not used because it does not contain a valid index for this query.",
+            ddoc_name(&want.0)
+        ),
+        Some(n) => format!(
+            "_design/{}, {n} was not used because it is not a valid index for this query.",
+            ddoc_name(&want.0)
+        ),
+    });
+    Ok(usable.to_vec())
+}
+
+/// A scan of `_all_docs`, bounded by what the selector says of `_id`.
+fn all_docs_plan<'a>(req: &FindRequest, noop: bool, warnings: Vec<String>) -> Plan<'a> {
+    // As the selector compares `_id`: strings by bytes, above every other type.
+    let by_bytes = |a: &Value, b: &Value| match (a, b) {
+        (Value::String(x), Value::String(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Value::String(_), _) => Ordering::Greater,
+        (_, Value::String(_)) => Ordering::Less,
+        _ => collate::cmp(a, b),
+    };
+    let b = bounds(&req.selector, &id_path(), &by_bytes, true);
+    let s = |v: Option<Value>| v.and_then(|v| v.as_str().map(str::to_string));
+    Plan {
+        access: Access::AllDocs,
+        lo: Vec::new(),
+        hi: Vec::new(),
+        empty: noop || b.is_none(),
+        id_lo: s(b.clone().and_then(|b| b.lo)),
+        id_hi: s(b.and_then(|b| b.hi)),
+        descending: req.descending(),
+        warnings,
+    }
+}
+
+/// The best of `candidates` (the fewest indexable fields its leading columns leave out, then
+/// the fewest columns, then by name) and the key bounds its leading columns get.
+fn index_plan<'a>(
+    req: &FindRequest,
+    candidates: Vec<&'a IndexDef>,
+    noop: bool,
+    warnings: Vec<String>,
+) -> Plan<'a> {
+    let fields = indexable_fields(&req.selector);
     let prefix_len = |i: &IndexDef| i.paths().iter().take_while(|c| fields.contains(c)).count();
     let best = candidates
         .into_iter()
@@ -258,7 +280,7 @@ pub fn plan<'a>(req: &FindRequest, indexes: &'a [IndexDef]) -> Result<Plan<'a>, 
                 .then(a.columns.len().cmp(&b.columns.len()))
                 .then_with(|| (&a.ddoc, &a.name).cmp(&(&b.ddoc, &b.name)))
         })
-        .expect("at least one usable index");
+        .expect("callers pass at least one candidate");
     let (mut lo, mut hi, mut lo_open, mut hi_open, mut empty) =
         (Vec::new(), Vec::new(), false, false, noop);
     for col in best.paths() {
@@ -281,16 +303,16 @@ pub fn plan<'a>(req: &FindRequest, indexes: &'a [IndexDef]) -> Result<Plan<'a>, 
             _ => hi_open = true,
         }
     }
-    Ok(Plan {
+    Plan {
         access: Access::Json(best),
         lo,
         hi,
         id_lo: None,
         id_hi: None,
         empty,
-        descending,
+        descending: req.descending(),
         warnings,
-    })
+    }
 }
 
 #[cfg(test)]
