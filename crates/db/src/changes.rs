@@ -127,10 +127,8 @@ impl Database {
             if q.design_only && !id.starts_with("_design/") {
                 continue;
             }
-            if let Some(ids) = &q.doc_ids {
-                if !ids.contains(id) {
-                    continue;
-                }
+            if q.doc_ids.as_ref().is_some_and(|ids| !ids.contains(id)) {
+                continue;
             }
             let Some(winner) = entry.leaves.first() else {
                 continue;
@@ -138,41 +136,7 @@ impl Database {
             if !self.passes(q, id, winner)? {
                 continue;
             }
-            let mut row = String::with_capacity(96);
-            row.push_str("{\"seq\":");
-            row.push_str(&seq.to_string());
-            row.push_str(",\"id\":");
-            row.push_str(&serde_json::to_string(id).unwrap_or_default());
-            row.push_str(",\"changes\":[");
-            let revs: &[String] = match q.style {
-                Style::MainOnly => std::slice::from_ref(winner),
-                Style::AllDocs => &entry.leaves,
-            };
-            for (i, rev) in revs.iter().enumerate() {
-                if i > 0 {
-                    row.push(',');
-                }
-                // Revision strings are ASCII alphanumerics and '-': no escaping needed.
-                row.push_str("{\"rev\":\"");
-                row.push_str(rev);
-                row.push_str("\"}");
-            }
-            row.push(']');
-            if entry.deleted {
-                row.push_str(",\"deleted\":true");
-            }
-            if q.include_docs {
-                let doc = match (self.data().doc_info(id)?, Rev::parse(winner)) {
-                    (Some(info), Some(w)) => match self.data().body_of(id, &info, winner)? {
-                        Some(body) => Value::Object(self.render(id, &info, &w, body, &opts).doc),
-                        None => Value::Null,
-                    },
-                    _ => Value::Null,
-                };
-                row.push_str(",\"doc\":");
-                row.push_str(&serde_json::to_string(&doc).unwrap_or_default());
-            }
-            row.push('}');
+            let row = self.change_row(q, seq, &entry, winner, &opts)?;
             rows.push(ChangeRow { seq, json: row });
         }
         // Counting the rest would make paging through the feed quadratic; every document has
@@ -186,5 +150,54 @@ impl Database {
             last = rows.last().map_or(durable, |r| r.seq);
         }
         Ok((rows, last, pending))
+    }
+
+    /// One row of the feed as JSON text: sequence, id, the revisions `style` asks for, and the
+    /// winning document with `include_docs`.
+    fn change_row(
+        &self,
+        q: &ChangesQuery,
+        seq: u64,
+        entry: &thali_store::SeqEntry,
+        winner: &str,
+        opts: &DocOptions,
+    ) -> DbResult<String> {
+        let id = &entry.id;
+        let mut row = String::with_capacity(96);
+        row.push_str("{\"seq\":");
+        row.push_str(&seq.to_string());
+        row.push_str(",\"id\":");
+        row.push_str(&serde_json::to_string(id).unwrap_or_default());
+        row.push_str(",\"changes\":[");
+        let revs: &[String] = match q.style {
+            Style::MainOnly => std::slice::from_ref(&entry.leaves[0]),
+            Style::AllDocs => &entry.leaves,
+        };
+        for (i, rev) in revs.iter().enumerate() {
+            if i > 0 {
+                row.push(',');
+            }
+            // Revision strings are ASCII alphanumerics and '-': no escaping needed.
+            row.push_str("{\"rev\":\"");
+            row.push_str(rev);
+            row.push_str("\"}");
+        }
+        row.push(']');
+        if entry.deleted {
+            row.push_str(",\"deleted\":true");
+        }
+        if q.include_docs {
+            let doc = match (self.data().doc_info(id)?, Rev::parse(winner)) {
+                (Some(info), Some(w)) => match self.data().body_of(id, &info, winner)? {
+                    Some(body) => Value::Object(self.render(id, &info, &w, body, opts).doc),
+                    None => Value::Null,
+                },
+                _ => Value::Null,
+            };
+            row.push_str(",\"doc\":");
+            row.push_str(&serde_json::to_string(&doc).unwrap_or_default());
+        }
+        row.push('}');
+        Ok(row)
     }
 }
