@@ -278,6 +278,51 @@ pub async fn all_docs(
 ) -> ApiResult<Response> {
     let db = open(state, name).await?;
     let body_keys = r.query_body().await?;
+    let query = all_docs_query(r, body_keys, design_only)?;
+    // An inverted key range is no error here (CouchDB answers no rows; views refuse it).
+    // Streamed: `_all_docs` of a large database would otherwise be held whole, twice (as
+    // values, then as text).
+    Ok(super::stream::response(
+        axum::http::StatusCode::OK,
+        "application/json",
+        db,
+        move |db, sink| {
+            let cut = |e: std::io::Error| DbError::Internal(e.to_string());
+            let mut first = true;
+            let res = db.all_docs_with(&query, &mut |part| {
+                match part {
+                    AllDocsPart::Head { total_rows, offset } => sink
+                        .write(b"{\"total_rows\":")
+                        .and_then(|()| sink.json(&total_rows))
+                        .and_then(|()| sink.write(b",\"offset\":"))
+                        .and_then(|()| sink.json(&offset))
+                        .and_then(|()| sink.write(b",\"rows\":[")),
+                    AllDocsPart::Row(row) => {
+                        if !std::mem::take(&mut first) {
+                            sink.write(b",").map_err(cut)?;
+                        }
+                        sink.json(&row)
+                    }
+                }
+                .map_err(cut)
+            });
+            if let Err(e) = res {
+                // Headers are gone: the best left is to cut the answer short.
+                return Err(std::io::Error::other(e.to_string()));
+            }
+            sink.write(b"]")?;
+            if query.update_seq {
+                sink.write(b",\"update_seq\":")?;
+                sink.json(&db.update_seq())?;
+            }
+            sink.write(b"}")
+        },
+    ))
+}
+
+/// `_all_docs` parameters (and `keys` from a POST body); `_design_docs` clamps the range to
+/// design documents.
+fn all_docs_query(r: &Req, body_keys: Option<Value>, design_only: bool) -> ApiResult<AllDocsQuery> {
     let q = &r.query;
     let keys = match body_keys.or(q.json("keys")?) {
         None => None,
@@ -329,45 +374,7 @@ pub async fn all_docs(
         *low = Some(low.take().map_or(lo.clone(), |s| s.max(lo)));
         *high = Some(high.take().map_or(hi.clone(), |s| s.min(hi)));
     }
-    // An inverted key range is no error here (CouchDB answers no rows; views refuse it).
-    // Streamed: `_all_docs` of a large database would otherwise be held whole, twice (as
-    // values, then as text).
-    Ok(super::stream::response(
-        axum::http::StatusCode::OK,
-        "application/json",
-        db,
-        move |db, sink| {
-            let cut = |e: std::io::Error| DbError::Internal(e.to_string());
-            let mut first = true;
-            let res = db.all_docs_with(&query, &mut |part| {
-                match part {
-                    AllDocsPart::Head { total_rows, offset } => sink
-                        .write(b"{\"total_rows\":")
-                        .and_then(|()| sink.json(&total_rows))
-                        .and_then(|()| sink.write(b",\"offset\":"))
-                        .and_then(|()| sink.json(&offset))
-                        .and_then(|()| sink.write(b",\"rows\":[")),
-                    AllDocsPart::Row(row) => {
-                        if !std::mem::take(&mut first) {
-                            sink.write(b",").map_err(cut)?;
-                        }
-                        sink.json(&row)
-                    }
-                }
-                .map_err(cut)
-            });
-            if let Err(e) = res {
-                // Headers are gone: the best left is to cut the answer short.
-                return Err(std::io::Error::other(e.to_string()));
-            }
-            sink.write(b"]")?;
-            if query.update_seq {
-                sink.write(b",\"update_seq\":")?;
-                sink.json(&db.update_seq())?;
-            }
-            sink.write(b"}")
-        },
-    ))
+    Ok(query)
 }
 
 /// Every write is durable before it is answered, so there is nothing left to commit; the
