@@ -1,7 +1,7 @@
 //! The changes feed: one row per document, at the sequence of its latest update.
 //! Feeds only show durable writes: rows above the durable `update_seq` are not listed yet.
 
-use super::read::{AttMode, DocOptions};
+use super::read::DocOptions;
 use super::{Database, DbError, DbResult};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -93,15 +93,7 @@ impl Database {
         self.check_alive()?;
         let durable = self.update_seq();
         let limit = q.limit.unwrap_or(usize::MAX);
-        let opts = DocOptions {
-            conflicts: q.conflicts,
-            atts: if q.attachments {
-                AttMode::Inline
-            } else {
-                AttMode::Stub
-            },
-            ..Default::default()
-        };
+        let opts = DocOptions::for_rows(q.conflicts, q.attachments);
         let mut rows = Vec::new();
         let mut last = if q.descending {
             0

@@ -34,6 +34,23 @@ pub struct DocOptions {
     pub atts_since: Option<Vec<Rev>>,
 }
 
+impl DocOptions {
+    /// The documents of feed, `_all_docs` and view rows (`include_docs`): `conflicts` and
+    /// `attachments` as asked, bodies inline. View rows are values held while the answer is
+    /// built, so `attachments=true` there is bounded by the request, not streamed.
+    pub fn for_rows(conflicts: bool, attachments: bool) -> DocOptions {
+        DocOptions {
+            conflicts,
+            atts: if attachments {
+                AttMode::Inline
+            } else {
+                AttMode::Stub
+            },
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Clone)]
 pub enum OpenRevs {
     All,
@@ -485,15 +502,7 @@ impl Database {
         emit: &mut dyn FnMut(AllDocsPart) -> DbResult<()>,
     ) -> DbResult<()> {
         self.check_alive()?;
-        let doc_opts = DocOptions {
-            conflicts: q.conflicts,
-            atts: if q.attachments {
-                AttMode::Inline
-            } else {
-                AttMode::Stub
-            },
-            ..Default::default()
-        };
+        let doc_opts = DocOptions::for_rows(q.conflicts, q.attachments);
         let total_rows = self.doc_count();
         let data = self.data();
         let limit = q.limit.unwrap_or(usize::MAX);

@@ -9,7 +9,7 @@
 //! as in CouchDB. Reduces run at query time over the rows in range (built-ins in Rust, custom
 //! ones in their plugin, chunked with rereduce).
 
-use super::read::{AttMode, DocOptions};
+use super::read::DocOptions;
 use super::{Database, DbError, DbResult};
 use crate::offload;
 use serde_json::{json, Map, Value};
@@ -645,17 +645,7 @@ impl Database {
                 ),
                 None => (id.clone(), None),
             };
-            let opts = DocOptions {
-                conflicts: q.conflicts,
-                // Rows are values: inline bodies are held while the answer is built (a view
-                // answer with `attachments=true` is bounded by the request, not streamed).
-                atts: if q.attachments {
-                    AttMode::Inline
-                } else {
-                    AttMode::Stub
-                },
-                ..Default::default()
-            };
+            let opts = DocOptions::for_rows(q.conflicts, q.attachments);
             let doc = match self.get_doc(&doc_id, rev.as_ref(), &opts) {
                 Ok(d) => Value::Object(d.doc),
                 Err(DbError::NotFound(_)) => Value::Null,
